@@ -1,0 +1,121 @@
+"""Typed engine configuration: the one source of defaults, validated where it is built."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from cluster.errors import InvalidConfigError
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MODEL = "smollm2-135m"
+_MiB = 1 << 20
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise InvalidConfigError(name, message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to run and how."""
+
+    model: str = DEFAULT_MODEL  # a built-in name, a Hugging Face directory or a .gguf file
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (GPU only)
+    max_model_len: int | None = None  # context length; None = the model's max_position_embeddings
+    cache_dir: str | None = None  # where converted checkpoints live; None = ~/.cache/llm-cluster
+    seed: int = 0  # engine seed for requests that give none
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
+        _require(self.dtype in SUPPORTED_DTYPES, "dtype", f"must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None:
+            _require(_is_int(self.max_model_len) and self.max_model_len >= 1, "max_model_len",
+                     f"must be an integer >= 1, got {self.max_model_len!r}")
+        _require(_is_int(self.seed) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
+
+    def resolved_cache_dir(self) -> str:
+        if self.cache_dir:
+            return self.cache_dir
+        return os.path.join(os.path.expanduser("~"), ".cache", "llm-cluster")
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_bytes: int = 1024 * _MiB  # budget for K/V storage on each rank
+    num_blocks: int | None = None  # overrides the budget (tests use it to force preemption)
+    enable_prefix_caching: bool = True  # reuse full blocks across requests by token-hash chain
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.block_size) and 1 <= self.block_size <= 1024, "block_size",
+                 f"must be an integer in [1, 1024], got {self.block_size!r}")
+        _require(_is_int(self.kv_cache_memory_bytes) and self.kv_cache_memory_bytes > 0,
+                 "kv_cache_memory_bytes", f"must be an integer > 0, got {self.kv_cache_memory_bytes!r}")
+        if self.num_blocks is not None:
+            _require(_is_int(self.num_blocks) and self.num_blocks >= 1, "num_blocks",
+                     f"must be an integer >= 1, got {self.num_blocks!r}")
+        _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "must be a bool")
+
+
+@dataclass
+class SchedulerConfig:
+    """Iteration-level batching limits."""
+
+    max_num_batched_tokens: int = 1024  # token budget per step (decodes + prefill chunks)
+    max_num_seqs: int = 64  # running sequences at most
+    max_waiting_requests: int | None = None  # queue bound; None = unbounded (the server sets one)
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
+                 "max_num_batched_tokens", f"must be an integer >= 1, got {self.max_num_batched_tokens!r}")
+        _require(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1, "max_num_seqs",
+                 f"must be an integer >= 1, got {self.max_num_seqs!r}")
+        if self.max_waiting_requests is not None:
+            _require(_is_int(self.max_waiting_requests) and self.max_waiting_requests >= 0,
+                     "max_waiting_requests", f"must be an integer >= 0, got {self.max_waiting_requests!r}")
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor parallelism."""
+
+    tensor_parallel_size: int = 1  # ranks the weights and KV heads are split over
+    num_threads: int | None = None  # torch intra-op threads per rank; None = torch's default
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
+                 "tensor_parallel_size", f"must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if self.num_threads is not None:
+            _require(_is_int(self.num_threads) and self.num_threads >= 1, "num_threads",
+                     f"must be an integer >= 1, got {self.num_threads!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything an engine needs, grouped by concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Build from flat keyword arguments (``LLM(model=..., dtype=..., block_size=...)``)."""
+        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                  "parallel": ParallelConfig}
+        split: dict[str, dict] = {name: {} for name in groups}
+        owner = {f.name: name for name, klass in groups.items() for f in fields(klass)}
+        for key, value in kwargs.items():
+            if key not in owner:
+                raise InvalidConfigError(key, f"unknown engine option; known: {sorted(owner)}")
+            split[owner[key]][key] = value
+        return cls(**{name: groups[name](**split[name]) for name in groups})

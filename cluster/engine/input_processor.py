@@ -1,0 +1,76 @@
+"""Validate and tokenize what a caller submits, before anything in the engine changes."""
+
+from __future__ import annotations
+
+from cluster.errors import InvalidRequestError
+from cluster.sampling_params import SamplingParams
+
+PromptType = str | dict | list
+
+
+class InputProcessor:
+    """Turns a prompt (text, ``{"prompt_token_ids": [...]}`` or chat messages) into checked token ids."""
+
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_cache_tokens: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size  # ids must be in [0, vocab_size)
+        self.max_model_len = max_model_len  # prompt + output tokens at most
+        self.max_cache_tokens = max_cache_tokens  # what the whole KV cache holds
+
+    def process(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Return (prompt text or None, prompt token ids); raise InvalidRequestError naming the field."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", f"must be a SamplingParams, got {type(params).__name__}")
+        params.validate()  # fields may have been changed after construction
+        text, token_ids = self._tokenize(prompt)
+        self._check_length(token_ids)
+        return text, token_ids
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """Render chat messages with the tokenizer's template, ready for the assistant's turn."""
+        _check_messages(messages)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("messages", "this model's tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must be non-empty text")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return None, self._check_ids(prompt["prompt_token_ids"])
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return self._tokenize(prompt["prompt"])
+        raise InvalidRequestError(
+            "prompt", f"must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}"
+        )
+
+    def _check_ids(self, ids) -> list[int]:
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise InvalidRequestError("prompt_token_ids", "must be a non-empty list of token ids")
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                raise InvalidRequestError(
+                    "prompt_token_ids", f"token id {i!r} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        return list(ids)
+
+    def _check_length(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("prompt", "tokenizes to no tokens")
+        limit = min(self.max_model_len, self.max_cache_tokens)
+        if len(token_ids) >= limit:
+            what = "context length" if limit == self.max_model_len else "KV cache capacity"
+            raise InvalidRequestError(
+                "prompt",
+                f"is {len(token_ids)} tokens; the model's {what} allows at most {limit - 1} prompt tokens",
+            )
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages", "must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidRequestError(f"messages[{i}]", "must be a dict with string 'role' and 'content'")

@@ -1,0 +1,214 @@
+"""The synchronous engine: add_request / step / abort over scheduler + executor.
+
+One ``step()`` is schedule -> execute -> update: the scheduler picks this
+iteration's work, the executor runs it on the tensor-parallel group, and the
+engine turns sampled tokens into text, checks stop conditions and frees what
+finished.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from cluster.config import EngineConfig
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.detokenizer import IncrementalDetokenizer
+from cluster.engine.input_processor import InputProcessor, PromptType
+from cluster.engine.runner_output import RunnerOutput, TokenLogprobs
+from cluster.engine.scheduler import Scheduler
+from cluster.engine.scheduler_output import NewRequest, SchedulerOutput
+from cluster.engine.sequence import FinishReason, Sequence
+from cluster.engine.stop_checker import StopChecker, stop_holdback
+from cluster.errors import InvalidConfigError, InvalidRequestError, QueueFullError
+from cluster.model.arch import ModelArch
+from cluster.model.loader import torch_dtype
+from cluster.model.source import resolve_model
+from cluster.outputs import CompletionOutput, RequestOutput
+from cluster.parallel.executor import Executor, InProcessExecutor
+from cluster.parallel.worker_spec import WorkerSpec
+from cluster.runner.kv_cache import num_blocks_for
+from cluster.sampling_params import SamplingParams
+
+
+@dataclass
+class _RequestState:
+    """Engine-side bookkeeping for one live request."""
+
+    seq: Sequence
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[TokenLogprobs] | None
+    final_text: str | None = None  # set once finished
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Continuous-batching engine for one model replica (driver side)."""
+
+    def __init__(self, config: EngineConfig, executor_factory=None):
+        self.config = config
+        self.source = resolve_model(config.model.model, config.model.resolved_cache_dir())
+        self.arch = ModelArch.from_dir(self.source.path)
+        self.tokenizer = _load_tokenizer(self.source.path)
+        self.max_model_len = self._max_model_len()
+        self.eos_token_ids = frozenset(self.arch.eos_token_ids) | _tokenizer_eos(self.tokenizer)
+        dtype = torch_dtype(config.model.dtype)
+        self.num_blocks = num_blocks_for(config.cache, self.arch, dtype, config.parallel.tensor_parallel_size)
+        self.block_manager = BlockManager(self.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.input_processor = InputProcessor(self.tokenizer, self.arch.vocab_size, self.max_model_len,
+                                              self.max_num_cached_tokens)
+        # A sequence can never outgrow the whole cache: it would preempt itself forever.
+        self.stop_checker = StopChecker(self.eos_token_ids, min(self.max_model_len, self.max_num_cached_tokens))
+        self.executor: Executor = (executor_factory or InProcessExecutor)(self.worker_spec())
+        self._requests: dict[str, _RequestState] = {}
+        self._unsent: list[NewRequest] = []  # admitted but not yet shown to the workers
+        self._pending_outputs: list[RequestOutput] = []  # aborts to report on the next step
+        self._seed_rng = random.Random(config.model.seed)
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def worker_spec(self) -> WorkerSpec:
+        """What each worker needs to build its rank."""
+        return WorkerSpec(
+            model_path=self.source.path, arch=self.arch, dtype=self.config.model.dtype,
+            max_model_len=self.max_model_len, num_blocks=self.num_blocks,
+            block_size=self.config.cache.block_size, tp_size=self.config.parallel.tensor_parallel_size,
+            eos_token_ids=self.eos_token_ids, num_threads=self.config.parallel.num_threads,
+        )
+
+    def _max_model_len(self) -> int:
+        limit = self.arch.max_position_embeddings
+        asked = self.config.model.max_model_len
+        if asked is not None and asked > limit:
+            raise InvalidConfigError("max_model_len", f"must be <= the model's {limit} positions, got {asked}")
+        return asked or limit
+
+    @property
+    def max_num_cached_tokens(self) -> int:
+        """How many tokens the KV cache holds in all."""
+        return self.num_blocks * self.config.cache.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def prepare_request(self, request_id: str, prompt: PromptType,
+                        params: SamplingParams | None = None) -> _RequestState:
+        """Validate and tokenize without touching engine state (safe off the engine thread)."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id", "must be a non-empty string")
+        text, token_ids = self.input_processor.process(prompt, params)
+        seq = Sequence(request_id, token_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        logprobs = [] if params.logprobs is not None else None
+        return _RequestState(seq, text, detok, logprobs, metrics={"arrival_time_s": seq.arrival_time_s})
+
+    def add_prepared(self, state: _RequestState) -> None:
+        """Queue a prepared request (engine thread only)."""
+        rid = state.seq.request_id
+        if rid in self._requests:
+            raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
+        bound = self.config.scheduler.max_waiting_requests
+        if bound is not None and self.scheduler.num_waiting >= bound:
+            raise QueueFullError(f"{self.scheduler.num_waiting} requests are waiting (max_waiting_requests={bound})")
+        self._requests[rid] = state
+        self.scheduler.add(state.seq)
+        seed = state.seq.sampling_params.seed
+        self._unsent.append(NewRequest(rid, state.seq.prompt_token_ids, state.seq.sampling_params,
+                                       seed if seed is not None else self._seed_rng.getrandbits(63)))
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        """Validate, tokenize and queue a request."""
+        self.add_prepared(self.prepare_request(request_id, prompt, params))
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request in any state; its KV blocks are freed at once. False if unknown."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return False
+        self.scheduler.abort(request_id)
+        self._unsent = [r for r in self._unsent if r.request_id != request_id]
+        state.final_text = state.detokenizer.text
+        self._pending_outputs.append(self._output(state, finished=True))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending_outputs)
+
+    # ---- the step loop ----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the outputs of every request that progressed or ended."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty and not sched.finished_request_ids:
+            return outputs
+        sched.new_requests, self._unsent = self._unsent, []
+        result = self.executor.execute(sched)
+        for seq in self.scheduler.update(sched, result.sampled_token_ids):
+            outputs.append(self._on_token(self._requests[seq.request_id], result))
+        return outputs
+
+    def _on_token(self, state: _RequestState, result: RunnerOutput) -> RequestOutput:
+        seq = state.seq
+        state.metrics.setdefault("first_token_time_s", time.monotonic())
+        if state.logprobs is not None and seq.request_id in result.logprobs:
+            state.logprobs.append(result.logprobs[seq.request_id])
+        delta = state.detokenizer.add_tokens(seq.output_token_ids[-1:])
+        reason, cut = self.stop_checker.check(seq, state.detokenizer.text, len(delta))
+        if reason is None:
+            return self._output(state, finished=False)
+        text = state.detokenizer.text
+        state.final_text = text[:cut] if cut is not None else text + state.detokenizer.flush()
+        self._finish(state, reason)
+        return self._output(state, finished=True)
+
+    def _finish(self, state: _RequestState, reason: FinishReason) -> None:
+        self.scheduler.finish(state.seq.request_id, reason)
+        state.metrics["finish_time_s"] = time.monotonic()
+        del self._requests[state.seq.request_id]
+
+    def _output(self, state: _RequestState, finished: bool) -> RequestOutput:
+        seq = state.seq
+        if state.final_text is not None:
+            text = state.final_text
+        else:
+            text = state.detokenizer.text
+            text = text[: len(text) - stop_holdback(text, seq.sampling_params.stop)]
+        reason = seq.finish_reason.value if finished and seq.finish_reason else ("abort" if finished else None)
+        completion = CompletionOutput(0, text, list(seq.output_token_ids), reason,
+                                      list(state.logprobs) if state.logprobs is not None else None)
+        return RequestOutput(seq.request_id, state.prompt, seq.prompt_token_ids, [completion], finished,
+                             seq.num_cached_tokens, dict(state.metrics))
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Queue lengths, KV usage and prefix-cache counters (for routing and metrics)."""
+        bm = self.block_manager
+        return {
+            "num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": bm.usage, "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
+            "prefix_cache_queries": bm.prefix_cache_queries, "prefix_cache_hits": bm.prefix_cache_hits,
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _tokenizer_eos(tokenizer) -> frozenset[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return frozenset([eos]) if eos is not None else frozenset()

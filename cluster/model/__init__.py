@@ -1,0 +1,1 @@
+"""Model code: tensor-parallel layers, model files that compose them, and weight loading."""

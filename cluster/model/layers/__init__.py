@@ -1,0 +1,1 @@
+"""Tensor-parallel building blocks; model files only compose these."""

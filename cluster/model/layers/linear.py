@@ -1,0 +1,116 @@
+"""Column- and row-parallel linear layers that take their own slice of a checkpoint.
+
+``weight_loader(param, source, shard_id)`` receives a lazily sliceable source (a
+safetensors slice or a tensor) so each rank reads only the rows or columns it owns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.parallel.tp_group import TPGroup, divide
+
+
+def _copy_rows(param: torch.Tensor, source, start: int, num_rows: int, dst_offset: int = 0) -> None:
+    """Copy rows [start, start+num_rows) of ``source`` into ``param[dst_offset:...]``."""
+    param.data[dst_offset:dst_offset + num_rows].copy_(source[start:start + num_rows])
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W split by output rows; each rank produces its slice of y."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.out_per_rank = divide(out_features, tp.tp_size, "output features")
+        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_per_rank, dtype=dtype), requires_grad=False) if bias else None
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, source, shard_id=None) -> None:
+        n = param.shape[0]
+        _copy_rows(param, source, self.tp.tp_rank * n, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input fused into one matmul (gate/up)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPGroup, dtype: torch.dtype):
+        self.out_sizes_per_rank = [divide(s, tp.tp_size, "output features") for s in out_sizes]
+        super().__init__(in_features, sum(out_sizes), bias, tp, dtype)
+
+    def weight_loader(self, param: nn.Parameter, source, shard_id: int = 0) -> None:
+        n = self.out_sizes_per_rank[shard_id]
+        offset = sum(self.out_sizes_per_rank[:shard_id])
+        _copy_rows(param, source, self.tp.tp_rank * n, n, offset)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection split by heads.
+
+    When tp_size exceeds the KV head count, KV heads are replicated so every rank
+    still holds whole heads: rank r uses KV head r // (tp_size / num_kv_heads).
+    """
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 tp: TPGroup, dtype: torch.dtype):
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp.tp_size, "attention heads")
+        if num_kv_heads >= tp.tp_size:
+            self.num_kv_heads = divide(num_kv_heads, tp.tp_size, "key/value heads")
+            self.kv_head_start = tp.tp_rank * self.num_kv_heads
+        else:
+            if tp.tp_size % num_kv_heads:
+                raise ValueError(
+                    f"tensor_parallel_size ({tp.tp_size}) must divide or be a multiple of "
+                    f"the key/value head count ({num_kv_heads})"
+                )
+            self.num_kv_heads = 1
+            self.kv_head_start = tp.tp_rank // (tp.tp_size // num_kv_heads)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.tp_size
+        super().__init__(hidden, out, bias, tp, dtype)
+
+    def weight_loader(self, param: nn.Parameter, source, shard_id: str = "q") -> None:
+        d = self.head_dim
+        q_rows, kv_rows = self.num_heads * d, self.num_kv_heads * d
+        if shard_id == "q":
+            _copy_rows(param, source, self.tp.tp_rank * q_rows, q_rows)
+        else:
+            offset = q_rows + (0 if shard_id == "k" else kv_rows)
+            _copy_rows(param, source, self.kv_head_start * d, kv_rows, offset)
+
+    @property
+    def split_sizes(self) -> list[int]:
+        d = self.head_dim
+        return [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W split by input columns; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.in_per_rank = divide(in_features, tp.tp_size, "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, source, shard_id=None) -> None:
+        if param.dim() == 1:  # the bias is added once, after the reduction
+            param.data.copy_(source[:])
+            return
+        n = self.in_per_rank
+        param.data.copy_(source[:, self.tp.tp_rank * n:(self.tp.tp_rank + 1) * n])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        y = self.tp.all_reduce(y)
+        return y + self.bias if self.bias is not None else y

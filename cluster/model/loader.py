@@ -1,0 +1,90 @@
+"""Build a model and fill it from safetensors, each rank reading only its own slices.
+
+Weights are never unpickled: only ``*.safetensors`` files (single or sharded with an
+index) are read, lazily, through ``safe_open(...).get_slice``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from cluster.errors import ModelLoadError
+from cluster.model.arch import ModelArch
+from cluster.model.llama import LlamaForCausalLM
+from cluster.parallel.tp_group import TPGroup
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtype: str) -> LlamaForCausalLM:
+    """Instantiate the model for this rank and load its shard of the weights."""
+    try:
+        model = LlamaForCausalLM(arch, max_positions, tp, torch_dtype(dtype))
+    except ValueError as err:  # head counts the tensor-parallel size cannot split
+        raise ModelLoadError(str(err), field="tensor_parallel_size") from err
+    loaded = _load_weights(model, path)
+    _check_complete(model, loaded)
+    return model.eval()
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"no .safetensors files in {path!r}")
+    return files
+
+
+def _load_weights(model: LlamaForCausalLM, path: str) -> set[str]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in _weight_files(path):
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    target = _target(model, name, params)
+                    if target is None:
+                        continue
+                    param_name, shard_id = target
+                    param = params[param_name]
+                    loader = getattr(param, "weight_loader", _load_replicated)
+                    loader(param, f.get_slice(name), shard_id)
+                    loaded.add(param_name)
+    return loaded
+
+
+def _load_replicated(param: torch.nn.Parameter, source, shard_id=None) -> None:
+    """Norm weights and other tensors every rank holds whole."""
+    param.data.copy_(source[:])
+
+
+def _target(model: LlamaForCausalLM, name: str, params: dict) -> tuple[str, object] | None:
+    """Checkpoint tensor name -> (our parameter name, shard id), or None to skip it."""
+    if "rotary_emb.inv_freq" in name:
+        return None
+    for ckpt_part, (our_part, shard_id) in model.packed_modules.items():
+        if f".{ckpt_part}." in name:
+            return name.replace(f".{ckpt_part}.", f".{our_part}."), shard_id
+    if name == "lm_head.weight" and model.arch.tie_word_embeddings:
+        return None  # tied: the embedding table serves both
+    if name not in params:
+        raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the {model.arch.model_type} model")
+    return name, None
+
+
+def _check_complete(model: LlamaForCausalLM, loaded: set[str]) -> None:
+    missing = [n for n, _ in model.named_parameters() if n not in loaded]
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")

@@ -1,0 +1,1 @@
+"""Tensor parallelism: the process group, collectives, executors and workers."""

@@ -1,0 +1,20 @@
+"""What a worker needs to build its rank of the model (sent once, at start-up)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.model.arch import ModelArch
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    model_path: str  # local checkpoint directory (config.json + safetensors)
+    arch: ModelArch  # the parsed architecture
+    dtype: str  # float32 | bfloat16 | float16
+    max_model_len: int  # context length (rotary tables are sized to it)
+    num_blocks: int  # KV blocks on each rank
+    block_size: int  # tokens per block
+    tp_size: int  # ranks in the tensor-parallel group
+    eos_token_ids: frozenset[int]  # masked while min_tokens is not reached
+    num_threads: int | None = None  # torch intra-op threads; None = leave torch's default

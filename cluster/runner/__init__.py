@@ -1,0 +1,1 @@
+"""Per-rank model execution: input tensors, KV cache storage and the model runner."""

@@ -1,0 +1,67 @@
+"""Runs the model on one rank: owns its weights shard, its KV cache partition and (rank 0) sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.engine.runner_output import RunnerOutput
+from cluster.engine.scheduler_output import SchedulerOutput
+from cluster.model.arch import ModelArch
+from cluster.model.loader import load_model, torch_dtype
+from cluster.parallel.tp_group import TPGroup
+from cluster.runner.kv_cache import allocate_kv_cache
+from cluster.runner.model_input import build_model_input
+from cluster.sampling.sampler import Sampler, SamplingRequest, make_generator
+
+
+class ModelRunner:
+    """Executes scheduled steps. Every rank runs the forward pass; only the driver rank samples."""
+
+    def __init__(self, model_path: str, arch: ModelArch, dtype: str, max_model_len: int, num_blocks: int,
+                 block_size: int, tp: TPGroup, eos_token_ids: frozenset[int], device: torch.device):
+        self.tp = tp
+        self.device = device
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        self.model = load_model(model_path, arch, max_model_len, tp, dtype).to(device)
+        self.kv_caches = allocate_kv_cache(arch, num_blocks, block_size, torch_dtype(dtype), tp.tp_size, device)
+        self.sampler = Sampler()
+        self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput | None:
+        """Run one step; the driver returns sampled tokens, other ranks None."""
+        self._update_requests(out)
+        if out.is_empty:
+            return RunnerOutput() if self.tp.is_driver else None
+        batch = build_model_input(out, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if logits is None or not batch.sample_request_ids:
+            return RunnerOutput() if self.tp.is_driver else None
+        return self._sample(logits, batch.sample_request_ids)
+
+    def _update_requests(self, out: SchedulerOutput) -> None:
+        if not self.tp.is_driver:
+            return
+        for rid in out.finished_request_ids:
+            self._requests.pop(rid, None)
+        for new in out.new_requests:
+            params = new.sampling_params
+            self._requests[new.request_id] = SamplingRequest(
+                params=params,
+                generator=make_generator(new.seed),
+                prompt_token_ids=list(new.prompt_token_ids),
+                output_token_ids=[],
+                stop_token_ids_for_min_tokens=frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids),
+            )
+
+    def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> RunnerOutput:
+        requests = [self._requests[rid] for rid in request_ids]
+        result = RunnerOutput()
+        for rid, req, (token, logprobs) in zip(request_ids, requests, self.sampler(logits, requests)):
+            req.output_token_ids.append(token)
+            result.sampled_token_ids[rid] = token
+            if logprobs is not None:
+                result.logprobs[rid] = logprobs
+        return result

@@ -1,0 +1,228 @@
+"""Batched sampling: logits [B, V] -> one token (and optional logprobs) per request.
+
+Every step is vectorised across the batch with per-row parameter tensors. Only
+the random noise is drawn per row, from that request's own generator, so a seeded
+request yields the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from cluster.engine.runner_output import TokenLogprobs
+from cluster.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRequest:
+    """What the sampler needs to know about one row of the logits."""
+
+    params: SamplingParams  # the request's sampling parameters
+    generator: torch.Generator  # per-request CPU generator; the only source of randomness for the row
+    prompt_token_ids: list[int]  # prompt tokens, for the repetition penalty
+    output_token_ids: list[int]  # tokens generated so far, for all penalties and min_tokens
+    # EOS + params.stop_token_ids: masked to -inf while len(output_token_ids) < params.min_tokens
+    stop_token_ids_for_min_tokens: frozenset[int]
+
+    @property
+    def uses_penalties(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+    @property
+    def masks_stop_tokens(self) -> bool:
+        """True while min_tokens still forbids EOS / stop tokens."""
+        return (
+            len(self.output_token_ids) < self.params.min_tokens
+            and bool(self.stop_token_ids_for_min_tokens)
+        )
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (one per request)."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    return generator
+
+
+def _row_param(requests: list[SamplingRequest], name: str, device, dtype=torch.float32):
+    """Column tensor [B, 1] of one SamplingParams field across the batch."""
+    values = [getattr(r.params, name) for r in requests]
+    return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+
+
+def _flat_row_token_index(token_lists: list[list[int]], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) index pairs for every token in every list; ids outside the vocab are dropped."""
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
+    ids = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long)
+    keep = ids < vocab_size
+    return rows[keep], ids[keep]
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """counts[b, t] = occurrences of token t in token_lists[b], as float32 [B, V]."""
+    rows, ids = _flat_row_token_index(token_lists, vocab_size)
+    counts = torch.zeros(len(token_lists) * vocab_size, dtype=torch.float32, device=device)
+    flat = (rows * vocab_size + ids).to(device)
+    counts.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float32, device=device))
+    return counts.view(len(token_lists), vocab_size)
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """Apply repetition, presence and frequency penalties (vLLM semantics), in place.
+
+    Repetition counts tokens in prompt + output: a positive logit is divided by the
+    penalty, a non-positive one multiplied. Presence and frequency count output
+    tokens only: ``logit -= presence * (count > 0) + frequency * count``.
+    Returns ``logits``; a no-op when no request uses a penalty.
+    """
+    if not any(r.uses_penalties for r in requests):
+        return logits
+    vocab_size, device = logits.shape[1], logits.device
+    output_counts = _token_counts([r.output_token_ids for r in requests], vocab_size, device)
+    prompt_counts = _token_counts([r.prompt_token_ids for r in requests], vocab_size, device)
+    seen = (output_counts + prompt_counts) > 0
+    rep = _row_param(requests, "repetition_penalty", device)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits.copy_(torch.where(seen, penalised, logits))
+    presence = _row_param(requests, "presence_penalty", device)
+    frequency = _row_param(requests, "frequency_penalty", device)
+    logits -= presence * (output_counts > 0) + frequency * output_counts
+    return logits
+
+
+def _mask_stop_tokens(logits: torch.Tensor, requests: list[SamplingRequest]) -> None:
+    """min_tokens: forbid EOS and stop tokens for rows that have not produced enough yet."""
+    token_lists = [
+        sorted(r.stop_token_ids_for_min_tokens) if r.masks_stop_tokens else [] for r in requests
+    ]
+    rows, ids = _flat_row_token_index(token_lists, logits.shape[1])
+    if rows.numel():
+        logits[rows.to(logits.device), ids.to(logits.device)] = float("-inf")
+
+
+def _top_k_top_p_probs(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """Softmax of ``logits`` with top-k then top-p applied (unnormalised after masking).
+
+    One descending sort serves both: top-k drops sorted positions >= k, then top-p
+    keeps each token whose exclusive cumulative mass (of the top-k renormalised
+    distribution) is still < top_p, which is the smallest set reaching top_p and
+    always includes the most likely token.
+    """
+    vocab_size, device = logits.shape[1], logits.device
+    # A stable sort makes tie-breaking at the top-k boundary deterministic (lowest id wins).
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True, stable=True)
+    top_k = _row_param(requests, "top_k", device, dtype=torch.long)
+    top_k = torch.where(top_k < 1, vocab_size, top_k)
+    positions = torch.arange(vocab_size, device=device).unsqueeze(0)
+    sorted_logits = sorted_logits.masked_fill(positions >= top_k, float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    top_p = _row_param(requests, "top_p", device)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(sorted_probs).scatter_(1, sorted_ids, sorted_probs)
+
+
+def _apply_min_p(probs: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    min_p = _row_param(requests, "min_p", probs.device)
+    p_max = probs.max(dim=-1, keepdim=True).values
+    return probs.masked_fill(probs < min_p * p_max, 0.0)
+
+
+def _greedy_rows(requests: list[SamplingRequest], device) -> torch.Tensor:
+    return torch.tensor([r.params.is_greedy for r in requests], dtype=torch.bool, device=device)
+
+
+def compute_probs(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """The distribution each row samples from, float32 [B, V], rows summing to 1.
+
+    Order: min_tokens masking, penalties, temperature, top-k, top-p, min-p,
+    renormalisation. Greedy rows (temperature 0) get a one-hot at the argmax of
+    the masked, penalised logits. ``logits`` is not modified.
+    """
+    logits = logits.to(torch.float32, copy=True)
+    _mask_stop_tokens(logits, requests)
+    apply_penalties(logits, requests)
+    greedy = _greedy_rows(requests, logits.device).unsqueeze(1)
+    temperature = _row_param(requests, "temperature", logits.device)
+    # Greedy rows are replaced by a one-hot below; dividing them by 1 avoids inf/nan.
+    logits /= torch.where(greedy, 1.0, temperature)
+    if any(r.params.top_k != -1 or r.params.top_p < 1.0 for r in requests):
+        probs = _top_k_top_p_probs(logits, requests)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    if any(r.params.min_p > 0.0 for r in requests):
+        probs = _apply_min_p(probs, requests)
+    probs /= probs.sum(dim=-1, keepdim=True)
+    one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy, one_hot, probs)
+
+
+def _sample_rows(probs: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """One token per row by an exponential race, each row's noise from its own generator.
+
+    argmax(p / q) with q ~ Exp(1) picks token i with probability p_i, and needs
+    exactly one draw of V numbers per sampled token per request.
+    """
+    noise = torch.ones(probs.shape, dtype=torch.float32)
+    for row, request in enumerate(requests):
+        # Greedy rows are one-hot already; skipping them leaves their generator untouched.
+        if not request.params.is_greedy:
+            noise[row].exponential_(generator=request.generator)
+    # A zero draw would make 0 / 0 = nan for a masked token and win the argmax.
+    noise.clamp_(min=torch.finfo(torch.float32).tiny)
+    return (probs / noise.to(probs.device)).argmax(dim=-1)
+
+
+def _logprobs(
+    raw_logits: torch.Tensor, token_ids: torch.Tensor, requests: list[SamplingRequest]
+) -> list[TokenLogprobs | None]:
+    """Logprobs from the model's raw distribution (before penalties and temperature)."""
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    result: list[TokenLogprobs | None] = [None] * len(requests)
+    if not rows:
+        return result
+    row_index = torch.tensor(rows, device=raw_logits.device)
+    logprobs = torch.log_softmax(raw_logits[row_index], dim=-1)
+    sampled_ids = token_ids[row_index]
+    sampled = logprobs.gather(1, sampled_ids.unsqueeze(1)).squeeze(1).tolist()
+    # One topk for the largest N asked; each row keeps its own first n.
+    top_values, top_ids = logprobs.topk(max(requests[i].params.logprobs for i in rows), dim=-1)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for j, (i, token_id) in enumerate(zip(rows, sampled_ids.tolist())):
+        n = requests[i].params.logprobs
+        top = dict(zip(top_ids[j][:n], top_values[j][:n]))
+        result[i] = TokenLogprobs(token_id=token_id, logprob=sampled[j], top=top)
+    return result
+
+
+class Sampler:
+    """Picks the next token for every row of a batch of logits."""
+
+    def __call__(
+        self, logits: torch.Tensor, requests: list[SamplingRequest]
+    ) -> list[tuple[int, TokenLogprobs | None]]:
+        """Sample one token per row; ``requests[i]`` describes row ``i`` of ``logits`` [B, V].
+
+        Returns ``(token_id, logprobs)`` per row; logprobs is None unless the
+        request set ``params.logprobs``.
+        """
+        if logits.shape[0] != len(requests):
+            raise ValueError(f"logits has {logits.shape[0]} rows but {len(requests)} requests were given")
+        raw_logits = logits.float()
+        if self._is_plain_greedy(requests):
+            token_ids = raw_logits.argmax(dim=-1)
+        else:
+            token_ids = _sample_rows(compute_probs(raw_logits, requests), requests)
+        logprobs = _logprobs(raw_logits, token_ids, requests)
+        return list(zip(token_ids.tolist(), logprobs))
+
+    @staticmethod
+    def _is_plain_greedy(requests: list[SamplingRequest]) -> bool:
+        return all(
+            r.params.is_greedy and not r.uses_penalties and not r.masks_stop_tokens for r in requests
+        )
