@@ -1,0 +1,88 @@
+"""The ``llm-cluster`` command line: generate text, run benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cluster.config import DEFAULT_MODEL, SUPPORTED_DTYPES
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, HF directory or .gguf file")
+    p.add_argument("--dtype", default="bfloat16", choices=SUPPORTED_DTYPES)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="stream a completion to the terminal")
+    p.add_argument("prompt")
+    _add_engine_args(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="engine vs transformers on a seeded workload")
+    _add_engine_args(p)
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="runs per system; medians are reported")
+    p.add_argument("--hf-batch-sizes", default="8,16,32", help="transformers batch sizes to try")
+    p.add_argument("--skip-hf", action="store_true", help="engine only")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_generate(args) -> int:
+    from cluster.config import EngineConfig
+    from cluster.engine.llm_engine import LLMEngine
+    from cluster.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig.from_kwargs(model=args.model, dtype=args.dtype, num_threads=args.threads))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_tokens=args.max_tokens, stop=args.stop)
+    prompt = args.prompt
+    if args.chat:
+        text = engine.input_processor.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = {"prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False)}
+    engine.add_request("cli", prompt, params)
+    shown = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from cluster.bench import run_bench
+
+    return run_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster.errors import InvalidConfigError, InvalidRequestError
+
+    parser = argparse.ArgumentParser(prog="llm-cluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    _bench_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (InvalidRequestError, InvalidConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Shared fixtures: the real SmolLM2 checkpoint, its transformers twin, tiny random checkpoints.
+
+Tiny checkpoints keep SmolLM2's tokenizer (and so its 49,152-token vocabulary) but shrink
+everything else, so the engine loads them in milliseconds and compares against transformers
+token for token. They are built once per session, deterministically (fixed seed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from cluster.config import ModelConfig
+from cluster.model.source import resolve_model
+
+torch.set_num_threads(2)
+
+NUM_THREADS = 2  # the CI box has 2 cores, shared
+SMOLLM2_EOS_ID = 2  # <|im_end|>
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+# Tiny Llama-family shapes: GQA (4 query heads over 2 KV heads), a few layers, SmolLM2's vocab.
+_TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=49152, rms_norm_eps=1e-5, bos_token_id=1,
+                   eos_token_id=SMOLLM2_EOS_ID, pad_token_id=SMOLLM2_EOS_ID, initializer_range=0.1)
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+
+# variant -> (config class name, extra config kwargs, save_pretrained kwargs)
+TINY_VARIANTS = {
+    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True, max_position_embeddings=512), {}),
+    "llama_untied": ("LlamaConfig", dict(tie_word_embeddings=False, max_position_embeddings=512), {}),
+    "llama3_rope": ("LlamaConfig", dict(tie_word_embeddings=False, max_position_embeddings=1024,
+                                        rope_scaling=_LLAMA3_ROPE), {}),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, max_position_embeddings=512,
+                                  use_sliding_window=False), {}),
+    "sharded": ("LlamaConfig", dict(tie_word_embeddings=False, max_position_embeddings=512),
+                {"max_shard_size": "4MB"}),
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The converted SmolLM2-135M safetensors directory (converted once, then cached)."""
+    return resolve_model("smollm2-135m", ModelConfig().resolved_cache_dir()).path
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own SmolLM2 in float32: the reference the engine must match."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
+    """Copy the tokenizer files the engine's AutoTokenizer.from_pretrained needs."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copy(os.path.join(src_dir, name), dst_dir)
+
+
+def _randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Give norms and biases non-trivial values, so loading them wrongly changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+
+
+def build_tiny_checkpoint(variant: str, out_dir: str, tokenizer_dir: str, seed: int = 0) -> str:
+    """Save a tiny random-weight checkpoint of ``variant`` (see TINY_VARIANTS) into ``out_dir``."""
+    import transformers
+
+    config_class, extra, save_kwargs = TINY_VARIANTS[variant]
+    config = getattr(transformers, config_class)(**_TINY_SHAPE, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_(model, seed)
+    model.save_pretrained(out_dir, safe_serialization=True, **save_kwargs)
+    copy_tokenizer(tokenizer_dir, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_path):
+    """Factory: ``tiny_llama_dir(variant)`` -> a tiny checkpoint directory, built once per session.
+
+    Variants: llama_tied, llama_untied, llama3_rope, qwen2 (random q/k/v biases), sharded
+    (several safetensors files and an index json).
+    """
+    built: dict[str, str] = {}
+
+    def make(variant: str = "llama_tied") -> str:
+        if variant not in built:
+            out = str(tmp_path_factory.mktemp(f"tiny-{variant}"))
+            built[variant] = build_tiny_checkpoint(variant, out, smollm2_path)
+        return built[variant]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_model(tiny_llama_dir):
+    """Factory: ``hf_tiny_model(variant)`` -> the transformers model of that tiny checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    loaded: dict[str, torch.nn.Module] = {}
+
+    def load(variant: str):
+        if variant not in loaded:
+            loaded[variant] = AutoModelForCausalLM.from_pretrained(tiny_llama_dir(variant),
+                                                                   dtype=torch.float32).eval()
+        return loaded[variant]
+
+    return load
+
+
+def assert_no_leak(llm_or_engine) -> None:
+    """Every KV block is back in the free queue and no request is left in the engine."""
+    engine = getattr(llm_or_engine, "engine", llm_or_engine)
+    assert not engine.has_unfinished_requests(), "requests left in the engine"
+    assert engine.num_free_blocks == engine.num_blocks, (
+        f"leaked KV blocks: {engine.num_blocks - engine.num_free_blocks} of {engine.num_blocks} still referenced"
+    )
+    engine.block_manager.check_invariants()
+
+
+@pytest.fixture
+def check_no_leak():
+    """``check_no_leak(llm)``: assert the engine holds no blocks and no requests (call after a run)."""
+    return assert_no_leak
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation, cut after its first EOS (inclusive) as the engine stops there."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=SMOLLM2_EOS_ID)
+    tokens = out[0, len(prompt_ids):].tolist()
+    if SMOLLM2_EOS_ID in tokens:
+        tokens = tokens[: tokens.index(SMOLLM2_EOS_ID) + 1]
+    return tokens
+
+
+# ---- SmolLM2 prompts and their transformers references ---------------------------------------
+
+def _long_text(num_paragraphs: int = 40) -> str:
+    """Over 1,000 tokens of varied, repetitive-but-not-identical prose ending in a question."""
+    colors = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+    animals = ["fox", "owl", "whale", "tiger", "rabbit", "falcon", "otter", "camel", "lynx"]
+    places = ["Paris", "Kyoto", "Lima", "Oslo", "Cairo", "Sydney", "Toronto"]
+    lines = [
+        f"Entry {i}: the {colors[i % len(colors)]} {animals[i % len(animals)]} travelled from "
+        f"{places[i % len(places)]} to {places[(i * 3 + 1) % len(places)]} in {i + 2} days, "
+        f"carrying {i * 7 % 23 + 1} books about {animals[(i + 4) % len(animals)]}s."
+        for i in range(num_paragraphs)
+    ]
+    return "Travel log.\n" + "\n".join(lines) + "\nQuestion: which animal travelled in Entry 5? Answer:"
+
+
+def smollm2_prompt_ids(tokenizer) -> dict[str, list[int]]:
+    """Varied prompts as token ids: name -> ids (the engine gets exactly these ids)."""
+    texts = {
+        "english": "The capital of France is",
+        "code": 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+        "list": "Here is my shopping list:\n1. Apples\n2. Bread\n3.",
+        "question": "Question: Why is the sky blue?\nAnswer:",
+        "multilingual": "Le chat est sur la table. Die Katze ist auf dem Tisch. El gato",
+        "long": _long_text(),
+    }
+    ids = {name: tokenizer.encode(text) for name, text in texts.items()}
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2? Answer in one word."}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids["chat"] = tokenizer.encode(chat, add_special_tokens=False)
+    ids["short3"] = tokenizer.encode("Once upon a time there was")[:3]
+    return ids
+
+
+SMOLLM2_MAX_TOKENS = {"long": 24}  # everything else generates up to 32
+
+
+def smollm2_max_tokens(name: str) -> int:
+    return SMOLLM2_MAX_TOKENS.get(name, 32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_prompts(smollm2_tokenizer) -> dict[str, list[int]]:
+    prompts = smollm2_prompt_ids(smollm2_tokenizer)
+    assert len(prompts["long"]) > 1000 and len(prompts["short3"]) == 3
+    return prompts
+
+
+@pytest.fixture(scope="session")
+def smollm2_references(hf_smollm2, smollm2_prompts) -> dict[str, list[int]]:
+    """transformers' greedy tokens for every SmolLM2 prompt (computed once per session)."""
+    return {name: hf_greedy(hf_smollm2, ids, smollm2_max_tokens(name)) for name, ids in smollm2_prompts.items()}
