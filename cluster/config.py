@@ -30,6 +30,7 @@ class ModelConfig:
     max_model_len: int | None = None  # context length; None = the model's max_position_embeddings
     cache_dir: str | None = None  # where converted checkpoints live; None = ~/.cache/llm-cluster
     seed: int = 0  # engine seed for requests that give none
+    device: str = "auto"  # auto | cpu | cuda; auto picks cuda when present
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -38,6 +39,18 @@ class ModelConfig:
             _require(_is_int(self.max_model_len) and self.max_model_len >= 1, "max_model_len",
                      f"must be an integer >= 1, got {self.max_model_len!r}")
         _require(_is_int(self.seed) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
+        _require(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype == "float16":
+            _require(self.resolved_device() == "cuda", "dtype",
+                     "float16 needs a GPU; on CPU use bfloat16 or float32")
+
+    def resolved_device(self) -> str:
+        """The device this process will run on ("auto" resolved)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_cache_dir(self) -> str:
         if self.cache_dir:

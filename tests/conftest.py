@@ -158,7 +158,7 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 
 # ---- SmolLM2 prompts and their transformers references ---------------------------------------
 
-def _long_text(num_paragraphs: int = 40) -> str:
+def _long_text(num_paragraphs: int = 37) -> str:
     """Over 1,000 tokens of varied, repetitive-but-not-identical prose ending in a question."""
     colors = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
     animals = ["fox", "owl", "whale", "tiger", "rabbit", "falcon", "otter", "camel", "lynx"]
@@ -178,7 +178,9 @@ def smollm2_prompt_ids(tokenizer) -> dict[str, list[int]]:
         "english": "The capital of France is",
         "code": 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
         "list": "Here is my shopping list:\n1. Apples\n2. Bread\n3.",
-        "question": "Question: Why is the sky blue?\nAnswer:",
+        "question": "Question: Why is the sky blue?\nAnswer: The sky",
+        "quiz": "Q: How many legs does a spider have?\nA:",  # ends with EOS after a few tokens
+        "eos_first": "Question: Why is the sky blue?\nAnswer:",  # EOS is the very first token
         "multilingual": "Le chat est sur la table. Die Katze ist auf dem Tisch. El gato",
         "long": _long_text(),
     }

@@ -8,6 +8,7 @@ finished.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from cluster.parallel.executor import Executor, InProcessExecutor
 from cluster.parallel.worker_spec import WorkerSpec
 from cluster.runner.kv_cache import num_blocks_for
 from cluster.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,6 +67,9 @@ class LLMEngine:
         # A sequence can never outgrow the whole cache: it would preempt itself forever.
         self.stop_checker = StopChecker(self.eos_token_ids, min(self.max_model_len, self.max_num_cached_tokens))
         self.executor: Executor = (executor_factory or InProcessExecutor)(self.worker_spec())
+        logger.info("%s (%s): KV cache of %d blocks x %d tokens = %d tokens; context %d",
+                    self.source.name, config.model.dtype, self.num_blocks, config.cache.block_size,
+                    self.max_num_cached_tokens, self.max_model_len)
         self._requests: dict[str, _RequestState] = {}
         self._unsent: list[NewRequest] = []  # admitted but not yet shown to the workers
         self._pending_outputs: list[RequestOutput] = []  # aborts to report on the next step
@@ -77,7 +83,8 @@ class LLMEngine:
             model_path=self.source.path, arch=self.arch, dtype=self.config.model.dtype,
             max_model_len=self.max_model_len, num_blocks=self.num_blocks,
             block_size=self.config.cache.block_size, tp_size=self.config.parallel.tensor_parallel_size,
-            eos_token_ids=self.eos_token_ids, num_threads=self.config.parallel.num_threads,
+            eos_token_ids=self.eos_token_ids, device=self.config.model.resolved_device(),
+            num_threads=self.config.parallel.num_threads,
         )
 
     def _max_model_len(self) -> int:

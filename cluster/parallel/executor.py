@@ -33,15 +33,12 @@ class Executor(abc.ABC):
 class InProcessExecutor(Executor):
     """One rank, in this process."""
 
-    def __init__(self, spec: WorkerSpec, device: str = "cpu"):
+    def __init__(self, spec: WorkerSpec):
         if spec.tp_size != 1:
             raise ValueError(f"the in-process executor runs tensor_parallel_size 1, got {spec.tp_size}")
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
-        self.runner = ModelRunner(
-            spec.model_path, spec.arch, spec.dtype, spec.max_model_len, spec.num_blocks, spec.block_size,
-            TPGroup(), spec.eos_token_ids, torch.device(device),
-        )
+        self.runner = ModelRunner(spec, TPGroup())
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(out)

@@ -17,4 +17,5 @@ class WorkerSpec:
     block_size: int  # tokens per block
     tp_size: int  # ranks in the tensor-parallel group
     eos_token_ids: frozenset[int]  # masked while min_tokens is not reached
+    device: str = "cpu"  # cpu | cuda
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default

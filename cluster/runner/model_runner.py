@@ -6,9 +6,9 @@ import torch
 
 from cluster.engine.runner_output import RunnerOutput
 from cluster.engine.scheduler_output import SchedulerOutput
-from cluster.model.arch import ModelArch
 from cluster.model.loader import load_model, torch_dtype
 from cluster.parallel.tp_group import TPGroup
+from cluster.parallel.worker_spec import WorkerSpec
 from cluster.runner.kv_cache import allocate_kv_cache
 from cluster.runner.model_input import build_model_input
 from cluster.sampling.sampler import Sampler, SamplingRequest, make_generator
@@ -17,14 +17,14 @@ from cluster.sampling.sampler import Sampler, SamplingRequest, make_generator
 class ModelRunner:
     """Executes scheduled steps. Every rank runs the forward pass; only the driver rank samples."""
 
-    def __init__(self, model_path: str, arch: ModelArch, dtype: str, max_model_len: int, num_blocks: int,
-                 block_size: int, tp: TPGroup, eos_token_ids: frozenset[int], device: torch.device):
+    def __init__(self, spec: WorkerSpec, tp: TPGroup):
         self.tp = tp
-        self.device = device
-        self.block_size = block_size
-        self.eos_token_ids = eos_token_ids
-        self.model = load_model(model_path, arch, max_model_len, tp, dtype).to(device)
-        self.kv_caches = allocate_kv_cache(arch, num_blocks, block_size, torch_dtype(dtype), tp.tp_size, device)
+        self.device = torch.device(spec.device)
+        self.block_size = spec.block_size
+        self.eos_token_ids = spec.eos_token_ids
+        self.model = load_model(spec.model_path, spec.arch, spec.max_model_len, tp, spec.dtype).to(self.device)
+        self.kv_caches = allocate_kv_cache(spec.arch, spec.num_blocks, spec.block_size, torch_dtype(spec.dtype),
+                                           tp.tp_size, self.device)
         self.sampler = Sampler()
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
 
@@ -58,6 +58,7 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> RunnerOutput:
         requests = [self._requests[rid] for rid in request_ids]
+        logits = logits.cpu()  # per-request generators live on the CPU
         result = RunnerOutput()
         for rid, req, (token, logprobs) in zip(request_ids, requests, self.sampler(logits, requests)):
             req.output_token_ids.append(token)

@@ -1,0 +1,135 @@
+"""The real SmolLM2-135M in float32: the engine's greedy tokens equal transformers' exactly.
+
+Every engine configuration (alone, batched, prefix caching on/off, chunked prefill,
+preemption under a tight KV budget, prefix-cache reuse) must reproduce transformers'
+``generate(do_sample=False)`` token for token, cut after its first EOS.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster import LLM, SamplingParams
+from conftest import NUM_THREADS, SMOLLM2_EOS_ID, assert_no_leak, smollm2_max_tokens
+
+pytestmark = pytest.mark.slow
+
+NUM_BLOCKS = 400  # 6,400 tokens of KV: room for the whole batch, so no preemption unless asked
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+def expected_finish(expected: list[int]) -> str:
+    return "stop" if expected and expected[-1] == SMOLLM2_EOS_ID else "length"
+
+
+def batch_requests(prompts: dict, references: dict) -> list[tuple[str, list[int], int, list[int]]]:
+    """18 requests of mixed prompt and output lengths: (label, prompt ids, max_tokens, expected tokens).
+
+    Every prompt at its full length, then shorter-output variants (a prefix of the same
+    greedy reference) and one duplicate, so requests finish at different steps.
+    """
+    requests = [(name, ids, smollm2_max_tokens(name), references[name]) for name, ids in prompts.items()]
+    short_names = [n for n in prompts if n != "long"]
+    for i, name in enumerate(short_names):
+        max_tokens = 3 + 3 * i
+        requests.append((f"{name}/max{max_tokens}", prompts[name], max_tokens, references[name][:max_tokens]))
+    requests.append(("code/dup", prompts["code"], 32, references["code"]))
+    # Put the long prompt mid-batch: short requests both before and after it.
+    long_request = requests.pop(list(prompts).index("long"))
+    requests.insert(len(requests) // 2, long_request)
+    return requests
+
+
+def run_and_check(llm: LLM, requests) -> list:
+    outputs = llm.generate([{"prompt_token_ids": ids} for _, ids, _, _ in requests],
+                           [greedy(max_tokens) for _, _, max_tokens, _ in requests])
+    for (label, _, _, expected), out in zip(requests, outputs):
+        completion = out.outputs[0]
+        assert completion.token_ids == expected, f"{label}: engine tokens differ from transformers"
+        assert completion.finish_reason == expected_finish(expected), label
+    assert_no_leak(llm)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path) -> LLM:
+    """One default-configured engine (prefix caching on) shared by the tests that allow it."""
+    return LLM(smollm2_path, num_threads=NUM_THREADS, num_blocks=NUM_BLOCKS)
+
+
+def test_prompts_cover_the_intended_cases(smollm2_prompts, smollm2_references):
+    assert len(smollm2_prompts) >= 8
+    assert len(smollm2_prompts["long"]) > 1024  # longer than the default per-step token budget
+    assert len(smollm2_prompts["short3"]) == 3
+    stopped = [n for n, ref in smollm2_references.items() if ref[-1] == SMOLLM2_EOS_ID]
+    assert "eos_first" in stopped and len(stopped) >= 2  # some requests end on EOS, others on length
+    assert smollm2_references["eos_first"] == [SMOLLM2_EOS_ID]
+
+
+def test_each_prompt_alone(llm, smollm2_prompts, smollm2_references, smollm2_tokenizer):
+    for name, ids in smollm2_prompts.items():
+        expected = smollm2_references[name]
+        [out] = llm.generate({"prompt_token_ids": ids}, greedy(smollm2_max_tokens(name)))
+        completion = out.outputs[0]
+        assert completion.token_ids == expected, name
+        assert completion.finish_reason == expected_finish(expected), name
+        assert completion.text == smollm2_tokenizer.decode(expected, skip_special_tokens=True), name
+        assert out.prompt_token_ids == ids
+        assert_no_leak(llm)
+
+
+def test_text_prompt_equals_token_prompt(llm, smollm2_tokenizer, smollm2_prompts, smollm2_references):
+    text = "The capital of France is"
+    [out] = llm.generate(text, greedy(32))
+    assert out.prompt == text
+    assert out.prompt_token_ids == smollm2_tokenizer.encode(text) == smollm2_prompts["english"]
+    assert out.outputs[0].token_ids == smollm2_references["english"]
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({"enable_prefix_caching": True}, id="prefix-caching-on"),
+    pytest.param({"enable_prefix_caching": False}, id="prefix-caching-off"),
+    pytest.param({"max_num_batched_tokens": 64}, id="chunked-prefill-64"),
+])
+def test_batch_of_mixed_requests(smollm2_path, smollm2_prompts, smollm2_references, options):
+    requests = batch_requests(smollm2_prompts, smollm2_references)
+    assert len(requests) >= 16
+    llm = LLM(smollm2_path, num_threads=NUM_THREADS, num_blocks=NUM_BLOCKS, **options)
+    run_and_check(llm, requests)
+
+
+def test_preemption_under_a_tight_kv_budget(smollm2_path, smollm2_prompts, smollm2_references):
+    requests = batch_requests(smollm2_prompts, smollm2_references)
+    # 80 blocks (1,280 tokens) hold the long request alone but not the whole batch at once.
+    llm = LLM(smollm2_path, num_threads=NUM_THREADS, num_blocks=80, max_num_batched_tokens=256)
+    preempted: list[str] = []
+    schedule = llm.engine.scheduler.schedule
+
+    def spy_schedule():
+        out = schedule()
+        preempted.extend(out.preempted_request_ids)
+        return out
+
+    llm.engine.scheduler.schedule = spy_schedule
+    run_and_check(llm, requests)
+    assert preempted, "the KV budget was meant to force at least one preemption"
+
+
+def test_prefix_cache_reuse_gives_identical_output(llm, smollm2_prompts, smollm2_references):
+    ids, expected = smollm2_prompts["long"], smollm2_references["long"]
+    assert llm.engine.block_manager.reset_prefix_cache()
+    hits_before = llm.engine.block_manager.prefix_cache_hits
+    [first] = llm.generate({"prompt_token_ids": ids}, greedy(len(expected)))
+    [second] = llm.generate({"prompt_token_ids": ids}, greedy(len(expected)))
+    assert first.num_cached_tokens == 0
+    block_size = llm.engine.config.cache.block_size
+    # Every full block of the prompt but the one holding its last token (that one must run for logits).
+    assert second.num_cached_tokens == (len(ids) - 1) // block_size * block_size
+    assert llm.engine.block_manager.prefix_cache_hits - hits_before == second.num_cached_tokens
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids == expected
+    assert first.outputs[0].text == second.outputs[0].text
+    assert_no_leak(llm)
