@@ -7,7 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
-from cluster.model.layers.attention import AttentionMetadata, PrefillChunk
+from cluster.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+
+# Decodes are grouped by context length so padding wastes little gather and attention work:
+# a group closes when its longest context would exceed this many times its shortest.
+DECODE_GROUP_SPREAD = 1.5
 
 
 @dataclass
@@ -23,7 +27,7 @@ class ModelInput:
 
 def build_model_input(out: SchedulerOutput, block_size: int, device: torch.device) -> ModelInput:
     """Flatten the step; attention indices are computed once here and shared by every layer."""
-    decodes = [s for s in out.sequences if not s.is_prefill]
+    decodes = sorted((s for s in out.sequences if not s.is_prefill), key=lambda s: s.context_length)
     prefills = [s for s in out.sequences if s.is_prefill]
     token_ids, positions, slots, logits_rows, sample_ids = [], [], [], [], []
     chunks: list[PrefillChunk] = []
@@ -39,10 +43,8 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
             sample_ids.append(seq.request_id)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        num_decode_tokens=len(decodes), prefills=chunks,
+        decodes=_decode_groups(decodes, block_size, device), prefills=chunks,
     )
-    if decodes:
-        meta.decode_slots, meta.decode_mask = _decode_context(decodes, block_size, device)
     return ModelInput(
         input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -72,9 +74,21 @@ def _prefill_chunk(seq: ScheduledSequence, token_start: int, block_size: int, de
                         _context_slots(seq.block_ids, ctx, block_size, device), mask)
 
 
-def _decode_context(decodes: list[ScheduledSequence], block_size: int, device):
+def _decode_groups(decodes: list[ScheduledSequence], block_size: int, device) -> list[DecodeGroup]:
+    """Split length-sorted decodes into groups of similar context length."""
+    groups, start = [], 0
+    for end in range(1, len(decodes) + 1):
+        closes = end == len(decodes) or \
+            decodes[end].context_length > DECODE_GROUP_SPREAD * decodes[start].context_length
+        if closes:
+            groups.append(_decode_group(decodes[start:end], start, block_size, device))
+            start = end
+    return groups
+
+
+def _decode_group(decodes: list[ScheduledSequence], token_start: int, block_size: int, device) -> DecodeGroup:
     """Padded cache slots [D, L] of every decode's context and the mask of real keys."""
-    max_len = max(s.context_length for s in decodes)
+    max_len = decodes[-1].context_length
     max_blocks = -(-max_len // block_size)
     table = torch.zeros(len(decodes), max_blocks, dtype=torch.long, device=device)
     for row, seq in enumerate(decodes):
@@ -82,6 +96,8 @@ def _decode_context(decodes: list[ScheduledSequence], block_size: int, device):
         table[row, :n] = torch.tensor(seq.block_ids[:n], dtype=torch.long)
     pos = torch.arange(max_len, device=device)
     slots = table[:, pos // block_size] * block_size + pos % block_size
+    if decodes[0].context_length == max_len:
+        return DecodeGroup(token_start, len(decodes), slots, None)
     lens = torch.tensor([s.context_length for s in decodes], device=device)
     mask = (pos[None, :] < lens[:, None]).view(len(decodes), 1, 1, max_len)
-    return slots, mask
+    return DecodeGroup(token_start, len(decodes), slots, mask)

@@ -27,13 +27,21 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode sequences of similar context length, attended together with padding to the longest."""
+
+    token_start: int  # index of the group's first token in the batch
+    num_seqs: int  # one token per sequence
+    context_slots: torch.Tensor  # [num_seqs, L] cache slots of each context, padded
+    mask: torch.Tensor | None  # [num_seqs, 1, 1, L] bool, True for real keys; None when none are padded
+
+
+@dataclass
 class AttentionMetadata:
     """Where this step's tokens live in the cache; built once per step, shared by every layer."""
 
     slot_mapping: torch.Tensor  # [T] cache slot (block_id * block_size + offset) of each new token
-    num_decode_tokens: int  # the first tokens of the batch are decodes, one per sequence
-    decode_slots: torch.Tensor | None = None  # [D, L] cache slots of each decode's context, padded
-    decode_mask: torch.Tensor | None = None  # [D, 1, 1, L] bool, True for real (unpadded) keys
+    decodes: list[DecodeGroup] = field(default_factory=list)  # the first tokens of the batch
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -54,19 +62,19 @@ class PagedAttention(nn.Module):
         k_cache[meta.slot_mapping] = k
         v_cache[meta.slot_mapping] = v
         out = torch.empty_like(q)
-        n = meta.num_decode_tokens
-        if n:
-            out[:n] = self._decode(q[:n], k_cache, v_cache, meta)
+        for group in meta.decodes:
+            rows = slice(group.token_start, group.token_start + group.num_seqs)
+            out[rows] = self._decode(q[rows], k_cache, v_cache, group)
         for chunk in meta.prefills:
             rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk)
         return out.view(q.shape[0], -1)
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        keys = k_cache[meta.decode_slots].transpose(1, 2)  # [D, Hkv, L, hd]
-        values = v_cache[meta.decode_slots].transpose(1, 2)
+    def _decode(self, q, k_cache, v_cache, group: DecodeGroup) -> torch.Tensor:
+        keys = k_cache[group.context_slots].transpose(1, 2)  # [D, Hkv, L, hd]
+        values = v_cache[group.context_slots].transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True
+            q.unsqueeze(2), keys, values, attn_mask=group.mask, scale=self.scale, enable_gqa=True
         )
         return out.squeeze(2)
 

@@ -1,0 +1,87 @@
+"""AsyncLLMEngine: streaming, abort when the consumer stops, errors raised to the caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.config import EngineConfig
+from cluster.engine.async_engine import AsyncLLMEngine
+from cluster.engine.llm_engine import LLMEngine
+from cluster.errors import EngineDeadError, InvalidRequestError
+from cluster.sampling_params import SamplingParams
+
+from tests.conftest import assert_no_leak
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture
+def async_engine(tiny_llama_dir):
+    config = EngineConfig.from_kwargs(model=tiny_llama_dir("llama_tied"), num_blocks=64, num_threads=2)
+    engine = AsyncLLMEngine(LLMEngine(config))
+    yield engine
+    engine.shutdown()
+
+
+async def _collect(engine, prompt, params, request_id=None):
+    return [out async for out in engine.generate(prompt, params, request_id)]
+
+
+def test_stream_is_cumulative_and_matches_sync(async_engine):
+    outs = asyncio.run(_collect(async_engine, {"prompt_token_ids": [1, 2, 3, 4]}, GREEDY))
+    assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 13))
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert outs[-1].outputs[0].finish_reason == "length"
+    sync = LLMEngine(async_engine.engine.config)
+    sync.add_request("s", {"prompt_token_ids": [1, 2, 3, 4]}, GREEDY)
+    final = None
+    while sync.has_unfinished_requests():
+        final = (sync.step() or [final])[-1]
+    assert final.outputs[0].token_ids == outs[-1].outputs[0].token_ids
+
+
+def test_concurrent_streams(async_engine):
+    async def main():
+        prompts = [{"prompt_token_ids": [1, 5 + i, 9]} for i in range(8)]
+        return await asyncio.gather(*(_collect(async_engine, p, GREEDY) for p in prompts))
+
+    results = asyncio.run(main())
+    assert all(r[-1].finished and len(r[-1].outputs[0].token_ids) == 12 for r in results)
+    assert len({r[-1].request_id for r in results}) == 8
+
+
+def test_consumer_break_aborts_and_frees_blocks(async_engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        async for out in async_engine.generate({"prompt_token_ids": [1, 2, 3]}, params, "stop-early"):
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        for _ in range(100):  # the abort lands on the engine thread
+            if not async_engine.engine.has_unfinished_requests():
+                return
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert_no_leak(async_engine.engine)
+
+
+def test_bad_input_raises_in_caller_and_engine_keeps_serving(async_engine):
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        asyncio.run(_collect(async_engine, "hello", SamplingParams(max_tokens=0)))
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        asyncio.run(_collect(async_engine, "", GREEDY))
+    outs = asyncio.run(_collect(async_engine, "hello", GREEDY))
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 12
+
+
+def test_engine_death_fails_streams(async_engine):
+    def boom(_):
+        raise RuntimeError("worker lost")
+
+    async_engine.engine.executor.execute = boom
+    with pytest.raises(EngineDeadError, match="worker lost"):
+        asyncio.run(_collect(async_engine, "hello", GREEDY))
+    with pytest.raises(EngineDeadError):
+        asyncio.run(_collect(async_engine, "hello", GREEDY))
