@@ -37,6 +37,13 @@ TINY_VARIANTS = {
                                         rope_scaling=_LLAMA3_ROPE), {}),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, max_position_embeddings=512,
                                   use_sliding_window=False), {}),
+    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, max_position_embeddings=512, sliding_window=None), {}),
+    # Attention limited to the last 16 positions: the engine must honour it or refuse the checkpoint.
+    "mistral_sliding_window": ("MistralConfig", dict(tie_word_embeddings=False, max_position_embeddings=512,
+                                                     sliding_window=16), {}),
+    # A RoPE scaling the engine does not implement: it must be refused, naming the right field.
+    "llama_linear_rope": ("LlamaConfig", dict(max_position_embeddings=512,
+                                              rope_scaling={"rope_type": "linear", "factor": 2.0}), {}),
     "sharded": ("LlamaConfig", dict(tie_word_embeddings=False, max_position_embeddings=512),
                 {"max_shard_size": "4MB"}),
 }
@@ -99,8 +106,8 @@ def build_tiny_checkpoint(variant: str, out_dir: str, tokenizer_dir: str, seed: 
 def tiny_llama_dir(tmp_path_factory, smollm2_path):
     """Factory: ``tiny_llama_dir(variant)`` -> a tiny checkpoint directory, built once per session.
 
-    Variants: llama_tied, llama_untied, llama3_rope, qwen2 (random q/k/v biases), sharded
-    (several safetensors files and an index json).
+    Variants: llama_tied, llama_untied, llama3_rope, qwen2 (random q/k/v biases), mistral,
+    mistral_sliding_window (sliding_window=16), sharded (several safetensors files and an index json).
     """
     built: dict[str, str] = {}
 
@@ -145,11 +152,15 @@ def check_no_leak():
     return assert_no_leak
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy continuation, cut after its first EOS (inclusive) as the engine stops there."""
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, **generate_options) -> list[int]:
+    """transformers' greedy continuation, cut after its first EOS (inclusive) as the engine stops there.
+
+    ``generate_options`` go to ``generate`` (e.g. ``min_new_tokens``, ``repetition_penalty``).
+    """
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=SMOLLM2_EOS_ID)
+                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=SMOLLM2_EOS_ID,
+                             **generate_options)
     tokens = out[0, len(prompt_ids):].tolist()
     if SMOLLM2_EOS_ID in tokens:
         tokens = tokens[: tokens.index(SMOLLM2_EOS_ID) + 1]
@@ -192,11 +203,7 @@ def smollm2_prompt_ids(tokenizer) -> dict[str, list[int]]:
     return ids
 
 
-SMOLLM2_MAX_TOKENS = {"long": 24}  # everything else generates up to 32
-
-
-def smollm2_max_tokens(name: str) -> int:
-    return SMOLLM2_MAX_TOKENS.get(name, 32)
+SMOLLM2_MAX_TOKENS = 24  # greedy tokens per reference (fewer where transformers hits EOS first)
 
 
 @pytest.fixture(scope="session")
@@ -209,4 +216,4 @@ def smollm2_prompts(smollm2_tokenizer) -> dict[str, list[int]]:
 @pytest.fixture(scope="session")
 def smollm2_references(hf_smollm2, smollm2_prompts) -> dict[str, list[int]]:
     """transformers' greedy tokens for every SmolLM2 prompt (computed once per session)."""
-    return {name: hf_greedy(hf_smollm2, ids, smollm2_max_tokens(name)) for name, ids in smollm2_prompts.items()}
+    return {name: hf_greedy(hf_smollm2, ids, SMOLLM2_MAX_TOKENS) for name, ids in smollm2_prompts.items()}

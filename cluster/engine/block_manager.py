@@ -96,7 +96,9 @@ class BlockManager:
         if self.enable_prefix_caching:
             self._take_cached_prefix(seq)
         num_cached = len(seq.block_ids) * self._block_size
-        seq.num_computed_tokens = seq.num_cached_tokens = num_cached
+        seq.num_computed_tokens = num_cached
+        # After a preemption the hit may cover generated tokens too; report prompt tokens only.
+        seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
         self.prefix_cache_hits += num_cached
         return num_cached
 
@@ -106,7 +108,7 @@ class BlockManager:
         The stats are rolled back too, so a request retried every step counts once.
         """
         self.prefix_cache_queries -= seq.num_tokens
-        self.prefix_cache_hits -= seq.num_cached_tokens
+        self.prefix_cache_hits -= len(seq.block_ids) * self._block_size  # only the hit blocks are held
         self.free(seq)
         seq.num_computed_tokens = seq.num_cached_tokens = 0
 

@@ -22,7 +22,7 @@ from cluster.engine.scheduler import Scheduler
 from cluster.engine.scheduler_output import NewRequest, SchedulerOutput
 from cluster.engine.sequence import FinishReason, Sequence
 from cluster.engine.stop_checker import StopChecker, stop_holdback
-from cluster.errors import InvalidConfigError, InvalidRequestError, QueueFullError
+from cluster.errors import InvalidConfigError, InvalidRequestError, ModelLoadError, QueueFullError
 from cluster.model.arch import ModelArch
 from cluster.model.loader import torch_dtype
 from cluster.model.source import resolve_model
@@ -91,7 +91,8 @@ class LLMEngine:
         limit = self.arch.max_position_embeddings
         asked = self.config.model.max_model_len
         if asked is not None and asked > limit:
-            raise InvalidConfigError("max_model_len", f"must be <= the model's {limit} positions, got {asked}")
+            why = f" (its sliding_window; full attention is exact only within it)" if self.arch.sliding_window else ""
+            raise InvalidConfigError("max_model_len", f"must be <= the model's {limit} positions{why}, got {asked}")
         return asked or limit
 
     @property
@@ -173,6 +174,8 @@ class LLMEngine:
         if reason is None:
             return self._output(state, finished=False)
         text = state.detokenizer.text
+        if cut is None and seq.output_token_ids[-1] in seq.sampling_params.stop_token_ids:
+            cut = len(text) - len(delta)  # like a stop string, a stop token's text is left out
         state.final_text = text[:cut] if cut is not None else text + state.detokenizer.flush()
         self._finish(state, reason)
         return self._output(state, finished=True)
@@ -213,7 +216,10 @@ class LLMEngine:
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # no / broken tokenizer files
+        raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {err}") from err
 
 
 def _tokenizer_eos(tokenizer) -> frozenset[int]:

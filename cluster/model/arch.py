@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from cluster.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class ModelArch:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: dict | None  # {"rope_type": "llama3", ...} or None
-    max_position_embeddings: int
+    max_position_embeddings: int  # context served: capped to sliding_window when there is one
+    sliding_window: int | None  # the checkpoint's attention window, if it uses one
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2 and attention_bias=True Llamas
     eos_token_ids: tuple[int, ...]
@@ -35,14 +37,28 @@ class ModelArch:
     @classmethod
     def from_dir(cls, path: str) -> "ModelArch":
         """Parse ``path/config.json``; unsupported architectures raise ModelLoadError."""
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
-        model_type = cfg.get("model_type")
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot read {path!r}/config.json: {err}") from err
+        model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelLoadError(
                 f"unsupported architecture model_type={model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
             )
-        return cls._from_config(cfg, model_type)
+        try:
+            arch = cls._from_config(cfg, model_type)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelLoadError(f"config.json in {path!r} is missing or has a bad value for {err}") from err
+        arch._check_rope()
+        return arch
+
+    def _check_rope(self) -> None:
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelLoadError(f"rope_scaling type {rope_type!r} is not supported; supported: "
+                                 f"{SUPPORTED_ROPE_TYPES}")
 
     @classmethod
     def _from_config(cls, cfg: dict, model_type: str) -> "ModelArch":
@@ -61,7 +77,8 @@ class ModelArch:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             rope_scaling={**rope, "rope_type": rope_type} if rope_type != "default" else None,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=_context_limit(cfg),
+            sliding_window=_sliding_window(cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
@@ -72,6 +89,22 @@ class ModelArch:
         """K and V bytes one token occupies on one rank, all layers."""
         kv_heads = max(1, self.num_kv_heads // tp_size)
         return 2 * self.num_layers * kv_heads * self.head_dim * dtype_bytes
+
+
+def _context_limit(cfg: dict) -> int:
+    """Positions the model can attend over with full attention.
+
+    Sliding-window attention equals full attention while the context fits the window,
+    so such checkpoints are served with their context capped to the window.
+    """
+    limit = int(cfg.get("max_position_embeddings", 2048))
+    window = _sliding_window(cfg)
+    return min(limit, window) if window else limit
+
+
+def _sliding_window(cfg: dict) -> int | None:
+    window = cfg.get("sliding_window")
+    return int(window) if window and cfg.get("use_sliding_window", True) else None
 
 
 def _as_tuple(value) -> tuple[int, ...]:

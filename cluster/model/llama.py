@@ -98,6 +98,17 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
+    def full_shape(self, param_name: str, shard_id=None) -> tuple[int, ...]:
+        """The unsharded checkpoint shape of a tensor loaded into ``param_name`` (for validation)."""
+        a = self.arch
+        q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        kind, suffix = param_name.rsplit(".", 2)[-2:]
+        rows = {"qkv_proj": {"q": q_dim, "k": kv_dim, "v": kv_dim}.get(shard_id),
+                "gate_up_proj": a.intermediate_size, "o_proj": a.hidden_size, "down_proj": a.hidden_size,
+                "embed_tokens": a.vocab_size, "lm_head": a.vocab_size}.get(kind, a.hidden_size)
+        cols = {"o_proj": q_dim, "down_proj": a.intermediate_size}.get(kind, a.hidden_size)
+        return (rows,) if suffix == "bias" or kind.endswith("norm") else (rows, cols)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """float32 logits [N, vocab] on the sampling rank, None elsewhere."""
         return self.lm_head(hidden)

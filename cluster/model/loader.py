@@ -31,7 +31,12 @@ def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtyp
         model = LlamaForCausalLM(arch, max_positions, tp, torch_dtype(dtype))
     except ValueError as err:  # head counts the tensor-parallel size cannot split
         raise ModelLoadError(str(err), field="tensor_parallel_size") from err
-    loaded = _load_weights(model, path)
+    try:
+        loaded = _load_weights(model, path)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # truncated files, shape mismatches: the checkpoint is unusable
+        raise ModelLoadError(f"cannot load the weights in {path!r}: {err}") from err
     _check_complete(model, loaded)
     return model.eval()
 
@@ -59,10 +64,16 @@ def _load_weights(model: LlamaForCausalLM, path: str) -> set[str]:
                         continue
                     param_name, shard_id = target
                     param = params[param_name]
-                    loader = getattr(param, "weight_loader", _load_replicated)
-                    loader(param, f.get_slice(name), shard_id)
+                    source = f.get_slice(name)
+                    _check_shape(name, source.get_shape(), model.full_shape(param_name, shard_id))
+                    getattr(param, "weight_loader", _load_replicated)(param, source, shard_id)
                     loaded.add(param_name)
     return loaded
+
+
+def _check_shape(name: str, found: list[int], expected: tuple[int, ...]) -> None:
+    if tuple(found) != tuple(expected):
+        raise ModelLoadError(f"checkpoint tensor {name!r} has shape {tuple(found)}; the config implies {expected}")
 
 
 def _load_replicated(param: torch.nn.Parameter, source, shard_id=None) -> None:

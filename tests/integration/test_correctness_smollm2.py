@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from cluster import LLM, SamplingParams
-from conftest import NUM_THREADS, SMOLLM2_EOS_ID, assert_no_leak, smollm2_max_tokens
+from tests.conftest import NUM_THREADS, SMOLLM2_EOS_ID, SMOLLM2_MAX_TOKENS, assert_no_leak
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,12 @@ def batch_requests(prompts: dict, references: dict) -> list[tuple[str, list[int]
     Every prompt at its full length, then shorter-output variants (a prefix of the same
     greedy reference) and one duplicate, so requests finish at different steps.
     """
-    requests = [(name, ids, smollm2_max_tokens(name), references[name]) for name, ids in prompts.items()]
+    requests = [(name, ids, SMOLLM2_MAX_TOKENS, references[name]) for name, ids in prompts.items()]
     short_names = [n for n in prompts if n != "long"]
     for i, name in enumerate(short_names):
-        max_tokens = 3 + 3 * i
+        max_tokens = 2 + 2 * i
         requests.append((f"{name}/max{max_tokens}", prompts[name], max_tokens, references[name][:max_tokens]))
-    requests.append(("code/dup", prompts["code"], 32, references["code"]))
+    requests.append(("code/dup", prompts["code"], SMOLLM2_MAX_TOKENS, references["code"]))
     # Put the long prompt mid-batch: short requests both before and after it.
     long_request = requests.pop(list(prompts).index("long"))
     requests.insert(len(requests) // 2, long_request)
@@ -69,21 +69,38 @@ def test_prompts_cover_the_intended_cases(smollm2_prompts, smollm2_references):
     assert smollm2_references["eos_first"] == [SMOLLM2_EOS_ID]
 
 
-def test_each_prompt_alone(llm, smollm2_prompts, smollm2_references, smollm2_tokenizer):
+def test_each_prompt_alone_then_long_prompt_from_prefix_cache(llm, smollm2_prompts, smollm2_references,
+                                                              smollm2_tokenizer):
+    """(a) every prompt on its own; (f) the long one again, now served from the prefix cache."""
+    assert llm.engine.block_manager.reset_prefix_cache()
     for name, ids in smollm2_prompts.items():
         expected = smollm2_references[name]
-        [out] = llm.generate({"prompt_token_ids": ids}, greedy(smollm2_max_tokens(name)))
+        [out] = llm.generate({"prompt_token_ids": ids}, greedy(SMOLLM2_MAX_TOKENS))
         completion = out.outputs[0]
         assert completion.token_ids == expected, name
         assert completion.finish_reason == expected_finish(expected), name
         assert completion.text == smollm2_tokenizer.decode(expected, skip_special_tokens=True), name
         assert out.prompt_token_ids == ids
+        assert out.num_cached_tokens == 0, name  # no two prompts share a full first block
         assert_no_leak(llm)
+        if name == "long":
+            first_long = out
+
+    ids = smollm2_prompts["long"]
+    hits_before = llm.engine.block_manager.prefix_cache_hits
+    [again] = llm.generate({"prompt_token_ids": ids}, greedy(SMOLLM2_MAX_TOKENS))
+    block_size = llm.engine.config.cache.block_size
+    # Every full block of the prompt but the one holding its last token (that one must run for logits).
+    assert again.num_cached_tokens == (len(ids) - 1) // block_size * block_size
+    assert llm.engine.block_manager.prefix_cache_hits - hits_before == again.num_cached_tokens
+    assert again.outputs[0].token_ids == first_long.outputs[0].token_ids == smollm2_references["long"]
+    assert again.outputs[0].text == first_long.outputs[0].text
+    assert_no_leak(llm)
 
 
 def test_text_prompt_equals_token_prompt(llm, smollm2_tokenizer, smollm2_prompts, smollm2_references):
     text = "The capital of France is"
-    [out] = llm.generate(text, greedy(32))
+    [out] = llm.generate(text, greedy(SMOLLM2_MAX_TOKENS))
     assert out.prompt == text
     assert out.prompt_token_ids == smollm2_tokenizer.encode(text) == smollm2_prompts["english"]
     assert out.outputs[0].token_ids == smollm2_references["english"]
@@ -92,8 +109,8 @@ def test_text_prompt_equals_token_prompt(llm, smollm2_tokenizer, smollm2_prompts
 
 @pytest.mark.parametrize("options", [
     pytest.param({"enable_prefix_caching": True}, id="prefix-caching-on"),
-    pytest.param({"enable_prefix_caching": False}, id="prefix-caching-off"),
-    pytest.param({"max_num_batched_tokens": 64}, id="chunked-prefill-64"),
+    # Prefix caching off, and prompts split into 64-token chunks (decodes share the budget).
+    pytest.param({"enable_prefix_caching": False, "max_num_batched_tokens": 64}, id="no-caching-chunked-64"),
 ])
 def test_batch_of_mixed_requests(smollm2_path, smollm2_prompts, smollm2_references, options):
     requests = batch_requests(smollm2_prompts, smollm2_references)
@@ -119,17 +136,9 @@ def test_preemption_under_a_tight_kv_budget(smollm2_path, smollm2_prompts, smoll
     assert preempted, "the KV budget was meant to force at least one preemption"
 
 
-def test_prefix_cache_reuse_gives_identical_output(llm, smollm2_prompts, smollm2_references):
-    ids, expected = smollm2_prompts["long"], smollm2_references["long"]
-    assert llm.engine.block_manager.reset_prefix_cache()
-    hits_before = llm.engine.block_manager.prefix_cache_hits
-    [first] = llm.generate({"prompt_token_ids": ids}, greedy(len(expected)))
-    [second] = llm.generate({"prompt_token_ids": ids}, greedy(len(expected)))
-    assert first.num_cached_tokens == 0
-    block_size = llm.engine.config.cache.block_size
-    # Every full block of the prompt but the one holding its last token (that one must run for logits).
-    assert second.num_cached_tokens == (len(ids) - 1) // block_size * block_size
-    assert llm.engine.block_manager.prefix_cache_hits - hits_before == second.num_cached_tokens
-    assert first.outputs[0].token_ids == second.outputs[0].token_ids == expected
-    assert first.outputs[0].text == second.outputs[0].text
+def test_chat_applies_the_template_like_transformers(llm, smollm2_prompts, smollm2_references):
+    messages = [{"role": "user", "content": "What is 2+2? Answer in one word."}]
+    [out] = llm.chat(messages, greedy(SMOLLM2_MAX_TOKENS))
+    assert out.prompt_token_ids == smollm2_prompts["chat"]
+    assert out.outputs[0].token_ids == smollm2_references["chat"]
     assert_no_leak(llm)

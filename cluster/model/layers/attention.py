@@ -84,8 +84,9 @@ class PagedAttention(nn.Module):
         else:
             keys, values = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
             mask, causal = chunk.causal_mask, False
+        # A leading batch dim keeps torch on its fused CPU kernel (3-D inputs take a slow path).
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
             attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True,
         )
-        return out.transpose(0, 1)
+        return out.squeeze(0).transpose(0, 1)
