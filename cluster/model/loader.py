@@ -41,6 +41,13 @@ def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtyp
     return model.eval()
 
 
+def finalize_weights(model: torch.nn.Module) -> None:
+    """Let layers prepare their loaded weights for the device (e.g. pack for oneDNN)."""
+    for module in model.modules():
+        if hasattr(module, "finalize_weights"):
+            module.finalize_weights()
+
+
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):

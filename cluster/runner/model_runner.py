@@ -6,7 +6,7 @@ import torch
 
 from cluster.engine.runner_output import RunnerOutput
 from cluster.engine.scheduler_output import SchedulerOutput
-from cluster.model.loader import load_model, torch_dtype
+from cluster.model.loader import finalize_weights, load_model, torch_dtype
 from cluster.parallel.tp_group import TPGroup
 from cluster.parallel.worker_spec import WorkerSpec
 from cluster.runner.kv_cache import allocate_kv_cache
@@ -23,6 +23,7 @@ class ModelRunner:
         self.block_size = spec.block_size
         self.eos_token_ids = spec.eos_token_ids
         self.model = load_model(spec.model_path, spec.arch, spec.max_model_len, tp, spec.dtype).to(self.device)
+        finalize_weights(self.model)  # after the move: packing is device-specific
         self.kv_caches = allocate_kv_cache(spec.arch, spec.num_blocks, spec.block_size, torch_dtype(spec.dtype),
                                            tp.tp_size, self.device)
         self.sampler = Sampler()

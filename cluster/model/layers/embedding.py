@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cluster.model.layers.packed_weight import PackedWeight
 from cluster.parallel.tp_group import TPGroup
 
 
@@ -38,9 +39,15 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to vocabulary logits; the slices are gathered on the sampling rank."""
 
+    _matmul: PackedWeight | None = None
+
+    def finalize_weights(self) -> None:
+        """Called once after loading (and after tying): pack the weight for the CPU matmul library."""
+        self._matmul = PackedWeight(self.weight)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Return float32 logits [N, vocab_size] on rank 0, None on other ranks."""
-        logits = F.linear(hidden, self.weight)
+        logits = self._matmul.linear(hidden) if self._matmul is not None else F.linear(hidden, self.weight)
         logits = self.tp.gather_last_dim(logits)
         if logits is None:
             return None

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cluster.model.layers.packed_weight import PackedWeight
 from cluster.parallel.tp_group import TPGroup, divide
 
 
@@ -29,13 +30,20 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_per_rank, dtype=dtype), requires_grad=False) if bias else None
         for p in self.parameters():
             p.weight_loader = self.weight_loader
+        self._matmul: PackedWeight | None = None
+
+    def finalize_weights(self) -> None:
+        """Called once after loading: pack the weight for the CPU matmul library."""
+        self._matmul = PackedWeight(self.weight)
 
     def weight_loader(self, param: nn.Parameter, source, shard_id=None) -> None:
         n = param.shape[0]
         _copy_rows(param, source, self.tp.tp_rank * n, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self._matmul is None:
+            return F.linear(x, self.weight, self.bias)
+        return self._matmul.linear(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -102,6 +110,11 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         for p in self.parameters():
             p.weight_loader = self.weight_loader
+        self._matmul: PackedWeight | None = None
+
+    def finalize_weights(self) -> None:
+        """Called once after loading: pack the weight for the CPU matmul library."""
+        self._matmul = PackedWeight(self.weight)
 
     def weight_loader(self, param: nn.Parameter, source, shard_id=None) -> None:
         if param.dim() == 1:  # the bias is added once, after the reduction
@@ -111,6 +124,6 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(source[:, self.tp.tp_rank * n:(self.tp.tp_rank + 1) * n])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self._matmul.linear(x) if self._matmul is not None else F.linear(x, self.weight)
         y = self.tp.all_reduce(y)
         return y + self.bias if self.bias is not None else y
