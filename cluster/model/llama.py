@@ -14,7 +14,7 @@ from cluster.model.layers.norm import RMSNorm
 from cluster.model.layers.rotary import RotaryEmbedding
 from cluster.parallel.tp_group import TPGroup
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+KVCache = torch.Tensor  # [2, kv_heads, num_blocks, block_size, head_dim]; see PagedAttention
 
 
 class LlamaAttention(nn.Module):
@@ -72,7 +72,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        cos_sin = self.rope.lookup(positions)
+        cos_sin = self.rope.lookup(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden = layer(cos_sin, hidden, kv_cache, meta)
         return self.norm(hidden)

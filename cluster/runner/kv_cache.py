@@ -1,4 +1,4 @@
-"""KV cache storage on one rank: per layer, a K and a V tensor holding only this rank's heads."""
+"""KV cache storage on one rank: per layer, one K+V tensor holding only this rank's heads."""
 
 from __future__ import annotations
 
@@ -34,8 +34,7 @@ def num_blocks_for(config: CacheConfig, arch: ModelArch, dtype: torch.dtype, tp_
 
 
 def allocate_kv_cache(arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      tp_size: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (K, V) pair per layer, each [num_blocks, block_size, kv_heads_on_this_rank, head_dim]."""
-    shape = (num_blocks, block_size, num_kv_heads_per_rank(arch, tp_size), arch.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(arch.num_layers)]
+                      tp_size: int, device: torch.device) -> list[torch.Tensor]:
+    """One tensor per layer: [2 (K, V), kv_heads_on_this_rank, num_blocks, block_size, head_dim]."""
+    shape = (2, num_kv_heads_per_rank(arch, tp_size), num_blocks, block_size, arch.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]

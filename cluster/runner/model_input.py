@@ -58,20 +58,14 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
-def _context_slots(block_ids: list[int], length: int, block_size: int, device) -> torch.Tensor:
-    table = torch.tensor(block_ids, dtype=torch.long, device=device)
-    pos = torch.arange(length, device=device)
-    return table[pos // block_size] * block_size + pos % block_size
-
-
 def _prefill_chunk(seq: ScheduledSequence, token_start: int, block_size: int, device) -> PrefillChunk:
     if seq.start_position == 0:
         return PrefillChunk(token_start, seq.num_tokens, 0, None, None)
     ctx = seq.context_length
     query_pos = torch.arange(seq.start_position, ctx, device=device)
     mask = torch.arange(ctx, device=device)[None, :] <= query_pos[:, None]
-    return PrefillChunk(token_start, seq.num_tokens, seq.start_position,
-                        _context_slots(seq.block_ids, ctx, block_size, device), mask)
+    table = torch.tensor(seq.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
+    return PrefillChunk(token_start, seq.num_tokens, seq.start_position, table, mask)
 
 
 def _decode_groups(decodes: list[ScheduledSequence], block_size: int, device) -> list[DecodeGroup]:
@@ -87,17 +81,15 @@ def _decode_groups(decodes: list[ScheduledSequence], block_size: int, device) ->
 
 
 def _decode_group(decodes: list[ScheduledSequence], token_start: int, block_size: int, device) -> DecodeGroup:
-    """Padded cache slots [D, L] of every decode's context and the mask of real keys."""
+    """Block tables of every decode's context, padded, and the mask of real keys."""
     max_len = decodes[-1].context_length
     max_blocks = -(-max_len // block_size)
-    table = torch.zeros(len(decodes), max_blocks, dtype=torch.long, device=device)
+    table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
     for row, seq in enumerate(decodes):
         n = -(-seq.context_length // block_size)
         table[row, :n] = torch.tensor(seq.block_ids[:n], dtype=torch.long)
-    pos = torch.arange(max_len, device=device)
-    slots = table[:, pos // block_size] * block_size + pos % block_size
-    if decodes[0].context_length == max_len:
-        return DecodeGroup(token_start, len(decodes), slots, None)
-    lens = torch.tensor([s.context_length for s in decodes], device=device)
-    mask = (pos[None, :] < lens[:, None]).view(len(decodes), 1, 1, max_len)
-    return DecodeGroup(token_start, len(decodes), slots, mask)
+    mask = None
+    if decodes[0].context_length != max_len:
+        lens = torch.tensor([s.context_length for s in decodes])
+        mask = (torch.arange(max_len)[None, :] < lens[:, None]).to(device)
+    return DecodeGroup(token_start, len(decodes), table.to(device), max_len, mask)

@@ -2,8 +2,12 @@
 
 Everything that knows how K/V are stored and read lives here, so a GPU kernel
 (FlashAttention, FlashInfer) can replace ``PagedAttention.forward`` without the
-model noticing. The cache of one layer is ``[num_blocks, block_size, num_kv_heads, head_dim]``
-for K and for V: a rank holds only its own KV heads.
+model noticing.
+
+Layout: one layer's cache is one tensor ``[2 (K, V), num_kv_heads, num_blocks, block_size, head_dim]``,
+head-major, so a rank holds only its own KV heads, K and V are written and gathered in one
+operation, and a context gathered block by block is already in the ``[heads, tokens, head_dim]``
+shape attention wants, without a transpose.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Below this many context tokens a lone decode uses torch's fused SDPA; above it (and for
+# batches) the explicit matmul path, which torch's CPU SDPA beats only for tiny contexts.
+_SDPA_DECODE_MAX_CONTEXT = 128
+_SMALL_GATHER_BLOCKS = 16  # up to this many blocks, one fancy-indexing op beats a per-head loop
+
 
 @dataclass
 class PrefillChunk:
@@ -22,7 +31,7 @@ class PrefillChunk:
     token_start: int  # index of its first token in the batch
     num_tokens: int  # tokens in the chunk
     start_position: int  # tokens already in the cache before it (0 = nothing cached)
-    context_slots: torch.Tensor | None  # cache slots of all start_position + num_tokens keys; None if start 0
+    block_table: torch.Tensor | None  # [num_blocks] blocks holding the whole context; None if start 0
     causal_mask: torch.Tensor | None  # [num_tokens, context] bool, True = may attend; None if start 0
 
 
@@ -32,8 +41,9 @@ class DecodeGroup:
 
     token_start: int  # index of the group's first token in the batch
     num_seqs: int  # one token per sequence
-    context_slots: torch.Tensor  # [num_seqs, L] cache slots of each context, padded
-    mask: torch.Tensor | None  # [num_seqs, 1, 1, L] bool, True for real keys; None when none are padded
+    block_table: torch.Tensor  # [num_seqs, max_blocks] blocks of each context, padded with block 0
+    max_context: int  # the longest context in the group (keys beyond it are never read)
+    mask: torch.Tensor | None  # [num_seqs, max_context] bool, True for real keys; None if none padded
 
 
 @dataclass
@@ -43,6 +53,32 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block_id * block_size + offset) of each new token
     decodes: list[DecodeGroup] = field(default_factory=list)  # the first tokens of the batch
     prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def gather_blocks(kv_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[2, H, NB, BS, D] cache, [S, nb] table -> [2, H, S, nb * BS, D]: K and V of each context.
+
+    Small gathers take one indexing op; large ones one index_select per (K/V, head) on a
+    2-D view, which copies whole blocks and is several times faster than indexing 4-D.
+    Blocks are copied through an int64 view (4 bf16 values per element) for the same reason.
+    """
+    two, heads, num_blocks, block_size, head_dim = kv_cache.shape
+    rows, nb = block_table.shape
+    flat = block_table.reshape(-1)
+    src = kv_cache.view(two * heads, num_blocks, block_size * head_dim)
+    wide = _widest_view_dtype(block_size * head_dim * kv_cache.element_size())
+    if flat.numel() <= _SMALL_GATHER_BLOCKS:
+        out = src.view(wide)[:, flat].view(kv_cache.dtype)
+    else:
+        out = torch.empty(two * heads, rows * nb, block_size * head_dim, dtype=kv_cache.dtype,
+                          device=kv_cache.device)
+        for h in range(two * heads):
+            torch.index_select(src[h].view(wide), 0, flat, out=out[h].view(wide))
+    return out.view(two, heads, rows, nb * block_size, head_dim)
+
+
+def _widest_view_dtype(row_bytes: int) -> torch.dtype:
+    return torch.int64 if row_bytes % 8 == 0 else torch.uint8
 
 
 class PagedAttention(nn.Module):
@@ -56,37 +92,46 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq * D]."""
-        k_cache, v_cache = (c.view(-1, self.num_kv_heads, self.head_dim) for c in kv_cache)
-        k_cache[meta.slot_mapping] = k
-        v_cache[meta.slot_mapping] = v
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, Hkv, NB, BS, D] -> [T, Hq * D]."""
+        kv_cache.view(2, self.num_kv_heads, -1, self.head_dim)[:, :, meta.slot_mapping] = \
+            torch.stack((k, v)).transpose(1, 2)
         out = torch.empty_like(q)
         for group in meta.decodes:
             rows = slice(group.token_start, group.token_start + group.num_seqs)
-            out[rows] = self._decode(q[rows], k_cache, v_cache, group)
+            out[rows] = self._decode(q[rows], kv_cache, group)
         for chunk in meta.prefills:
             rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], k_cache, v_cache, chunk)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, chunk)
         return out.view(q.shape[0], -1)
 
-    def _decode(self, q, k_cache, v_cache, group: DecodeGroup) -> torch.Tensor:
-        keys = k_cache[group.context_slots].transpose(1, 2)  # [D, Hkv, L, hd]
-        values = v_cache[group.context_slots].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=group.mask, scale=self.scale, enable_gqa=True
-        )
-        return out.squeeze(2)
+    def _decode(self, q, kv_cache, group: DecodeGroup) -> torch.Tensor:
+        keys, values = gather_blocks(kv_cache, group.block_table)[:, :, :, :group.max_context]  # [Hkv, S, L, hd]
+        if group.num_seqs == 1 and group.max_context <= _SDPA_DECODE_MAX_CONTEXT:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1),
+                                                 values.transpose(0, 1), scale=self.scale, enable_gqa=True)
+            return out[0].transpose(0, 1)
+        return self._decode_matmul(q, keys, values, group.mask)
 
-    def _prefill(self, q, k, v, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
-        if chunk.context_slots is None:  # nothing cached before: attend within the chunk
-            keys, values, mask, causal = k, v, None, True
+    def _decode_matmul(self, q, keys, values, mask) -> torch.Tensor:
+        """Batched decode attention as two batched matmuls (heads x sequences as the batch)."""
+        num_seqs, group = q.shape[0], self.num_heads // self.num_kv_heads
+        q = (q * self.scale).view(num_seqs, self.num_kv_heads, group, self.head_dim).transpose(0, 1)
+        scores = torch.matmul(q, keys.transpose(-1, -2))  # [Hkv, S, g, L]
+        if mask is not None:
+            scores.masked_fill_(~mask[None, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        out = torch.matmul(probs, values)  # [Hkv, S, g, hd]
+        return out.transpose(0, 1).reshape(num_seqs, self.num_heads, self.head_dim)
+
+    def _prefill(self, q, k, v, kv_cache, chunk: PrefillChunk) -> torch.Tensor:
+        if chunk.block_table is None:  # nothing cached before: attend within the chunk
+            keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
         else:
-            keys, values = k_cache[chunk.context_slots], v_cache[chunk.context_slots]
+            n = chunk.start_position + chunk.num_tokens
+            keys, values = gather_blocks(kv_cache, chunk.block_table[None])[:, :, 0, :n]  # [Hkv, ctx, hd]
             mask, causal = chunk.causal_mask, False
         # A leading batch dim keeps torch on its fused CPU kernel (3-D inputs take a slow path).
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True,
-        )
-        return out.squeeze(0).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                             attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
