@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from cluster.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
@@ -25,8 +26,13 @@ class ModelInput:
     sample_request_ids: list[str]  # the S requests those rows belong to, in order
 
 
-def build_model_input(out: SchedulerOutput, block_size: int, device: torch.device) -> ModelInput:
-    """Flatten the step; attention indices are computed once here and shared by every layer."""
+def build_model_input(out: SchedulerOutput, block_size: int, device: torch.device,
+                      decode_kernel=None) -> ModelInput:
+    """Flatten the step; attention indices are computed once here and shared by every layer.
+
+    With the native decode kernel all decodes form one group (it reads each context at its own
+    length); the torch path groups them by length to limit padding.
+    """
     decodes = sorted((s for s in out.sequences if not s.is_prefill), key=lambda s: s.context_length)
     prefills = [s for s in out.sequences if s.is_prefill]
     token_ids, positions, slots, logits_rows, sample_ids = [], [], [], [], []
@@ -43,7 +49,8 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
             sample_ids.append(seq.request_id)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        decodes=_decode_groups(decodes, block_size, device), prefills=chunks,
+        decodes=_decode_groups(decodes, block_size, device, spread=None if decode_kernel else DECODE_GROUP_SPREAD),
+        prefills=chunks, decode_kernel=decode_kernel,
     )
     return ModelInput(
         input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
@@ -62,18 +69,19 @@ def _prefill_chunk(seq: ScheduledSequence, token_start: int, block_size: int, de
     if seq.start_position == 0:
         return PrefillChunk(token_start, seq.num_tokens, 0, None, None)
     ctx = seq.context_length
-    query_pos = torch.arange(seq.start_position, ctx, device=device)
-    mask = torch.arange(ctx, device=device)[None, :] <= query_pos[:, None]
+    # Query i sits at position start + i and sees keys 0..start + i: causal, aligned bottom-right.
+    mask = causal_lower_right(seq.num_tokens, ctx)
     table = torch.tensor(seq.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
     return PrefillChunk(token_start, seq.num_tokens, seq.start_position, table, mask)
 
 
-def _decode_groups(decodes: list[ScheduledSequence], block_size: int, device) -> list[DecodeGroup]:
-    """Split length-sorted decodes into groups of similar context length."""
+def _decode_groups(decodes: list[ScheduledSequence], block_size: int, device,
+                   spread: float | None) -> list[DecodeGroup]:
+    """Split length-sorted decodes into groups of similar context length (one group if spread is None)."""
     groups, start = [], 0
     for end in range(1, len(decodes) + 1):
         closes = end == len(decodes) or \
-            decodes[end].context_length > DECODE_GROUP_SPREAD * decodes[start].context_length
+            (spread is not None and decodes[end].context_length > spread * decodes[start].context_length)
         if closes:
             groups.append(_decode_group(decodes[start:end], start, block_size, device))
             start = end
@@ -89,7 +97,8 @@ def _decode_group(decodes: list[ScheduledSequence], token_start: int, block_size
         n = -(-seq.context_length // block_size)
         table[row, :n] = torch.tensor(seq.block_ids[:n], dtype=torch.long)
     mask = None
-    if decodes[0].context_length != max_len:
-        lens = torch.tensor([s.context_length for s in decodes])
-        mask = (torch.arange(max_len)[None, :] < lens[:, None]).to(device)
-    return DecodeGroup(token_start, len(decodes), table.to(device), max_len, mask)
+    padded_len = max_blocks * block_size
+    lens = torch.tensor([s.context_length for s in decodes], dtype=torch.long)
+    if decodes[0].context_length != padded_len:
+        mask = (torch.arange(padded_len)[None, :] < lens[:, None]).to(device)
+    return DecodeGroup(token_start, len(decodes), table.to(device), max_len, lens.to(device), mask)

@@ -27,6 +27,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(spec.arch, spec.num_blocks, spec.block_size, torch_dtype(spec.dtype),
                                            tp.tp_size, self.device)
         self.sampler = Sampler()
+        self.decode_kernel = _load_decode_kernel() if spec.use_native_kernels and self.device.type == "cpu" else None
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
 
     @torch.inference_mode()
@@ -35,7 +36,7 @@ class ModelRunner:
         self._update_requests(out)
         if out.is_empty:
             return RunnerOutput() if self.tp.is_driver else None
-        batch = build_model_input(out, self.block_size, self.device)
+        batch = build_model_input(out, self.block_size, self.device, self.decode_kernel)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         if logits is None or not batch.sample_request_ids:
@@ -67,3 +68,9 @@ class ModelRunner:
             if logprobs is not None:
                 result.logprobs[rid] = logprobs
         return result
+
+
+def _load_decode_kernel():
+    from cluster.kernels.paged_decode import load
+
+    return load()

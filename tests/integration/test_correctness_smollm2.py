@@ -122,7 +122,7 @@ def test_batch_of_mixed_requests(smollm2_path, smollm2_prompts, smollm2_referenc
 def test_preemption_under_a_tight_kv_budget(smollm2_path, smollm2_prompts, smollm2_references):
     requests = batch_requests(smollm2_prompts, smollm2_references)
     # 80 blocks (1,280 tokens) hold the long request alone but not the whole batch at once.
-    llm = LLM(smollm2_path, num_threads=NUM_THREADS, num_blocks=80, max_num_batched_tokens=256)
+    llm = LLM(smollm2_path, num_threads=NUM_THREADS, block_size=16, num_blocks=80, max_num_batched_tokens=256)
     preempted: list[str] = []
     schedule = llm.engine.scheduler.schedule
 

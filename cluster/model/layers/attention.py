@@ -32,7 +32,7 @@ class PrefillChunk:
     num_tokens: int  # tokens in the chunk
     start_position: int  # tokens already in the cache before it (0 = nothing cached)
     block_table: torch.Tensor | None  # [num_blocks] blocks holding the whole context; None if start 0
-    causal_mask: torch.Tensor | None  # [num_tokens, context] bool, True = may attend; None if start 0
+    causal_mask: object | None  # causal, aligned to the last key (torch CausalBias); None if start 0
 
 
 @dataclass
@@ -42,8 +42,9 @@ class DecodeGroup:
     token_start: int  # index of the group's first token in the batch
     num_seqs: int  # one token per sequence
     block_table: torch.Tensor  # [num_seqs, max_blocks] blocks of each context, padded with block 0
-    max_context: int  # the longest context in the group (keys beyond it are never read)
-    mask: torch.Tensor | None  # [num_seqs, max_context] bool, True for real keys; None if none padded
+    max_context: int  # the longest context in the group
+    context_lens: torch.Tensor  # [num_seqs] int64 context length of each sequence
+    mask: torch.Tensor | None  # [num_seqs, max_blocks * block_size] bool, True for real keys; None if no padding
 
 
 @dataclass
@@ -53,6 +54,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block_id * block_size + offset) of each new token
     decodes: list[DecodeGroup] = field(default_factory=list)  # the first tokens of the batch
     prefills: list[PrefillChunk] = field(default_factory=list)
+    decode_kernel: object | None = None  # native paged decode kernel (cluster.kernels), None = torch path
 
 
 def gather_blocks(kv_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -99,30 +101,40 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         for group in meta.decodes:
             rows = slice(group.token_start, group.token_start + group.num_seqs)
-            out[rows] = self._decode(q[rows], kv_cache, group)
+            if meta.decode_kernel is not None:  # reads K/V in place: no gathered copy
+                out[rows] = meta.decode_kernel.paged_decode(q[rows].contiguous(), kv_cache, group.block_table,
+                                                            group.context_lens, self.scale)
+            else:
+                out[rows] = self._decode(q[rows], kv_cache, group)
         for chunk in meta.prefills:
             rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, chunk)
         return out.view(q.shape[0], -1)
 
     def _decode(self, q, kv_cache, group: DecodeGroup) -> torch.Tensor:
-        keys, values = gather_blocks(kv_cache, group.block_table)[:, :, :, :group.max_context]  # [Hkv, S, L, hd]
+        keys, values = gather_blocks(kv_cache, group.block_table)  # [Hkv, S, L, hd], L = blocks * block size
         if group.num_seqs == 1 and group.max_context <= _SDPA_DECODE_MAX_CONTEXT:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1),
-                                                 values.transpose(0, 1), scale=self.scale, enable_gqa=True)
+            n = group.max_context
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[:, :, :n].transpose(0, 1),
+                                                 values[:, :, :n].transpose(0, 1), scale=self.scale,
+                                                 enable_gqa=True)
             return out[0].transpose(0, 1)
         return self._decode_matmul(q, keys, values, group.mask)
 
     def _decode_matmul(self, q, keys, values, mask) -> torch.Tensor:
-        """Batched decode attention as two batched matmuls (heads x sequences as the batch)."""
-        num_seqs, group = q.shape[0], self.num_heads // self.num_kv_heads
-        q = (q * self.scale).view(num_seqs, self.num_kv_heads, group, self.head_dim).transpose(0, 1)
-        scores = torch.matmul(q, keys.transpose(-1, -2))  # [Hkv, S, g, L]
+        """Batched decode attention as two bmm calls over (head, sequence) pairs.
+
+        Keys keep their block-padded length (slicing would force a copy); the mask hides the padding.
+        """
+        heads, num_seqs, length, head_dim = keys.shape
+        group = self.num_heads // self.num_kv_heads
+        q = (q * self.scale).view(num_seqs, heads, group, head_dim).transpose(0, 1).reshape(-1, group, head_dim)
+        scores = torch.bmm(q, keys.view(-1, length, head_dim).transpose(1, 2)).view(heads, num_seqs, group, length)
         if mask is not None:
             scores.masked_fill_(~mask[None, :, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
-        out = torch.matmul(probs, values)  # [Hkv, S, g, hd]
-        return out.transpose(0, 1).reshape(num_seqs, self.num_heads, self.head_dim)
+        out = torch.bmm(probs.view(-1, group, length), values.view(-1, length, head_dim))
+        return out.view(heads, num_seqs, group, head_dim).transpose(0, 1).reshape(num_seqs, self.num_heads, head_dim)
 
     def _prefill(self, q, k, v, kv_cache, chunk: PrefillChunk) -> torch.Tensor:
         if chunk.block_table is None:  # nothing cached before: attend within the chunk
