@@ -50,6 +50,7 @@ def make_workload(num_requests: int, vocab_size: int, seed: int) -> Workload:
 def engine_throughput(llm, work: Workload) -> float:
     from cluster.sampling_params import SamplingParams
 
+    _cold_cache(llm)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in work.prompts], params)
@@ -65,6 +66,7 @@ def engine_single_stream(llm, prompt_ids: list[int]) -> tuple[float, float]:
     from cluster.sampling_params import SamplingParams
 
     engine = llm.engine
+    _cold_cache(llm)
     params = SamplingParams(temperature=0, max_tokens=SINGLE_STREAM_TOKENS, ignore_eos=True)
     start = time.perf_counter()
     engine.add_request("bench-single", {"prompt_token_ids": prompt_ids}, params)
@@ -74,6 +76,12 @@ def engine_single_stream(llm, prompt_ids: list[int]) -> tuple[float, float]:
         first = first or time.perf_counter()
     end = time.perf_counter()
     return first - start, (SINGLE_STREAM_TOKENS - 1) / (end - first)
+
+
+def _cold_cache(llm) -> None:
+    """Repeats reuse the same prompts: drop the prefix cache so no run is served from an earlier one."""
+    if not llm.engine.block_manager.reset_prefix_cache():
+        raise RuntimeError("prefix cache could not be reset: requests are still running")
 
 
 # ---- transformers -----------------------------------------------------------------------------
@@ -152,7 +160,12 @@ def _bench_hf(args, path: str, work: Workload, single_ids: list[int], pad_id: in
 def _report(ours: dict, hf: dict | None, threads: int) -> None:
     rows = [("generated tokens/s (workload)", "throughput", True), ("single-stream TTFT (s)", "ttft", False),
             ("single-stream decode tokens/s", "decode", True)]
-    print(f"\ntorch threads: {threads}; medians of {len(ours['throughput'])} runs")
+    print(f"\ntorch threads: {threads}; medians of {len(ours['throughput'])} runs; prefix cache emptied "
+          "before every engine run")
+    for name, result in (("llm-cluster", ours), ("transformers", hf)):
+        if result is not None:
+            print(f"  {name} runs: " + "; ".join(f"{k} " + ", ".join(f"{v:.3f}" for v in result[k])
+                                               for k in ("throughput", "ttft", "decode")))
     print(f"{'metric':34s} {'llm-cluster':>12s} {'transformers':>13s} {'ratio':>8s}")
     for label, key, higher_better in rows:
         a = _median(ours[key])
