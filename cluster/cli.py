@@ -39,6 +39,18 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _micro_parser(sub) -> None:
+    p = sub.add_parser("bench-micro", help="packed vs plain bf16 linears; C++ vs torch decode attention")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_micro)
+
+
+def _cmd_micro(args) -> int:
+    from cluster.bench_micro import run_micro
+
+    return run_micro(args)
+
+
 def _cmd_generate(args) -> int:
     from cluster.config import EngineConfig
     from cluster.engine.llm_engine import LLMEngine
@@ -76,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _bench_parser(sub)
+    _micro_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -2,8 +2,8 @@
 
 oneDNN re-lays a plain weight into its blocked (AMX / AVX-512) format on every call;
 for decode-sized inputs that reorder costs as much as the matmul itself. Packing once
-after loading makes small-batch bfloat16 matmuls 1.3-1.9x faster with bit-identical
-results (docs/benchmarks.md). float32 stays on ``F.linear``: its packed path sums in a
+after loading makes small-batch bfloat16 matmuls faster with bit-identical results
+(`llm-cluster bench-micro`; figures in docs/benchmarks.md). float32 stays on ``F.linear``: its packed path sums in a
 different order (about 1e-6 relative), and float32 is our exactness reference against
 transformers. GPUs use ``F.linear`` too.
 """
