@@ -146,6 +146,20 @@ def assert_no_leak(llm_or_engine) -> None:
     engine.block_manager.check_invariants()
 
 
+def record_preemptions(llm) -> list[str]:
+    """Wrap the engine's scheduler so every preempted request id is appended to the returned list."""
+    preempted: list[str] = []
+    schedule = llm.engine.scheduler.schedule
+
+    def spy_schedule():
+        out = schedule()
+        preempted.extend(out.preempted_request_ids)
+        return out
+
+    llm.engine.scheduler.schedule = spy_schedule
+    return preempted
+
+
 @pytest.fixture
 def check_no_leak():
     """``check_no_leak(llm)``: assert the engine holds no blocks and no requests (call after a run)."""

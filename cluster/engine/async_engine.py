@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from cluster.config import EngineConfig
 from cluster.engine.input_processor import PromptType
 from cluster.engine.llm_engine import LLMEngine
-from cluster.errors import EngineDeadError
+from cluster.errors import EngineDeadError, InvalidRequestError
 from cluster.outputs import RequestOutput
 from cluster.sampling_params import SamplingParams
 
@@ -48,6 +48,8 @@ class AsyncLLMEngine:
         """Stream one request's outputs; validation errors raise before anything is queued."""
         self._check_alive()
         request_id = request_id or f"async-{next(self._ids)}"
+        if request_id in self._streams:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         state = self.engine.prepare_request(request_id, prompt, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)

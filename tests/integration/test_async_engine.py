@@ -85,3 +85,17 @@ def test_engine_death_fails_streams(async_engine):
         asyncio.run(_collect(async_engine, "hello", GREEDY))
     with pytest.raises(EngineDeadError):
         asyncio.run(_collect(async_engine, "hello", GREEDY))
+
+
+def test_duplicate_request_id_is_refused_without_disturbing_the_first(async_engine):
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        first = async_engine.generate({"prompt_token_ids": [1, 2, 3]}, params, "dup")
+        out = await first.__anext__()
+        with pytest.raises(InvalidRequestError, match="request_id"):
+            await _collect(async_engine, "hello", GREEDY, "dup")
+        rest = [o async for o in first]
+        return [out] + rest
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 30

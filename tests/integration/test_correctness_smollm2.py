@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 
 from cluster import LLM, SamplingParams
-from tests.conftest import NUM_THREADS, SMOLLM2_EOS_ID, SMOLLM2_MAX_TOKENS, assert_no_leak
+from tests.conftest import NUM_THREADS, SMOLLM2_EOS_ID, SMOLLM2_MAX_TOKENS, assert_no_leak, record_preemptions
 
 pytestmark = pytest.mark.slow
 
-NUM_BLOCKS = 400  # 6,400 tokens of KV: room for the whole batch, so no preemption unless asked
+NUM_BLOCKS = 400  # 12,800 tokens of KV at the default block size: room for the whole batch, so no preemption unless asked
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -123,15 +123,7 @@ def test_preemption_under_a_tight_kv_budget(smollm2_path, smollm2_prompts, smoll
     requests = batch_requests(smollm2_prompts, smollm2_references)
     # 80 blocks (1,280 tokens) hold the long request alone but not the whole batch at once.
     llm = LLM(smollm2_path, num_threads=NUM_THREADS, block_size=16, num_blocks=80, max_num_batched_tokens=256)
-    preempted: list[str] = []
-    schedule = llm.engine.scheduler.schedule
-
-    def spy_schedule():
-        out = schedule()
-        preempted.extend(out.preempted_request_ids)
-        return out
-
-    llm.engine.scheduler.schedule = spy_schedule
+    preempted = record_preemptions(llm)
     run_and_check(llm, requests)
     assert preempted, "the KV budget was meant to force at least one preemption"
 

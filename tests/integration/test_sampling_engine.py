@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cluster import LLM, SamplingParams
-from tests.conftest import NUM_THREADS, SMOLLM2_EOS_ID, SMOLLM2_MAX_TOKENS, assert_no_leak, hf_greedy
+from tests.conftest import NUM_THREADS, SMOLLM2_EOS_ID, SMOLLM2_MAX_TOKENS, assert_no_leak, hf_greedy, record_preemptions
 
 SEEDED = SamplingParams(temperature=1.0, seed=1234, max_tokens=20, ignore_eos=True)
 SEEDED_TRUNCATED = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=99, max_tokens=20,
@@ -89,15 +89,7 @@ def test_seeded_request_survives_preemption(tiny_llama_dir, tiny_llm):
     # 20 blocks of 4 tokens: the batch cannot all fit, so sequences are preempted and recomputed.
     llm = LLM(tiny_llama_dir("llama_untied"), num_threads=NUM_THREADS, num_blocks=20, block_size=4,
               max_model_len=512)
-    preempted: list[str] = []
-    schedule = llm.engine.scheduler.schedule
-
-    def spy_schedule():
-        out = schedule()
-        preempted.extend(out.preempted_request_ids)
-        return out
-
-    llm.engine.scheduler.schedule = spy_schedule
+    preempted = record_preemptions(llm)
     prompts, params = other_requests(3)
     outputs = llm.generate([PROMPT_A] + prompts + [PROMPT_B], [SEEDED] + params + [SEEDED_TRUNCATED])
     assert preempted, "the KV budget was meant to force a preemption"
