@@ -47,7 +47,7 @@ def bench_linears() -> None:
 
 
 def bench_decode_attention() -> None:
-    from cluster.kernels.paged_decode import load
+    from cluster.kernels.loader import load
 
     kernel = load()
     gen = torch.Generator().manual_seed(0)

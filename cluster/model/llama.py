@@ -56,8 +56,10 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(arch, tp, dtype)
 
     def forward(self, cos_sin, hidden, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        """``hidden`` is this layer's to update in place (the residual stream)."""
+        attn = self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, meta)
+        normed = self.post_attention_layernorm(attn, residual=hidden)  # hidden += attn, fused
+        return hidden.add_(self.mlp(normed))
 
 
 class LlamaModel(nn.Module):

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from cluster.errors import ModelLoadError
 from cluster.model.arch import ModelArch
+from cluster.model.layers.norm import RMSNorm
 from cluster.model.llama import LlamaForCausalLM
 from cluster.parallel.tp_group import TPGroup
 
@@ -41,10 +42,12 @@ def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtyp
     return model.eval()
 
 
-def finalize_weights(model: torch.nn.Module) -> None:
-    """Let layers prepare their loaded weights for the device (e.g. pack for oneDNN)."""
+def finalize_weights(model: torch.nn.Module, kernels=None) -> None:
+    """Let layers prepare their loaded weights for the device (pack for oneDNN, pick native kernels)."""
     for module in model.modules():
-        if hasattr(module, "finalize_weights"):
+        if isinstance(module, RMSNorm):
+            module.finalize_weights(kernels)
+        elif hasattr(module, "finalize_weights"):
             module.finalize_weights()
 
 

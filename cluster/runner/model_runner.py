@@ -23,11 +23,12 @@ class ModelRunner:
         self.block_size = spec.block_size
         self.eos_token_ids = spec.eos_token_ids
         self.model = load_model(spec.model_path, spec.arch, spec.max_model_len, tp, spec.dtype).to(self.device)
-        finalize_weights(self.model)  # after the move: packing is device-specific
+        on_cpu = self.device.type == "cpu"
+        self.kernels = _load_cpu_kernels() if spec.use_native_kernels and on_cpu else None
+        finalize_weights(self.model, self.kernels)  # after the move: packing is device-specific
         self.kv_caches = allocate_kv_cache(spec.arch, spec.num_blocks, spec.block_size, torch_dtype(spec.dtype),
                                            tp.tp_size, self.device)
         self.sampler = Sampler()
-        self.decode_kernel = _load_decode_kernel() if spec.use_native_kernels and self.device.type == "cpu" else None
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
 
     @torch.inference_mode()
@@ -36,7 +37,7 @@ class ModelRunner:
         self._update_requests(out)
         if out.is_empty:
             return RunnerOutput() if self.tp.is_driver else None
-        batch = build_model_input(out, self.block_size, self.device, self.decode_kernel)
+        batch = build_model_input(out, self.block_size, self.device, self.kernels)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         if logits is None or not batch.sample_request_ids:
@@ -70,7 +71,7 @@ class ModelRunner:
         return result
 
 
-def _load_decode_kernel():
-    from cluster.kernels.paged_decode import load
+def _load_cpu_kernels():
+    from cluster.kernels.loader import load
 
     return load()

@@ -1,10 +1,12 @@
-"""RMSNorm."""
+"""RMSNorm, optionally fused with the residual add that precedes it."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class RMSNorm(nn.Module):
@@ -14,8 +16,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype), requires_grad=False)
+        self._kernels = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op. It accumulates in float32 for half types too; where transformers scales
-        # after rounding to bf16, this rounds once after scaling (at most one bf16 ulp apart).
+    def finalize_weights(self, kernels) -> None:
+        """Use the native fused kernel for half-precision CPU activations when it is available.
+
+        float32 keeps torch's rms_norm, our exactness reference against transformers.
+        """
+        on_cpu = self.weight.device.type == "cpu"
+        self._kernels = kernels if on_cpu and self.weight.dtype in _FUSED_DTYPES else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise ``x``; with ``residual``, first do ``residual += x`` in place and normalise that."""
+        if self._kernels is not None:
+            empty = x.new_empty(0)
+            return self._kernels.rms_norm(x.contiguous(), empty if residual is None else residual, self.weight,
+                                          self.eps)
+        if residual is not None:
+            x = residual.add_(x)
+        # torch accumulates in float32 for half types too; transformers scales after rounding to
+        # bf16 where this rounds once after scaling (at most one bf16 ulp apart).
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)

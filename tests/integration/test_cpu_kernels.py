@@ -1,18 +1,18 @@
-"""The native paged decode kernel against the pure-torch attention path it replaces."""
+"""The native CPU kernels against the pure-torch paths they replace."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cluster.kernels.paged_decode import load
+from cluster.kernels.loader import load
 from cluster.model.layers.attention import DecodeGroup, PagedAttention
 
 
 @pytest.fixture(scope="module")
 def kernel():
     module = load()
-    assert module is not None, "the C++ paged decode kernel failed to build (see the warning above)"
+    assert module is not None, "the C++ CPU kernels failed to build (see the warning above)"
     return module
 
 
@@ -38,3 +38,22 @@ def _gather(cache, table):
     from cluster.model.layers.attention import gather_blocks
 
     return gather_blocks(cache, table)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_rms_norm_matches_torch(kernel, with_residual):
+    from cluster.model.layers.norm import RMSNorm
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 576, generator=gen).bfloat16()
+    residual = torch.randn(37, 576, generator=gen).bfloat16()
+    norm = RMSNorm(576, 1e-5, torch.bfloat16)
+    norm.weight.data.copy_(1 + 0.1 * torch.randn(576, generator=gen))
+    expected_residual = residual + x
+    expected = torch.nn.functional.rms_norm(expected_residual if with_residual else x, (576,), norm.weight, 1e-5)
+    norm.finalize_weights(kernel)
+    got_residual = residual.clone()
+    got = norm(x, got_residual) if with_residual else norm(x)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    if with_residual:
+        assert torch.equal(got_residual, expected_residual), "the residual stream must hold residual + x"
