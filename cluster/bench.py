@@ -149,7 +149,7 @@ def _bench_hf(args, path: str, work: Workload, single_ids: list[int], pad_id: in
     hf_single_stream(model, single_ids, pad_id)  # warm-up
     sweep = {b: hf_throughput(model, work, b, pad_id) for b in sizes}
     best = max(sweep, key=sweep.get)
-    print(f"transformers batch-size sweep (tokens/s, one run each): "
+    print("transformers batch-size sweep (tokens/s, one run each): "
           + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items()) + f" -> best {best}")
     tput = [sweep[best]] + [hf_throughput(model, work, best, pad_id) for _ in range(args.repeats - 1)]
     singles = [hf_single_stream(model, single_ids, pad_id) for _ in range(args.repeats)]

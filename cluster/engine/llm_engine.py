@@ -19,7 +19,7 @@ from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.input_processor import InputProcessor, PromptType
 from cluster.engine.runner_output import RunnerOutput, TokenLogprobs
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.scheduler_output import NewRequest, SchedulerOutput
+from cluster.engine.scheduler_output import NewRequest
 from cluster.engine.sequence import FinishReason, Sequence
 from cluster.engine.stop_checker import StopChecker, stop_holdback
 from cluster.errors import InvalidConfigError, InvalidRequestError, ModelLoadError, QueueFullError
@@ -91,7 +91,7 @@ class LLMEngine:
         limit = self.arch.max_position_embeddings
         asked = self.config.model.max_model_len
         if asked is not None and asked > limit:
-            why = f" (its sliding_window; full attention is exact only within it)" if self.arch.sliding_window else ""
+            why = " (its sliding_window; full attention is exact only within it)" if self.arch.sliding_window else ""
             raise InvalidConfigError("max_model_len", f"must be <= the model's {limit} positions{why}, got {asked}")
         return asked or limit
 

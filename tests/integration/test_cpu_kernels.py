@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cluster.kernels.loader import load
-from cluster.model.layers.attention import DecodeGroup, PagedAttention
+from cluster.model.layers.attention import PagedAttention
 
 
 @pytest.fixture(scope="module")
