@@ -98,12 +98,22 @@ class SchedulerConfig:
                      "max_waiting_requests", f"must be an integer >= 0, got {self.max_waiting_requests!r}")
 
 
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+EXECUTORS = ("auto", "in_process", "ray")
+
+
 @dataclass
 class ParallelConfig:
-    """Tensor parallelism."""
+    """Tensor parallelism and where its workers run."""
 
     tensor_parallel_size: int = 1  # ranks the weights and KV heads are split over
-    num_threads: int | None = None  # torch intra-op threads per rank; None = torch's default
+    num_threads: int | None = None  # torch intra-op threads per rank; None = torch's default (Ray: worker_num_cpus)
+    executor: str = "auto"  # auto (in_process at tp=1, ray above) | in_process | ray
+    placement_strategy: str = "STRICT_PACK"  # how the tp bundles are placed over nodes
+    worker_num_cpus: float = 1.0  # CPUs each worker's bundle reserves (CPU workers; GPU workers take 1 GPU)
+    startup_timeout_s: float = 300.0  # placement, rendezvous and weight loading, each
+    collective_timeout_s: float = 120.0  # one collective inside a step (gloo / nccl), then the engine is dead
+    step_timeout_s: float = 600.0  # one whole step, then the engine is dead
 
     def __post_init__(self) -> None:
         _require(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
@@ -111,6 +121,15 @@ class ParallelConfig:
         if self.num_threads is not None:
             _require(_is_int(self.num_threads) and self.num_threads >= 1, "num_threads",
                      f"must be an integer >= 1, got {self.num_threads!r}")
+        _require(self.executor in EXECUTORS, "executor", f"must be one of {EXECUTORS}, got {self.executor!r}")
+        _require(self.executor != "in_process" or self.tensor_parallel_size == 1, "executor",
+                 f"in_process runs tensor_parallel_size 1 only, got {self.tensor_parallel_size!r}; use ray")
+        _require(self.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
+                 f"must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
+        for name in ("worker_num_cpus", "startup_timeout_s", "collective_timeout_s", "step_timeout_s"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
+                     f"must be a number > 0, got {value!r}")
 
 
 @dataclass

@@ -13,7 +13,9 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from cluster.config import EngineConfig
+from collections.abc import Callable
+
+from cluster.config import EngineConfig, ParallelConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.input_processor import InputProcessor, PromptType
@@ -27,7 +29,7 @@ from cluster.model.arch import ModelArch
 from cluster.model.loader import torch_dtype
 from cluster.model.source import resolve_model
 from cluster.outputs import CompletionOutput, RequestOutput
-from cluster.parallel.executor import Executor, InProcessExecutor
+from cluster.parallel.executor import Executor, create_executor
 from cluster.parallel.worker_spec import WorkerSpec
 from cluster.runner.kv_cache import num_blocks_for
 from cluster.sampling_params import SamplingParams
@@ -50,7 +52,8 @@ class _RequestState:
 class LLMEngine:
     """Continuous-batching engine for one model replica (driver side)."""
 
-    def __init__(self, config: EngineConfig, executor_factory=None):
+    def __init__(self, config: EngineConfig,
+                 executor_factory: Callable[[WorkerSpec, ParallelConfig], Executor] | None = None):
         self.config = config
         self.source = resolve_model(config.model.model, config.model.resolved_cache_dir())
         self.arch = ModelArch.from_dir(self.source.path)
@@ -66,7 +69,8 @@ class LLMEngine:
                                               self.max_num_cached_tokens)
         # A sequence can never outgrow the whole cache: it would preempt itself forever.
         self.stop_checker = StopChecker(self.eos_token_ids, min(self.max_model_len, self.max_num_cached_tokens))
-        self.executor: Executor = (executor_factory or InProcessExecutor)(self.worker_spec())
+        self.arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
+        self.executor: Executor = (executor_factory or create_executor)(self.worker_spec(), config.parallel)
         logger.info("%s (%s): KV cache of %d blocks x %d tokens = %d tokens; context %d",
                     self.source.name, config.model.dtype, self.num_blocks, config.cache.block_size,
                     self.max_num_cached_tokens, self.max_model_len)

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from cluster.errors import ModelLoadError
+from cluster.errors import InvalidConfigError, ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -84,6 +84,20 @@ class ModelArch:
             eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
             bos_token_id=cfg.get("bos_token_id"),
         )
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Refuse, at start-up and naming both numbers, a tensor_parallel_size the shapes cannot split."""
+        def fail(what: str, count: int, rule: str) -> None:
+            raise InvalidConfigError("tensor_parallel_size",
+                                     f"{tp_size} cannot serve this model's {count} {what}: {rule}")
+
+        if self.num_heads % tp_size:
+            fail("attention heads", self.num_heads, "tensor_parallel_size must divide it")
+        if self.num_kv_heads % tp_size and tp_size % self.num_kv_heads:
+            fail("key/value heads", self.num_kv_heads,
+                 "tensor_parallel_size must divide it or be a multiple of it (heads are then replicated)")
+        if self.intermediate_size % tp_size:
+            fail("MLP features (intermediate_size)", self.intermediate_size, "tensor_parallel_size must divide it")
 
     def kv_bytes_per_token(self, dtype_bytes: int, tp_size: int = 1) -> int:
         """K and V bytes one token occupies on one rank, all layers."""

@@ -18,5 +18,5 @@ class WorkerSpec:
     tp_size: int  # ranks in the tensor-parallel group
     eos_token_ids: frozenset[int]  # masked while min_tokens is not reached
     device: str = "cpu"  # cpu | cuda
-    num_threads: int | None = None
-    use_native_kernels: bool = True  # compile and use cluster/kernels on CPU (falls back to torch)  # torch intra-op threads; None = leave torch's default
+    num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
+    use_native_kernels: bool = True  # compile and use cluster/kernels on CPU (falls back to torch)

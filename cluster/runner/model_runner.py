@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cluster.engine.runner_output import RunnerOutput
-from cluster.engine.scheduler_output import SchedulerOutput
+from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from cluster.model.loader import finalize_weights, load_model, torch_dtype
 from cluster.parallel.tp_group import TPGroup
 from cluster.parallel.worker_spec import WorkerSpec
@@ -18,6 +18,7 @@ class ModelRunner:
     """Executes scheduled steps. Every rank runs the forward pass; only the driver rank samples."""
 
     def __init__(self, spec: WorkerSpec, tp: TPGroup):
+        """Load this rank's weights; call ``init_kv_cache`` before the first step."""
         self.tp = tp
         self.device = torch.device(spec.device)
         self.block_size = spec.block_size
@@ -26,10 +27,17 @@ class ModelRunner:
         on_cpu = self.device.type == "cpu"
         self.kernels = _load_cpu_kernels() if spec.use_native_kernels and on_cpu else None
         finalize_weights(self.model, self.kernels)  # after the move: packing is device-specific
-        self.kv_caches = allocate_kv_cache(spec.arch, spec.num_blocks, spec.block_size, torch_dtype(spec.dtype),
-                                           tp.tp_size, self.device)
+        self.spec = spec
+        self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
+
+    def init_kv_cache(self) -> int:
+        """Allocate this rank's KV partition (its heads, every block); return its bytes."""
+        spec = self.spec
+        self.kv_caches = allocate_kv_cache(spec.arch, spec.num_blocks, spec.block_size, torch_dtype(spec.dtype),
+                                           self.tp.tp_size, self.device)
+        return sum(t.numel() * t.element_size() for t in self.kv_caches)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput | None:
@@ -43,6 +51,21 @@ class ModelRunner:
         if logits is None or not batch.sample_request_ids:
             return RunnerOutput() if self.tp.is_driver else None
         return self._sample(logits, batch.sample_request_ids)
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor | None:
+        """Logits at every position of one sequence (driver rank; None elsewhere), float32 on CPU.
+
+        Runs through a scratch KV cache of its own, so the engine's cache and state are untouched.
+        """
+        spec = self.spec
+        num_blocks = -(-len(token_ids) // self.block_size)
+        caches = allocate_kv_cache(spec.arch, num_blocks, self.block_size, torch_dtype(spec.dtype),
+                                   self.tp.tp_size, self.device)
+        seq = ScheduledSequence("score", list(token_ids), 0, list(range(num_blocks)), True, True)
+        batch = build_model_input(SchedulerOutput([seq]), self.block_size, self.device, self.kernels)
+        logits = self.model.compute_logits(self.model(batch.input_ids, batch.positions, caches, batch.meta))
+        return logits.float().cpu() if logits is not None else None
 
     def _update_requests(self, out: SchedulerOutput) -> None:
         if not self.tp.is_driver:
