@@ -231,3 +231,34 @@ def smollm2_prompts(smollm2_tokenizer) -> dict[str, list[int]]:
 def smollm2_references(hf_smollm2, smollm2_prompts) -> dict[str, list[int]]:
     """transformers' greedy tokens for every SmolLM2 prompt (computed once per session)."""
     return {name: hf_greedy(hf_smollm2, ids, SMOLLM2_MAX_TOKENS) for name, ids in smollm2_prompts.items()}
+
+
+# ---- Ray ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private single-node Ray cluster for one test module (8 logical CPUs on the 2-core box)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=8, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def live_actor_ids(class_name: str) -> set[str]:
+    """Ids of the ALIVE (or starting) actors of one class, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", class_name)], limit=1000,
+                                            raise_on_missing_output=False)
+            if a.state != "DEAD"}
+
+
+def placement_group_state(placement_group_id: str) -> str:
+    from ray.util.state import list_placement_groups
+
+    groups = list_placement_groups(filters=[("placement_group_id", "=", placement_group_id)],
+                                   raise_on_missing_output=False)
+    return groups[0].state if groups else "UNKNOWN"

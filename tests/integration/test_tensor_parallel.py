@@ -1,0 +1,223 @@
+"""Tensor parallelism over Ray worker actors (gloo on CPU).
+
+A tp > 1 engine must produce the tp=1 engine's greedy tokens and (float32) logits, hold
+about 1/tp of the weights on each rank, refuse a tp the head counts cannot serve, die
+cleanly and promptly when a worker dies or hangs, and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from cluster.engine.async_engine import AsyncLLMEngine
+from cluster.errors import EngineDeadError, InvalidConfigError
+from cluster.llm import LLM
+from cluster.sampling_params import SamplingParams
+from tests.conftest import live_actor_ids, placement_group_state
+
+MAX_TOKENS = 64
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+LOGIT_TOLERANCE = 1e-3
+WORKER = "_RayWorker"
+
+
+def tiny_prompts() -> list[list[int]]:
+    return [[(17 * i + 31 * j) % 4000 + 100 for j in range(5 + 9 * i)] for i in range(8)]
+
+
+def generate_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)]
+
+
+def max_logit_difference(reference: LLM, llm: LLM, sequences: list[list[int]]) -> float:
+    worst = 0.0
+    for seq in sequences:
+        expected = reference.engine.executor.collective_rpc("score", seq)
+        actual = llm.engine.executor.collective_rpc("score", seq)
+        assert actual.shape == expected.shape == (len(seq), reference.engine.arch.vocab_size)
+        worst = max(worst, (actual - expected).abs().max().item())
+    return worst
+
+
+def assert_rank_bytes_about_one_over_tp(reference: LLM, llm: LLM, tp: int) -> None:
+    """Each rank holds ~1/tp of the weights; replicated norms (and replicated KV heads) aside."""
+    model = reference.engine.executor.worker.runner.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    replicated = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n)
+    per_rank = llm.engine.executor.parameter_bytes
+    assert len(per_rank) == tp
+    ideal = (total - replicated) / tp + replicated
+    for rank, nbytes in enumerate(per_rank):
+        assert abs(nbytes - ideal) <= 0.05 * ideal, f"rank {rank}: {nbytes} bytes, ideal {ideal:.0f} of {total}"
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_llama_dir):
+    path = tiny_llama_dir("llama_untied")
+    llm = LLM(model=path, dtype="float32")
+    prompts = tiny_prompts()
+    return path, llm, prompts, generate_tokens(llm, prompts)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tiny_model_matches_tp1(local_ray, tiny_reference, tp):
+    """tp=2 splits 2 KV heads one per rank; tp=4 replicates each KV head on two ranks."""
+    path, reference, prompts, expected = tiny_reference
+    llm = LLM(model=path, dtype="float32", tensor_parallel_size=tp, worker_num_cpus=1)
+    try:
+        assert generate_tokens(llm, prompts) == expected
+        sequences = [p + t for p, t in zip(prompts[:3], expected[:3])]
+        assert max_logit_difference(reference, llm, sequences) <= LOGIT_TOLERANCE
+        assert_rank_bytes_about_one_over_tp(reference, llm, tp)
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.slow
+def test_smollm2_tp3_matches_tp1(local_ray, smollm2_path, smollm2_prompts):
+    """SmolLM2-135M: 9 heads / 3 KV heads over 3 ranks, float32, 10 prompts x 64 tokens."""
+    prompts = list(smollm2_prompts.values())
+    assert len(prompts) >= 8
+    reference = LLM(model=smollm2_path, dtype="float32")
+    expected = generate_tokens(reference, prompts)
+    llm = LLM(model=smollm2_path, dtype="float32", tensor_parallel_size=3, worker_num_cpus=1)
+    try:
+        assert generate_tokens(llm, prompts) == expected
+        sequences = [smollm2_prompts["english"] + expected[0], smollm2_prompts["chat"] + expected[-2]]
+        assert max_logit_difference(reference, llm, sequences) <= LOGIT_TOLERANCE
+        assert_rank_bytes_about_one_over_tp(reference, llm, 3)
+    finally:
+        llm.engine.shutdown()
+        reference.engine.shutdown()
+
+
+def test_unservable_tp_is_refused_at_start_naming_both_numbers(local_ray, tiny_llama_dir):
+    before = live_actor_ids(WORKER)
+    with pytest.raises(InvalidConfigError) as err:
+        LLM(model=tiny_llama_dir("llama_untied"), tensor_parallel_size=3)
+    assert err.value.field == "tensor_parallel_size"
+    assert "3" in str(err.value) and "4 attention heads" in str(err.value)
+    assert live_actor_ids(WORKER) == before
+
+
+def test_impossible_placement_fails_with_a_clear_error_and_no_leftovers(local_ray, tiny_llama_dir):
+    with pytest.raises(InvalidConfigError) as err:
+        LLM(model=tiny_llama_dir("llama_untied"), tensor_parallel_size=2, worker_num_cpus=64,
+            startup_timeout_s=2)
+    assert err.value.field == "tensor_parallel_size" and "could not reserve" in str(err.value)
+    from ray.util.state import list_placement_groups
+
+    assert all(g.state == "REMOVED" for g in list_placement_groups(raise_on_missing_output=False))
+
+
+async def _stream_until_error(engine: AsyncLLMEngine, prompt: list[int], started: asyncio.Event):
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    try:
+        async for _ in engine.generate({"prompt_token_ids": prompt}, params):
+            started.set()
+    except EngineDeadError as err:
+        return err, time.monotonic()
+    return None, time.monotonic()
+
+
+def _kill_mid_generation(path: str, kill) -> None:
+    """Start 4 streams, ``kill(executor)`` once tokens flow; every stream must end in EngineDeadError."""
+    engine = AsyncLLMEngine(LLM(model=path, dtype="float32", tensor_parallel_size=2, worker_num_cpus=1,
+                                step_timeout_s=5).engine)
+    executor = engine.engine.executor
+    actor_ids = {w._actor_id.hex() for w in executor.workers}
+    group_id = executor.placement_group.id.hex()
+    assert executor.is_healthy() and live_actor_ids(WORKER) >= actor_ids
+
+    async def scenario():
+        started = asyncio.Event()
+        tasks = [asyncio.create_task(_stream_until_error(engine, p, started)) for p in tiny_prompts()[:4]]
+        await asyncio.wait_for(started.wait(), 60)
+        killed_at = time.monotonic()
+        kill(executor)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        return killed_at, results
+
+    killed_at, results = asyncio.run(scenario())
+    for err, ended_at in results:
+        assert isinstance(err, EngineDeadError), "a stream finished instead of failing"
+        assert ended_at - killed_at <= 10.0, f"took {ended_at - killed_at:.1f} s"
+    assert not executor.is_healthy()
+    engine.shutdown()
+    deadline = time.monotonic() + 10
+    while (live_actor_ids(WORKER) & actor_ids or placement_group_state(group_id) != "REMOVED") \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not live_actor_ids(WORKER) & actor_ids, "worker actors of the dead group are still alive"
+    assert placement_group_state(group_id) == "REMOVED"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_killed_worker_ends_every_request_then_a_new_engine_serves(local_ray, tiny_reference, rank):
+    path, _, prompts, expected = tiny_reference
+    _kill_mid_generation(path, lambda executor: local_ray.kill(executor.workers[rank], no_restart=True))
+    llm = LLM(model=path, dtype="float32", tensor_parallel_size=2, worker_num_cpus=1)
+    try:
+        assert generate_tokens(llm, prompts[:2]) == expected[:2]
+    finally:
+        llm.engine.shutdown()
+
+
+def test_hung_worker_is_declared_dead_after_the_step_timeout(local_ray, tiny_reference):
+    """A worker that stops responding (SIGSTOP) trips step_timeout_s (5 s here), not an endless hang."""
+    path = tiny_reference[0]
+    _kill_mid_generation(path, lambda executor: os.kill(executor.infos[1]["pid"], signal.SIGSTOP))
+
+
+def test_shutdown_leaves_no_actors_or_placement_group(local_ray, tiny_reference):
+    llm = LLM(model=tiny_reference[0], tensor_parallel_size=2, worker_num_cpus=1)
+    executor = llm.engine.executor
+    actor_ids = {w._actor_id.hex() for w in executor.workers}
+    group_id = executor.placement_group.id.hex()
+    llm.engine.shutdown()
+    deadline = time.monotonic() + 10
+    while live_actor_ids(WORKER) & actor_ids and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not live_actor_ids(WORKER) & actor_ids
+    assert placement_group_state(group_id) == "REMOVED"
+    with pytest.raises(EngineDeadError):
+        llm.generate("hello", SamplingParams(max_tokens=2))
+
+
+def test_executor_inside_a_placement_group_uses_its_bundles(local_ray, tiny_reference):
+    """As in a Serve replica: the enclosing actor's placement group holds its own bundle first,
+    then one per worker; the executor must place workers there and reserve nothing itself."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    path, _, prompts, expected = tiny_reference
+    group = placement_group([{"CPU": 1}, {"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK")
+    local_ray.get(group.ready(), timeout=60)
+
+    class Replica:  # defined here so Ray ships it by value
+        def __init__(self):
+            from cluster.llm import LLM
+
+            self.llm = LLM(model=path, dtype="float32", tensor_parallel_size=2, worker_num_cpus=1)
+
+        def run(self, prompt_ids):
+            executor = self.llm.engine.executor
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], GREEDY)
+            return ([o.outputs[0].token_ids for o in outputs], executor.placement_group.id.hex(),
+                    executor._owns_placement_group)
+
+    replica_class = local_ray.remote(num_cpus=1)(Replica)
+    replica = replica_class.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)).remote()
+    try:
+        tokens, used_group, owns = local_ray.get(replica.run.remote(prompts[:2]), timeout=120)
+        assert tokens == expected[:2]
+        assert used_group == group.id.hex() and not owns
+    finally:
+        local_ray.kill(replica)
+        remove_placement_group(group)
