@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cluster.config import DEFAULT_MODEL, SUPPORTED_DTYPES
@@ -43,6 +44,25 @@ def _micro_parser(sub) -> None:
     p = sub.add_parser("bench-micro", help="packed vs plain bf16 linears; C++ vs torch decode attention")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_micro)
+
+
+def _tp_parser(sub) -> None:
+    p = sub.add_parser("bench-tp", help="Ray executor dispatch overhead; decode tokens/s at tp=1 vs tp=N")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tp", default="3", help="comma-separated tensor-parallel sizes to compare with tp=1")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads at tp=1")
+    p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs (and threads) per worker at tp>1")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=_cmd_tp)
+
+
+def _cmd_tp(args) -> int:
+    from cluster.bench_tp import run_bench_tp
+
+    return run_bench_tp(args)
 
 
 def _cmd_micro(args) -> int:
@@ -89,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     _generate_parser(sub)
     _bench_parser(sub)
     _micro_parser(sub)
+    _tp_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

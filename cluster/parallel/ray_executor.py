@@ -7,12 +7,14 @@ the last ``tp`` bundles and nothing is reserved twice). It then drives every wor
 the named life cycle of ``Worker``, each step bounded by a timeout and attributed to its
 rank on failure.
 
-Per step the driver makes one Ray call, to rank 0, carrying a ``StepDelta``; rank 0
-broadcasts it to the other ranks over a gloo group (``StepChannel``) and returns the
-sampled tokens. Every worker also holds a "sentinel" call open for its whole life: when an
-actor dies, its sentinel resolves, so a dead worker is noticed within one ``ray.wait``
-whether the engine is mid-step or idle. A dead group is torn down at once (actors killed,
-the placement group removed if we made it) and every later call raises ``EngineDeadError``.
+Per step the driver writes one ``StepDelta`` to rank 0 over a TCP socket (``MessageSocket``:
+a Ray call per step costs 2-3x more, measured in docs/benchmarks.md); rank 0 broadcasts it
+to the other ranks over a gloo group (``StepChannel``) and answers with the sampled tokens.
+Every worker's loop (``serve_driver`` on rank 0, ``run_loop`` on the others) is one Ray call
+held open for the group's life: when an actor dies, its call resolves, so a dead worker is
+noticed while the driver waits for a step (it polls them between socket reads) or idles (the
+keepalive thread). A dead group is torn down at once (actors killed, the placement group
+removed if we made it) and every later call raises ``EngineDeadError``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
@@ -36,7 +39,8 @@ from cluster.engine.scheduler_output import SchedulerOutput
 from cluster.errors import EngineDeadError, InvalidConfigError
 from cluster.parallel.executor import Executor
 from cluster.parallel.step_delta import StepDelta, StepEncoder
-from cluster.parallel.worker import Worker
+from cluster.parallel.message_socket import ChannelClosed, MessageListener, MessageSocket
+from cluster.parallel.worker import STOP, Worker
 from cluster.parallel.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ logger = logging.getLogger(__name__)
 KEEPALIVE_S = 30.0
 IDLE_TIMEOUT_S = 10 * KEEPALIVE_S
 _GRACE_S = 5.0  # how long shutdown waits for workers to leave their loops before killing them
+_POLL_S = 0.5  # while a step runs, how often the driver checks that every worker is still alive
 
 
 def worker_bundle(parallel: ParallelConfig, device: str) -> dict[str, float]:
@@ -60,16 +65,7 @@ def ensure_ray() -> None:
 
 
 class _RayWorker(Worker):
-    """A Worker as an actor: steps run one at a time; watch calls run beside them."""
-
-    def __init__(self, spec: WorkerSpec, rank: int):
-        super().__init__(spec, rank)
-        self._released = threading.Event()
-
-    @ray.method(concurrency_group="sentinel")
-    def sentinel(self) -> None:
-        """Held open for the worker's life; resolves (with an error) only when the actor dies."""
-        self._released.wait()
+    """A Worker as an actor: life-cycle steps and the step loop run one at a time; info calls beside them."""
 
     @ray.method(concurrency_group="info")
     def node_id(self) -> str:
@@ -80,7 +76,7 @@ class _RayWorker(Worker):
         return super().parameter_bytes()
 
 
-_WorkerActor = ray.remote(concurrency_groups={"sentinel": 1, "info": 1})(_RayWorker)
+_WorkerActor = ray.remote(concurrency_groups={"info": 1})(_RayWorker)
 
 
 class RayExecutor(Executor):
@@ -94,7 +90,8 @@ class RayExecutor(Executor):
         self.workers: list = []
         self.placement_group: PlacementGroup | None = None
         self._owns_placement_group = False
-        self._watch: list = []  # refs that resolve only when a worker dies: sentinels, run_loops
+        self._watch: list = []  # the workers' loop calls: one resolving means that worker is gone
+        self._channel: MessageSocket | None = None
         self._encoder = StepEncoder()
         self._lock = threading.Lock()  # one step (or keepalive) at a time
         self._dead: str | None = None
@@ -136,15 +133,32 @@ class RayExecutor(Executor):
                        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(self.spec.num_threads)}}}
             self.workers.append(_WorkerActor.options(**options).remote(self.spec, rank))
         self.infos = self._call_all("init_device")
-        self._watch = [w.sentinel.remote() for w in self.workers]
         port = self._call_one(0, "rendezvous_port")
         self._call_all("init_process_group", self.infos[0]["ip"], port, parallel.collective_timeout_s,
                        IDLE_TIMEOUT_S)
         self.parameter_bytes = self._call_all("load_model")
         self._call_all("init_kv_cache")
+        listener, token = MessageListener(ray.util.get_node_ip_address()), secrets.token_hex(16)
+        self._watch = [self.workers[0].serve_driver.remote(listener.host, listener.port, token,
+                                                           parallel.startup_timeout_s)]
         self._watch += [w.run_loop.remote() for w in self.workers[1:]]
+        try:
+            self._channel = self._accept(listener, token)
+        finally:
+            listener.close()
         logger.info("tensor-parallel group of %d up: %s", tp,
                     ", ".join(f"rank {i['rank']} pid {i['pid']} on {i['ip']}" for i in self.infos))
+
+    def _accept(self, listener: MessageListener, token: str) -> MessageSocket:
+        deadline = time.monotonic() + self.parallel.startup_timeout_s
+        while True:
+            try:
+                return listener.accept(token, _POLL_S)
+            except OSError as err:  # socket.timeout is an OSError
+                reason = self._describe_death()
+                if reason or time.monotonic() > deadline:
+                    raise EngineDeadError(f"worker rank 0 did not connect to the driver at {listener.host}:"
+                                          f"{listener.port}: {reason or err}") from err
 
     def _await_placement(self, placement: PlacementGroup, bundle: dict) -> None:
         timeout = self.parallel.startup_timeout_s
@@ -185,32 +199,43 @@ class RayExecutor(Executor):
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         with self._lock:
             self._check_alive()
-            return self._run("execute_step", self._encoder.encode(out))
+            return self._run(("step", self._encoder.encode(out)))
 
     def collective_rpc(self, method: str, *args) -> Any:
         with self._lock:
             self._check_alive()
-            return self._run("collective_rpc", method, *args)
+            return self._run(("rpc", method, *args))
 
-    def _run(self, method: str, *args):
-        ref = getattr(self.workers[0], method).remote(*args)
-        ready, _ = ray.wait([ref] + self._watch, num_returns=1, timeout=self.parallel.step_timeout_s)
-        if not ready:
-            self._die(f"a step took longer than step_timeout_s={self.parallel.step_timeout_s:g}")
-        if ready[0] is not ref:
-            self._die(self._describe_death(ready[0]))
+    def _run(self, message: tuple):
+        """Send one message to rank 0 and wait for its answer, watching every worker meanwhile."""
         try:
-            result = ray.get(ref)
-        except ray.exceptions.RayError as err:
-            self._die(f"worker rank 0 failed in {method}: {_cause(err)}")
+            self._channel.send(message)
+            deadline = time.monotonic() + self.parallel.step_timeout_s
+            while not self._channel.readable(_POLL_S):
+                if self._watch_fired():
+                    self._die(self._describe_death())
+                if time.monotonic() > deadline:
+                    self._die(f"a step took longer than step_timeout_s={self.parallel.step_timeout_s:g}")
+            status, result = self._channel.recv()
+        except (OSError, ChannelClosed) as err:
+            self._die(self._describe_death(wait_s=_GRACE_S) or f"the step channel to rank 0 failed: {err}")
+        if status != "ok":
+            self._die(f"worker rank 0 failed: {result}")
         self._last_step = time.monotonic()
         return result
 
-    def _describe_death(self, ref) -> str:
-        index = self._watch.index(ref)
-        rank = index if index < len(self.workers) else index - len(self.workers) + 1
+    def _watch_fired(self) -> bool:
+        ready, _ = ray.wait(self._watch, num_returns=1, timeout=0)
+        return bool(ready)
+
+    def _describe_death(self, wait_s: float = 0.0) -> str | None:
+        """Which worker's loop ended, and why (waiting up to ``wait_s`` for Ray to learn of it)."""
+        ready, _ = ray.wait(self._watch, num_returns=1, timeout=wait_s)
+        if not ready:
+            return None
+        rank = self._watch.index(ready[0])
         try:
-            ray.get(ref)
+            ray.get(ready[0])
             return f"worker rank {rank} left its step loop"
         except ray.exceptions.RayError as err:
             return f"worker rank {rank} died: {_cause(err)}"
@@ -232,8 +257,7 @@ class RayExecutor(Executor):
     def is_healthy(self) -> bool:
         if self._dead is not None or self._closed.is_set() or not self._watch:
             return False
-        ready, _ = ray.wait(self._watch, num_returns=1, timeout=0)
-        return not ready
+        return not self._watch_fired()
 
     def _keep_alive(self) -> None:
         """Idle: refresh the ranks' broadcast wait, and tear down a group that lost a worker."""
@@ -242,11 +266,10 @@ class RayExecutor(Executor):
                 if self._dead is not None or self._closed.is_set():
                     return
                 try:
-                    if not self.is_healthy():
-                        ready, _ = ray.wait(self._watch, num_returns=1, timeout=0)
-                        self._die(self._describe_death(ready[0]))
+                    if self._watch_fired():
+                        self._die(self._describe_death())
                     if time.monotonic() - self._last_step >= KEEPALIVE_S:
-                        self._run("execute_step", StepDelta())
+                        self._run(("step", StepDelta()))
                 except EngineDeadError:
                     return
 
@@ -259,11 +282,11 @@ class RayExecutor(Executor):
         self._closed.set()
         if self._dead is None and self._lock.acquire(timeout=_GRACE_S):
             try:
-                self.workers[0].stop_loop.remote()
-                ray.wait(self._watch[len(self.workers):], num_returns=len(self.workers) - 1, timeout=_GRACE_S)
+                self._channel.send((STOP,))
+                ray.wait(self._watch, num_returns=len(self._watch), timeout=_GRACE_S)
                 ray.wait([w.shutdown.remote() for w in self.workers], num_returns=len(self.workers),
                          timeout=_GRACE_S)
-            except ray.exceptions.RayError:
+            except (OSError, ray.exceptions.RayError):
                 pass
             finally:
                 self._lock.release()
@@ -271,6 +294,9 @@ class RayExecutor(Executor):
 
     def _teardown(self) -> None:
         """Kill every worker and remove the placement group we reserved (idempotent)."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         workers, self.workers = self.workers, []
         for worker in workers:
             try:

@@ -7,8 +7,9 @@ them on one actor per placement-group bundle, one step at a time, so a failure n
 step and the rank it happened in. Each rank loads only its own slices of the checkpoint and
 allocates only its own KV heads.
 
-At tp > 1 the driver calls ``execute_step`` on rank 0 only; rank 0 broadcasts the step to
-the other ranks, which wait for it in ``run_loop`` (one long-running call per worker).
+Under the Ray executor the driver sends each step to rank 0 only (``serve_driver``, over a
+socket); rank 0 broadcasts it to the other ranks, which wait for it in ``run_loop``. Both are
+one long-running call per worker for the group's whole life.
 """
 
 from __future__ import annotations
@@ -109,6 +110,34 @@ class Worker:
             self.channel.send((_RPC, method, args))
         return getattr(self, method)(*args)
 
+    def serve_driver(self, host: str, port: int, token: str, timeout_s: float) -> None:
+        """Rank 0 under the Ray executor: take steps from the driver's socket until it says stop.
+
+        Replies ("ok", result) per message; on a failure replies ("error", text) and re-raises,
+        since a group whose step failed half-way cannot continue.
+        """
+        from cluster.parallel.message_socket import ChannelClosed, MessageSocket
+
+        channel = MessageSocket.connect(host, port, token, timeout_s)
+        try:
+            while True:
+                try:
+                    kind, *payload = channel.recv()
+                except ChannelClosed:
+                    return  # the driver went away: its executor is gone
+                if kind == STOP:
+                    self.stop_loop()
+                    channel.send(("ok", None))
+                    return
+                try:
+                    result = self.execute_step(*payload) if kind == "step" else self.collective_rpc(*payload)
+                except Exception as err:
+                    channel.send(("error", f"{type(err).__name__}: {err}"))
+                    raise
+                channel.send(("ok", result))
+        finally:
+            channel.close()
+
     def run_loop(self) -> None:
         """Ranks 1..: run every step rank 0 broadcasts until it broadcasts STOP."""
         while True:
@@ -137,6 +166,18 @@ class Worker:
     def parameter_bytes(self) -> int:
         """Bytes of this rank's parameters (its shard plus the replicated norms)."""
         return sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
+
+    def time_all_reduce(self, numel: int, iterations: int) -> float:
+        """Median seconds of one all-reduce of ``numel`` model-dtype values (a collective; for benchmarks)."""
+        import time
+
+        x = torch.zeros(numel, dtype=next(self.runner.model.parameters()).dtype, device=self.runner.device)
+        samples = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            self.tp.all_reduce(x)
+            samples.append(time.perf_counter() - start)
+        return sorted(samples)[len(samples) // 2]
 
     def score(self, token_ids: list[int]):
         """Logits for every position of ``token_ids`` (rank 0; None elsewhere). A collective."""
