@@ -20,6 +20,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("prompt")
     _add_engine_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
+                   help="ranks to split the model over (Ray worker actors above 1)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -76,7 +78,8 @@ def _cmd_generate(args) -> int:
     from cluster.engine.llm_engine import LLMEngine
     from cluster.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig.from_kwargs(model=args.model, dtype=args.dtype, num_threads=args.threads))
+    engine = LLMEngine(EngineConfig.from_kwargs(model=args.model, dtype=args.dtype, num_threads=args.threads,
+                                                tensor_parallel_size=args.tensor_parallel_size))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens, stop=args.stop)
     prompt = args.prompt
@@ -85,12 +88,15 @@ def _cmd_generate(args) -> int:
         prompt = {"prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False)}
     engine.add_request("cli", prompt, params)
     shown = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            text = out.outputs[0].text
-            sys.stdout.write(text[shown:])
-            sys.stdout.flush()
-            shown = len(text)
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                text = out.outputs[0].text
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+    finally:
+        engine.shutdown()
     sys.stdout.write("\n")
     return 0
 

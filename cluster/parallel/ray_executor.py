@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import secrets
 import threading
@@ -58,10 +59,20 @@ def worker_bundle(parallel: ParallelConfig, device: str) -> dict[str, float]:
     return {"GPU": 1.0} if device == "cuda" else {"CPU": float(parallel.worker_num_cpus)}
 
 
-def ensure_ray() -> None:
-    """Join the cluster RAY_ADDRESS names, or start a private local one (never a stranger's)."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+def ensure_ray(min_cpus: float = 0) -> None:
+    """Join the cluster RAY_ADDRESS names, or start a private local one (never a stranger's).
+
+    A private cluster gets at least ``min_cpus`` logical CPUs, so a group larger than the
+    machine's core count still starts (its ranks then share cores).
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(min_cpus))
+        ray.init(address="local", num_cpus=cpus, log_to_driver=False)
 
 
 class _RayWorker(Worker):
@@ -97,7 +108,7 @@ class RayExecutor(Executor):
         self._dead: str | None = None
         self._closed = threading.Event()
         self._last_step = time.monotonic()
-        ensure_ray()
+        ensure_ray(min_cpus=0 if spec.device == "cuda" else spec.tp_size * parallel.worker_num_cpus)
         try:
             self._start(placement)
         except BaseException:
