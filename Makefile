@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench generate clean
+.PHONY: install test test-fast bench bench-tp generate clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ test-fast: install
 
 bench: install
 	$(VENV)/bin/llm-cluster bench
+
+bench-tp: install
+	$(VENV)/bin/llm-cluster bench-tp
 
 generate: install
 	$(VENV)/bin/llm-cluster generate "$(or $(PROMPT),The capital of France is)"
