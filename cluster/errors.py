@@ -12,7 +12,11 @@ class InvalidRequestError(ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.message = message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self):  # picklable, so the error keeps its type across Ray actor calls
+        return InvalidRequestError, (self.field, self.message)
 
 
 class InvalidConfigError(ValueError):
@@ -20,7 +24,11 @@ class InvalidConfigError(ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.message = message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self):
+        return type(self), (self.field, self.message)
 
 
 class ModelLoadError(InvalidConfigError):
@@ -28,6 +36,9 @@ class ModelLoadError(InvalidConfigError):
 
     def __init__(self, message: str, field: str = "model"):
         super().__init__(field, message)
+
+    def __reduce__(self):
+        return ModelLoadError, (self.message, self.field)
 
 
 class EngineDeadError(RuntimeError):

@@ -221,3 +221,22 @@ def test_executor_inside_a_placement_group_uses_its_bundles(local_ray, tiny_refe
     finally:
         local_ray.kill(replica)
         remove_placement_group(group)
+
+
+def test_corrupt_checkpoint_fails_on_the_ranks_with_a_model_load_error(local_ray, tiny_llama_dir, tmp_path):
+    import shutil
+
+    from cluster.errors import ModelLoadError
+
+    path = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama_dir("llama_untied"), path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    before = live_actor_ids(WORKER)
+    with pytest.raises(ModelLoadError) as err:
+        LLM(model=str(path), tensor_parallel_size=2, worker_num_cpus=1)
+    assert err.value.field == "model"
+    deadline = time.monotonic() + 10
+    while live_actor_ids(WORKER) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not live_actor_ids(WORKER) - before
