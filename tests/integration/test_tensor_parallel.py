@@ -240,3 +240,38 @@ def test_corrupt_checkpoint_fails_on_the_ranks_with_a_model_load_error(local_ray
     while live_actor_ids(WORKER) - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not live_actor_ids(WORKER) - before
+
+
+def test_executor_inside_a_serve_replica_uses_the_deployments_bundles(local_ray, tiny_reference):
+    """A Serve deployment reserves [replica, worker, worker] bundles; the replica's tp=2 engine
+    must run its workers in them (no second placement group) and serve correct tokens."""
+    from ray import serve
+    from ray.util.state import list_placement_groups
+
+    path, _, prompts, expected = tiny_reference
+
+    class ModelServer:  # defined here so Ray ships it by value
+        def __init__(self):
+            from cluster.llm import LLM
+
+            self.llm = LLM(model=path, dtype="float32", tensor_parallel_size=2, worker_num_cpus=1)
+
+        def __call__(self, prompt_ids):
+            executor = self.llm.engine.executor
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], GREEDY)
+            return ([o.outputs[0].token_ids for o in outputs], executor.placement_group.id.hex(),
+                    executor._owns_placement_group, executor.is_healthy())
+
+    deployment = serve.deployment(ModelServer, ray_actor_options={"num_cpus": 1},
+                                  placement_group_bundles=[{"CPU": 1}, {"CPU": 1}, {"CPU": 1}],
+                                  placement_group_strategy="STRICT_PACK")
+    groups_before = {g.placement_group_id for g in list_placement_groups(raise_on_missing_output=False)}
+    try:
+        handle = serve.run(deployment.bind(), name="tp-in-serve", route_prefix=None)
+        tokens, used_group, owns, healthy = handle.remote(prompts[:2]).result(timeout_s=120)
+        assert tokens == expected[:2] and healthy and not owns
+        new_groups = {g.placement_group_id for g in list_placement_groups(raise_on_missing_output=False)
+                      if g.state == "CREATED"} - groups_before
+        assert new_groups == {used_group}, "the replica's own group only: nothing reserved twice"
+    finally:
+        serve.shutdown()
