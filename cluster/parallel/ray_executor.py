@@ -27,6 +27,7 @@ import secrets
 import threading
 import time
 import uuid
+import weakref
 from typing import Any
 
 import ray
@@ -114,7 +115,10 @@ class RayExecutor(Executor):
         except BaseException:
             self._teardown()
             raise
-        self._keepalive = threading.Thread(target=self._keep_alive, name="tp-keepalive", daemon=True)
+        # The thread holds only a weak reference: an executor nobody uses any more is collected
+        # (and its workers killed) rather than kept alive by its own keepalive.
+        self._keepalive = threading.Thread(target=_keep_alive, args=(weakref.ref(self), self._closed),
+                                           name="tp-keepalive", daemon=True)
         self._keepalive.start()
 
     # ---- start-up -----------------------------------------------------------------------
@@ -270,21 +274,31 @@ class RayExecutor(Executor):
             return False
         return not self._watch_fired()
 
-    def _keep_alive(self) -> None:
-        """Idle: refresh the ranks' broadcast wait, and tear down a group that lost a worker."""
-        while not self._closed.wait(KEEPALIVE_S / 3):
-            with self._lock:
-                if self._dead is not None or self._closed.is_set():
-                    return
-                try:
-                    if self._watch_fired():
-                        self._die(self._describe_death())
-                    if time.monotonic() - self._last_step >= KEEPALIVE_S:
-                        self._run(("step", StepDelta()))
-                except EngineDeadError:
-                    return
+    def _tick(self) -> bool:
+        """Idle: refresh the ranks' broadcast wait, and tear down a group that lost a worker.
+
+        Returns False once the group is dead or shut down (the keepalive thread then ends).
+        """
+        with self._lock:
+            if self._dead is not None or self._closed.is_set():
+                return False
+            try:
+                if self._watch_fired():
+                    self._die(self._describe_death())
+                if time.monotonic() - self._last_step >= KEEPALIVE_S:
+                    self._run(("step", StepDelta()))
+            except EngineDeadError:
+                return False
+            return True
 
     # ---- shutdown -----------------------------------------------------------------------
+
+    def __del__(self):
+        try:
+            self._closed.set()
+            self._teardown()
+        except Exception:  # interpreter exit: Ray may already be gone
+            pass
 
     def shutdown(self) -> None:
         """Stop the ranks' loops and leave their process groups, then kill them (a hung group: at once)."""
@@ -321,6 +335,14 @@ class RayExecutor(Executor):
                 pass
             self._owns_placement_group = False
         self._watch = []
+
+
+def _keep_alive(executor_ref, closed: threading.Event) -> None:
+    while not closed.wait(KEEPALIVE_S / 3):
+        executor = executor_ref()
+        if executor is None or not executor._tick():
+            return
+        del executor
 
 
 def _cause(err: BaseException) -> str:

@@ -275,3 +275,27 @@ def test_executor_inside_a_serve_replica_uses_the_deployments_bundles(local_ray,
         assert new_groups == {used_group}, "the replica's own group only: nothing reserved twice"
     finally:
         serve.shutdown()
+
+
+@pytest.mark.parametrize("keepalive_s, survives", [(1.0, True), (1000.0, False)])
+def test_idle_group_outlives_its_broadcast_timeout_only_thanks_to_the_keepalive(
+        local_ray, tiny_reference, monkeypatch, keepalive_s, survives):
+    """Ranks 1.. wait for the next step in a gloo broadcast with a finite timeout (3 s here);
+    the executor's keepalive must refresh it while idle, and without it the group must die
+    loudly rather than hang."""
+    from cluster.parallel import ray_executor
+
+    monkeypatch.setattr(ray_executor, "IDLE_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(ray_executor, "KEEPALIVE_S", keepalive_s)
+    path, _, prompts, expected = tiny_reference
+    llm = LLM(model=path, dtype="float32", tensor_parallel_size=2, worker_num_cpus=1)
+    try:
+        time.sleep(6)
+        if survives:
+            assert llm.engine.executor.is_healthy()
+            assert generate_tokens(llm, prompts[:2]) == expected[:2]
+        else:
+            with pytest.raises(EngineDeadError):
+                generate_tokens(llm, prompts[:2])
+    finally:
+        llm.engine.shutdown()
