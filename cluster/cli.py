@@ -84,8 +84,7 @@ def _cmd_generate(args) -> int:
                             max_tokens=args.max_tokens, stop=args.stop)
     prompt = args.prompt
     if args.chat:
-        text = engine.input_processor.apply_chat_template([{"role": "user", "content": prompt}])
-        prompt = {"prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False)}
+        prompt = {"prompt_token_ids": engine.input_processor.chat_token_ids([{"role": "user", "content": prompt}])}
     engine.add_request("cli", prompt, params)
     shown = 0
     try:

@@ -42,12 +42,8 @@ class LLM:
         """Apply the tokenizer's chat template to one conversation (or a list of them) and generate."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         processor = self.engine.input_processor
-        prompts = [{"prompt_token_ids": self._chat_ids(processor.apply_chat_template(c))} for c in conversations]
+        prompts = [{"prompt_token_ids": processor.chat_token_ids(c)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
-
-    def _chat_ids(self, text: str) -> list[int]:
-        # The template already carries the special tokens; do not add a second BOS.
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(request_ids)

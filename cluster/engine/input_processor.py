@@ -33,6 +33,10 @@ class InputProcessor:
             raise InvalidRequestError("messages", "this model's tokenizer has no chat template")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def chat_token_ids(self, messages: list[dict]) -> list[int]:
+        """The templated conversation as token ids (the template carries the special tokens: no second BOS)."""
+        return self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:

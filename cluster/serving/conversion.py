@@ -1,0 +1,317 @@
+"""The one place where wire formats meet the engine: gRPC messages and OpenAI JSON in,
+``EngineRequest`` out; ``GenerationChunk``s in, responses out; typed errors to status codes.
+
+The gRPC and HTTP layers (cluster/serving/ingress.py) only call these functions, so both
+APIs accept the same parameters with the same checks and report errors the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from cluster.errors import EngineDeadError, InvalidConfigError, InvalidRequestError, QueueFullError
+from cluster.sampling_params import SamplingParams
+from cluster.serving.engine_request import EngineRequest
+from cluster.serving.generation_chunk import GenerationChunk
+from cluster.v1 import generation_pb2 as pb
+
+# ---- errors -------------------------------------------------------------------------------
+
+def unwrap(err: BaseException) -> BaseException:
+    """The user-facing error inside Ray's wrappers (a replica's exception arrives wrapped)."""
+    seen = 0
+    while seen < 5 and getattr(err, "cause", None) is not None and err.cause is not err:
+        err, seen = err.cause, seen + 1
+    return err
+
+
+def _is_backpressure(err: BaseException) -> bool:
+    return type(err).__name__ == "BackPressureError"  # Serve's max_queued_requests
+
+
+def _is_unavailable(err: BaseException) -> bool:
+    names = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "DeploymentUnavailableError"}
+    return isinstance(err, EngineDeadError) or type(err).__name__ in names
+
+
+def grpc_status(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    err = unwrap(err)
+    if isinstance(err, (InvalidRequestError, InvalidConfigError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+    if isinstance(err, QueueFullError) or _is_backpressure(err):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy, retry later: {err}"
+    if _is_unavailable(err):
+        return grpc.StatusCode.UNAVAILABLE, f"model unavailable: {err}"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+
+
+_HTTP = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+         grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.INTERNAL: 500}
+
+
+def http_error(err: BaseException) -> tuple[int, dict]:
+    """(status, OpenAI-style error body)."""
+    code, message = grpc_status(err)
+    field = getattr(unwrap(err), "field", None)
+    kind = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(
+        _HTTP[code], "internal_error")
+    return _HTTP[code], {"error": {"message": message, "type": kind, "param": field, "code": _HTTP[code]}}
+
+
+# ---- gRPC in ------------------------------------------------------------------------------
+
+_SAMPLING_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs", "skip_special_tokens")
+
+
+def sampling_from_proto(sampling: pb.SamplingParameters, default_max_tokens: int | None = None) -> SamplingParams:
+    kwargs: dict[str, Any] = {}
+    for name in _SAMPLING_FIELDS:
+        if sampling.HasField(name):
+            value = getattr(sampling, name)
+            kwargs[name] = round(value, 6) if isinstance(value, float) else value  # float32 on the wire
+    if sampling.stop:
+        kwargs["stop"] = list(sampling.stop)
+    if sampling.stop_token_ids:
+        kwargs["stop_token_ids"] = list(sampling.stop_token_ids)
+    if "max_tokens" not in kwargs and default_max_tokens is not None:
+        kwargs["max_tokens"] = default_max_tokens
+    return _params(kwargs, prefix="sampling.")
+
+
+def request_from_proto(request: pb.GenerateRequest, chat_max_tokens: int) -> EngineRequest:
+    kind = request.WhichOneof("input")
+    request_id = request.request_id or _new_id()
+    if kind is None:
+        raise InvalidRequestError("input", "set one of prompt, token_ids or chat")
+    if kind == "prompt":
+        return EngineRequest(request_id, prompt=request.prompt, params=sampling_from_proto(request.sampling))
+    if kind == "token_ids":
+        return EngineRequest(request_id, prompt_token_ids=list(request.token_ids.ids),
+                             params=sampling_from_proto(request.sampling))
+    messages = messages_from_proto(request.chat)
+    return EngineRequest(request_id, messages=messages, params=sampling_from_proto(request.sampling, chat_max_tokens))
+
+
+def messages_from_proto(chat: pb.ChatMessages) -> list[dict]:
+    if not chat.messages:
+        raise InvalidRequestError("chat.messages", "must hold at least one message")
+    return [{"role": m.role, "content": m.content} for m in chat.messages]
+
+
+# ---- gRPC out -----------------------------------------------------------------------------
+
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+           "abort": pb.FINISH_REASON_ABORT}
+
+
+def _usage(chunk: GenerationChunk) -> pb.Usage:
+    return pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
+                    cached_prompt_tokens=chunk.cached_prompt_tokens)
+
+
+def _logprobs(chunk: GenerationChunk) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top_logprobs=lp.top) for lp in chunk.logprobs]
+
+
+def stream_message(chunk: GenerationChunk) -> pb.GenerateStreamResponse:
+    message = pb.GenerateStreamResponse(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids,
+                                        finish_reason=_FINISH[chunk.finish_reason], logprobs=_logprobs(chunk))
+    if chunk.finish_reason is not None:
+        message.usage.CopyFrom(_usage(chunk))
+    return message
+
+
+def unary_response(chunks: list[GenerationChunk]) -> pb.GenerateResponse:
+    last = chunks[-1]
+    return pb.GenerateResponse(
+        request_id=last.request_id, text="".join(c.text for c in chunks),
+        token_ids=[t for c in chunks for t in c.token_ids], finish_reason=_FINISH[last.finish_reason],
+        usage=_usage(last), logprobs=[lp for c in chunks for lp in _logprobs(c)])
+
+
+def model_info_message(info: dict) -> pb.ModelInfo:
+    return pb.ModelInfo(**info)
+
+
+# ---- OpenAI in ----------------------------------------------------------------------------
+
+# Accepted request keys: OpenAI's, plus vLLM's sampling extensions. Anything else is an error.
+_OPENAI_SAMPLING = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
+                    "top_p": "top_p", "seed": "seed", "presence_penalty": "presence_penalty",
+                    "frequency_penalty": "frequency_penalty", "stop": "stop", "top_k": "top_k", "min_p": "min_p",
+                    "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens",
+                    "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
+                    "skip_special_tokens": "skip_special_tokens", "n": "n"}
+_OPENAI_COMMON = {"model", "stream", "stream_options", "user", "request_id"}
+_UNSUPPORTED = {"logit_bias", "best_of", "echo", "suffix", "tools", "tool_choice", "functions", "function_call",
+                "response_format", "parallel_tool_calls", "audio", "modalities", "prediction"}
+
+
+def _check_keys(body: Any, allowed: set[str]) -> dict:
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", "must be a JSON object")
+    for key in body:
+        if key in _UNSUPPORTED:
+            raise InvalidRequestError(key, "is not supported by this server")
+        if key not in allowed:
+            raise InvalidRequestError(key, "unknown field")
+    return body
+
+
+def _openai_params(body: dict, extra: dict, default_max_tokens: int | None) -> SamplingParams:
+    kwargs = {_OPENAI_SAMPLING[k]: v for k, v in body.items() if k in _OPENAI_SAMPLING and v is not None}
+    kwargs.update(extra)
+    if "max_tokens" not in kwargs and default_max_tokens is not None:
+        kwargs["max_tokens"] = default_max_tokens
+    if isinstance(kwargs.get("stop"), str):
+        kwargs["stop"] = [kwargs["stop"]]
+    return _params(kwargs)
+
+
+def completion_request(body: Any) -> EngineRequest:
+    body = _check_keys(body, set(_OPENAI_SAMPLING) | _OPENAI_COMMON | {"prompt", "logprobs"})
+    extra = {}
+    if body.get("logprobs") is not None:
+        extra["logprobs"] = body["logprobs"]
+    params = _openai_params(body, extra, None)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # one prompt in a list (batches of prompts are one request each here)
+    rid = _request_id(body)
+    if isinstance(prompt, str):
+        return EngineRequest(rid, prompt=prompt, params=params)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return EngineRequest(rid, prompt_token_ids=prompt, params=params)
+    raise InvalidRequestError("prompt", "must be a string, a list of token ids, or a list holding one of those")
+
+
+def chat_request(body: Any, chat_max_tokens: int) -> EngineRequest:
+    body = _check_keys(body, set(_OPENAI_SAMPLING) | _OPENAI_COMMON | {"messages", "logprobs", "top_logprobs"})
+    extra = {}
+    if body.get("logprobs"):
+        extra["logprobs"] = body.get("top_logprobs") or 0
+    elif body.get("top_logprobs") is not None:
+        raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+    params = _openai_params(body, extra, chat_max_tokens)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidRequestError(f"messages[{i}]", "must be an object with string role and content")
+    return EngineRequest(_request_id(body), messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+                         params=params)
+
+
+def wants_stream(body: dict) -> tuple[bool, bool]:
+    """(stream, include usage in the stream)."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequestError("stream", f"must be a boolean, got {stream!r}")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequestError("stream_options", "must be an object")
+    return stream, bool(options.get("include_usage", False))
+
+
+# ---- OpenAI out ---------------------------------------------------------------------------
+
+def _openai_usage(chunk: GenerationChunk) -> dict:
+    return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
+            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": chunk.cached_prompt_tokens}}
+
+
+def _token_text(chunks: list[GenerationChunk]):
+    texts = {t: s for c in chunks for t, s in c.token_texts.items()}
+    return lambda token_id: texts.get(token_id, "")
+
+
+def _completion_logprobs(chunks: list[GenerationChunk]) -> dict | None:
+    entries, text = [lp for c in chunks for lp in c.logprobs], _token_text(chunks)
+    if not entries:
+        return None
+    return {"tokens": [text(lp.token_id) for lp in entries], "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [{text(t): v for t, v in lp.top.items()} for lp in entries], "text_offset": []}
+
+
+def completion_response(chunks: list[GenerationChunk], model: str) -> dict:
+    last = chunks[-1]
+    return {"id": f"cmpl-{last.request_id}", "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": "".join(c.text for c in chunks), "finish_reason": last.finish_reason,
+                         "logprobs": _completion_logprobs(chunks)}],
+            "usage": _openai_usage(last)}
+
+
+def chat_response(chunks: list[GenerationChunk], model: str) -> dict:
+    last = chunks[-1]
+    choice = {"index": 0, "message": {"role": "assistant", "content": "".join(c.text for c in chunks)},
+              "finish_reason": last.finish_reason, "logprobs": _chat_logprobs(chunks)}
+    return {"id": f"chatcmpl-{last.request_id}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": _openai_usage(last)}
+
+
+def _chat_logprobs(chunks: list[GenerationChunk]) -> dict | None:
+    entries, text = [lp for c in chunks for lp in c.logprobs], _token_text(chunks)
+    if not entries:
+        return None
+    return {"content": [{"token": text(lp.token_id), "logprob": lp.logprob,
+                         "top_logprobs": [{"token": text(t), "logprob": v} for t, v in lp.top.items()]}
+                        for lp in entries]}
+
+
+def completion_sse(chunk: GenerationChunk, model: str, created: int) -> str:
+    body = {"id": f"cmpl-{chunk.request_id}", "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason, "logprobs": None}]}
+    return sse(body)
+
+
+def chat_sse(chunk: GenerationChunk, model: str, created: int, first: bool) -> str:
+    delta = {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
+    body = {"id": f"chatcmpl-{chunk.request_id}", "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": chunk.finish_reason,
+                                         "logprobs": None}]}
+    return sse(body)
+
+
+def usage_sse(chunk: GenerationChunk, model: str, created: int, chat: bool) -> str:
+    prefix, kind = ("chatcmpl", "chat.completion.chunk") if chat else ("cmpl", "text_completion")
+    return sse({"id": f"{prefix}-{chunk.request_id}", "object": kind, "created": created, "model": model,
+                "choices": [], "usage": _openai_usage(chunk)})
+
+
+def sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+def models_response(model: str, max_model_len: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "llm-cluster",
+                                        "max_model_len": max_model_len}]}
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+def _params(kwargs: dict, prefix: str = "") -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except InvalidRequestError as err:
+        raise InvalidRequestError(prefix + err.field, err.message) from None
+    except TypeError as err:  # a value of the wrong type that the dataclass could not take
+        raise InvalidRequestError(prefix + "sampling", str(err)) from None
+
+
+def _request_id(body: dict) -> str:
+    rid = body.get("request_id")
+    if rid is not None and (not isinstance(rid, str) or not rid):
+        raise InvalidRequestError("request_id", "must be a non-empty string")
+    return rid or _new_id()
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex

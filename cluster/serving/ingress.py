@@ -1,0 +1,163 @@
+"""The ingress deployment: the gRPC service (through Serve's gRPC proxy) and the OpenAI-style
+HTTP API (through Serve's HTTP proxy), both thin layers over ``cluster/serving/conversion.py``.
+
+It holds no model: every request becomes an ``EngineRequest`` and goes to the model-server
+deployment through its handle (and so through the prefix-affinity router). Cancellation
+propagates: when a gRPC stream is cancelled, its deadline passes or an HTTP client
+disconnects, Serve cancels this call and the replica call under it, and the engine aborts
+the request and frees its KV blocks.
+"""
+
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.serving import conversion
+from cluster.serving.config import ServingConfig
+from cluster.serving.engine_request import EngineRequest
+from cluster.serving.generation_chunk import GenerationChunk
+from cluster.v1 import generation_pb2 as pb
+
+def _fail(grpc_context, err: BaseException):
+    code, message = conversion.grpc_status(err)
+    if grpc_context is not None:
+        grpc_context.set_code(code)
+        grpc_context.set_details(message)
+    raise err
+
+
+def _http_error(err: BaseException) -> JSONResponse:
+    status, body = conversion.http_error(err)
+    return JSONResponse(body, status_code=status)
+
+
+http_app = FastAPI(title="llm-cluster", description="OpenAI-compatible completions over llm-cluster")
+
+
+@serve.ingress(http_app)
+class Ingress:
+    def __init__(self, model_server: DeploymentHandle, config: ServingConfig):
+        self.server = model_server
+        self.config = config
+        self._info: dict | None = None
+
+    async def _model_info(self) -> dict:
+        if self._info is None:
+            self._info = await self.server.model_info.remote()
+        return self._info
+
+    def _stream(self, request: EngineRequest) -> AsyncIterator[GenerationChunk]:
+        return self.server.options(stream=True).generate.remote(request)
+
+    async def _collect(self, request: EngineRequest) -> list[GenerationChunk]:
+        return [chunk async for chunk in self._stream(request)]
+
+    # ---- gRPC: cluster.v1.GenerationService ----------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        try:
+            engine_request = conversion.request_from_proto(request, self.config.chat_max_tokens)
+            return conversion.unary_response(await self._collect(engine_request))
+        except Exception as err:
+            _fail(grpc_context, err)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
+        try:
+            engine_request = conversion.request_from_proto(request, self.config.chat_max_tokens)
+            async for chunk in self._stream(engine_request):
+                yield conversion.stream_message(chunk)
+        except Exception as err:
+            _fail(grpc_context, err)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        try:
+            kind = request.WhichOneof("input")
+            if kind is None:
+                raise conversion.InvalidRequestError("input", "set one of prompt or chat")
+            if kind == "chat":
+                ids = await self.server.tokenize.remote(messages=conversion.messages_from_proto(request.chat))
+            else:
+                ids = await self.server.tokenize.remote(prompt=request.prompt)
+            return pb.TokenizeResponse(token_ids=ids, count=len(ids))
+        except Exception as err:
+            _fail(grpc_context, err)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
+        try:
+            return conversion.model_info_message(await self._model_info())
+        except Exception as err:
+            _fail(grpc_context, err)
+
+    # ---- gRPC: grpc.health.v1.Health -------------------------------------------------------
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
+        """SERVING only while a model-server replica can generate (its probe and its workers say so)."""
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+        try:
+            if await self.server.healthy.remote():
+                status = health_pb2.HealthCheckResponse.SERVING
+        except Exception:  # noqa: BLE001 - no replica to answer: not serving
+            pass
+        return health_pb2.HealthCheckResponse(status=status)
+
+    # ---- HTTP: OpenAI-compatible -----------------------------------------------------------
+
+    @http_app.get("/v1/models")
+    async def models(self):
+        info = await self._model_info()
+        return conversion.models_response(info["model"], info["max_model_len"])
+
+    @http_app.get("/health")
+    async def health(self):
+        healthy = await self.server.healthy.remote()
+        return JSONResponse({"healthy": healthy}, status_code=200 if healthy else 503)
+
+    @http_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._openai(request, chat=False)
+
+    @http_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._openai(request, chat=True)
+
+    async def _openai(self, request: Request, chat: bool):
+        try:
+            body = await request.json()
+        except ValueError:
+            return _http_error(conversion.InvalidRequestError("body", "must be valid JSON"))
+        try:
+            engine_request = (conversion.chat_request(body, self.config.chat_max_tokens) if chat
+                              else conversion.completion_request(body))
+            stream, include_usage = conversion.wants_stream(body)
+            model = (await self._model_info())["model"]
+            if stream:
+                chunks = self._stream(engine_request)
+                first = await chunks.__anext__()  # errors (bad prompt, queue full) surface as a status code
+                return StreamingResponse(self._sse(first, chunks, model, chat, include_usage),
+                                         media_type="text/event-stream")
+            collected = await self._collect(engine_request)
+            return conversion.chat_response(collected, model) if chat else \
+                conversion.completion_response(collected, model)
+        except Exception as err:
+            return _http_error(err)
+
+    async def _sse(self, first: GenerationChunk, rest, model: str, chat: bool, include_usage: bool):
+        created, last = int(time.time()), first
+        try:
+            yield conversion.chat_sse(first, model, created, True) if chat else \
+                conversion.completion_sse(first, model, created)
+            async for chunk in rest:
+                last = chunk
+                yield conversion.chat_sse(chunk, model, created, False) if chat else \
+                    conversion.completion_sse(chunk, model, created)
+            if include_usage:
+                yield conversion.usage_sse(last, model, created, chat)
+        except Exception as err:  # the stream has started: report in-band, as OpenAI does
+            yield conversion.sse(conversion.http_error(err)[1])
+        yield conversion.sse("[DONE]")

@@ -1,0 +1,147 @@
+"""The model-server deployment: each replica owns one engine and its tensor-parallel group.
+
+At tp > 1 the deployment's placement group holds the replica's own bundle first and one
+bundle per worker after it; the engine's Ray executor finds that group and places its workers
+there, so nothing is reserved twice. The replica streams ``GenerationChunk``s (deltas only),
+reports queue length and KV usage for the router, and tells the truth about its health: a
+one-token probe through the engine every ``health_probe_interval_s`` plus the executor's
+worker health, which both Serve's ``check_health`` and the gRPC Health service read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from cluster.engine.async_engine import AsyncLLMEngine
+from cluster.engine.llm_engine import LLMEngine
+from cluster.errors import EngineDeadError
+from cluster.outputs import RequestOutput
+from cluster.sampling_params import SamplingParams
+from cluster.serving.config import ServingConfig
+from cluster.serving.engine_request import EngineRequest
+from cluster.serving.generation_chunk import GenerationChunk
+
+logger = logging.getLogger(__name__)
+
+_PROBE = SamplingParams(max_tokens=1, temperature=0.0)
+
+
+class ModelServer:
+    """One replica: an AsyncLLMEngine, its health, its routing stats."""
+
+    def __init__(self, config: ServingConfig):
+        self.config = config
+        engine_config = config.engine_config()
+        self.engine = AsyncLLMEngine(LLMEngine(engine_config))
+        self.model_name = config.model_name or os.path.basename(engine_config.model.model.rstrip("/"))
+        self._unhealthy: str | None = None
+        self._last_probe = 0.0
+        self._stop = threading.Event()
+        threading.Thread(target=self._probe_loop, name="health-probe", daemon=True).start()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream one request's deltas; the engine aborts it (freeing its KV blocks) if we are cancelled."""
+        engine = self.engine.engine
+        prompt = request.engine_prompt() if request.messages is None else \
+            {"prompt_token_ids": engine.input_processor.chat_token_ids(request.messages)}
+        text_len = num_tokens = num_logprobs = 0
+        async for out in self.engine.generate(prompt, request.params, request_id=request.request_id):
+            completion = out.outputs[0]
+            chunk = GenerationChunk(
+                request_id=request.request_id, text=completion.text[text_len:],
+                token_ids=completion.token_ids[num_tokens:],
+                logprobs=(completion.logprobs or [])[num_logprobs:],
+                finish_reason=completion.finish_reason if out.finished else None,
+                prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(completion.token_ids),
+                cached_prompt_tokens=out.num_cached_tokens)
+            if chunk.logprobs:
+                ids = {i for lp in chunk.logprobs for i in (lp.token_id, *lp.top)}
+                chunk.token_texts = {i: engine.tokenizer.decode([i]) for i in ids}
+            text_len, num_tokens = len(completion.text), len(completion.token_ids)
+            num_logprobs = len(completion.logprobs or [])
+            yield chunk
+
+    def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        processor = self.engine.engine.input_processor
+        if messages is not None:
+            return processor.chat_token_ids(messages)
+        _, ids = processor.process(prompt, SamplingParams())
+        return ids
+
+    def model_info(self) -> dict:
+        engine = self.engine.engine
+        return {"model": self.model_name, "max_model_len": engine.max_model_len,
+                "tensor_parallel_size": engine.config.parallel.tensor_parallel_size,
+                "dtype": engine.config.model.dtype, "vocab_size": engine.arch.vocab_size,
+                "block_size": engine.config.cache.block_size}
+
+    def engine_stats(self) -> dict:
+        """The engine's counters (block usage, prefix-cache hits) for tests and metrics."""
+        return self.engine.engine.stats()
+
+    def record_routing_stats(self) -> dict:
+        """Called by Serve every routing_stats_period_s; read by the prefix-affinity router."""
+        stats = self.engine.engine.stats()
+        return {"num_running": stats["num_running"], "num_waiting": stats["num_waiting"],
+                "kv_cache_usage": stats["kv_cache_usage"]}
+
+    # ---- health ---------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        return self._why_unhealthy() is None
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: raising makes Serve replace this replica."""
+        reason = self._why_unhealthy()
+        if reason is not None:
+            raise EngineDeadError(f"replica unhealthy: {reason}")
+
+    def _why_unhealthy(self) -> str | None:
+        if self._unhealthy is not None:
+            return self._unhealthy
+        if not self.engine.is_running:
+            return "the engine loop stopped"
+        if not self.engine.engine.executor.is_healthy():
+            return "a tensor-parallel worker died"
+        return None
+
+    def _probe_loop(self) -> None:
+        """Generate one token every interval (queued like real traffic) to prove the engine still works."""
+        interval, timeout = self.config.health_probe_interval_s, self.config.health_probe_timeout_s
+        while self._unhealthy is None and not self._stop.wait(interval):
+            started = time.monotonic()
+            try:
+                asyncio.run(asyncio.wait_for(self._probe_once(), timeout))
+                self._last_probe = time.monotonic() - started
+            except asyncio.TimeoutError:
+                self._unhealthy = f"a one-token probe took over {timeout:g} s"
+            except Exception as err:  # noqa: BLE001 - any failure to generate is ill health
+                self._unhealthy = f"a one-token probe failed: {err!r}"
+        if self._unhealthy is not None:
+            logger.error("model server unhealthy: %s", self._unhealthy)
+
+    async def _probe_once(self) -> RequestOutput | None:
+        last = None
+        async for last in self.engine.generate({"prompt_token_ids": [self._probe_token()]}, _PROBE,
+                                                request_id=f"health-probe-{uuid.uuid4().hex[:8]}"):
+            pass
+        return last
+
+    def _probe_token(self) -> int:
+        arch = self.engine.engine.arch
+        return arch.bos_token_id if arch.bos_token_id is not None else 0
+
+    def __del__(self):
+        try:
+            self._stop.set()
+            self.engine.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            pass
