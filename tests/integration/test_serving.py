@@ -1,0 +1,323 @@
+"""The Serve application over real clients: generated gRPC stubs, grpcurl through reflection,
+grpc.health.v1, the openai client; cancellation, deadlines, errors and queue bounds.
+
+One private Ray + Serve for the module; the app serves SmolLM2-135M in float32 so its greedy
+text can be compared with the offline engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import time
+
+import grpc
+import pytest
+
+from cluster.llm import LLM
+from cluster.sampling_params import SamplingParams
+from cluster.serving.config import ServingConfig
+from cluster.v1 import generation_pb2 as pb
+from cluster.v1 import generation_pb2_grpc as pb_grpc
+
+APP = "llm-cluster"
+METADATA = (("application", APP),)
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Here is my shopping list:\n1. Apples\n2.",
+           "Question: Why is the sky blue?\nAnswer:", "Le chat est sur la table. El gato"]
+MAX_TOKENS = 24
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_cluster():
+    """Ray + Serve with our gRPC servicers; yields (grpc address, http base url)."""
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from cluster.serving.app import GRPC_SERVICER_FUNCTIONS
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=8, log_to_driver=False)
+    grpc_port, http_port = free_port(), free_port()
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smollm2_app(serve_cluster, smollm2_path):
+    from ray import serve
+
+    from cluster.serving.app import build_app
+
+    config = ServingConfig(replica_num_cpus=2, max_ongoing_requests=40, max_queued_requests=8,
+                           health_probe_interval_s=2,
+                           engine={"model": smollm2_path, "dtype": "float32", "kv_cache_memory_bytes": 256 << 20})
+    serve.run(build_app(config), name=APP, route_prefix="/")
+    yield serve_cluster
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def offline(smollm2_path):
+    """The offline engine's greedy text for PROMPTS (the served text must equal it)."""
+    llm = LLM(model=smollm2_path, dtype="float32")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    return {p: o.outputs[0].text for p, o in zip(PROMPTS, llm.generate(PROMPTS, params))}
+
+
+@pytest.fixture
+def stub(smollm2_app):
+    with grpc.insecure_channel(smollm2_app[0]) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def greedy(prompt: str, max_tokens: int = MAX_TOKENS, **extra) -> pb.GenerateRequest:
+    return pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParameters(**{"max_tokens": max_tokens,
+                                                                               "temperature": 0.0, **extra}))
+
+
+def post_json(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def engine_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("ModelServer", APP).engine_stats.remote().result()
+
+
+def wait_for_free_blocks(timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = engine_stats()
+        if stats["num_free_blocks"] == stats["num_blocks"] and not stats["num_running"] and not stats["num_waiting"]:
+            return stats
+        if time.monotonic() > deadline:
+            return stats
+        time.sleep(0.1)
+
+
+# ---- the contract ---------------------------------------------------------------------------------
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    from cluster.v1.generate_stubs import REPO, generate
+
+    generated = generate(str(tmp_path))
+    assert generated
+    for path in generated:
+        rel = os.path.relpath(path, tmp_path)
+        with open(path) as fresh, open(os.path.join(REPO, rel)) as committed:
+            assert fresh.read() == committed.read(), f"{rel} is stale: run `make protos`"
+
+
+def test_every_rpc_and_field_is_documented():
+    from cluster.v1.generate_stubs import proto_files
+
+    for path in proto_files():
+        lines = open(path).read().splitlines()
+        for i, line in enumerate(lines):
+            code = line.split("//")[0].strip()
+            declares = code.startswith(("rpc ", "message ", "enum ", "service ")) or \
+                (code.endswith(";") and "=" in code and not code.startswith(("syntax", "package", "option")))
+            if declares:
+                assert lines[i - 1].strip().startswith("//"), f"{os.path.basename(path)}:{i + 1} has no comment: {code}"
+
+
+# ---- real clients ---------------------------------------------------------------------------------
+
+def test_grpc_unary_and_stream_equal_the_offline_engine(stub, offline):
+    for prompt in PROMPTS:
+        unary = stub.Generate(greedy(prompt), metadata=METADATA)
+        assert unary.text == offline[prompt]
+        assert unary.usage.completion_tokens == len(unary.token_ids) and unary.usage.prompt_tokens > 0
+        messages = list(stub.GenerateStream(greedy(prompt), metadata=METADATA))
+        assert "".join(m.text for m in messages) == offline[prompt]
+        assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+        assert messages[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+        assert messages[-1].usage.completion_tokens == sum(len(m.token_ids) for m in messages)
+
+
+def test_tokenize_model_info_and_chat(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=METADATA)
+    assert info.max_model_len == 8192 and info.tensor_parallel_size == 1 and info.dtype == "float32"
+    assert info.vocab_size == 49152
+    tokens = stub.Tokenize(pb.TokenizeRequest(prompt="hello world"), metadata=METADATA)
+    assert tokens.count == len(tokens.token_ids) >= 2
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="What is 2+2?")])
+    templated = stub.Tokenize(pb.TokenizeRequest(chat=chat), metadata=METADATA)
+    reply = stub.Generate(pb.GenerateRequest(chat=chat, sampling=pb.SamplingParameters(max_tokens=8, temperature=0)),
+                          metadata=METADATA)
+    assert reply.usage.prompt_tokens == templated.count and reply.text
+
+
+def test_grpcurl_lists_describes_and_calls_through_reflection(smollm2_app, offline):
+    grpcurl = os.path.join(os.path.dirname(os.sys.executable), "grpcurl")
+    address = smollm2_app[0]
+    listed = subprocess.run([grpcurl, "-plaintext", address, "list"], capture_output=True, text=True, timeout=30)
+    assert "cluster.v1.GenerationService" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
+    described = subprocess.run([grpcurl, "-plaintext", address, "describe", "cluster.v1.GenerationService"],
+                               capture_output=True, text=True, timeout=30)
+    assert "GenerateStream" in described.stdout
+    body = json.dumps({"prompt": PROMPTS[0], "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0}})
+    called = subprocess.run([grpcurl, "-plaintext", "-H", f"application: {APP}", "-d", body, address,
+                             "cluster.v1.GenerationService/Generate"], capture_output=True, text=True, timeout=60)
+    assert json.loads(called.stdout)["text"] == offline[PROMPTS[0]], called.stderr
+
+
+def test_health_check_reports_serving(smollm2_app):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(smollm2_app[0]) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), metadata=METADATA)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_openai_client_completions_chat_and_streaming(smollm2_app, offline):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=smollm2_app[1] + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    completion = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert completion.choices[0].text == offline[PROMPTS[0]]
+    assert completion.usage.completion_tokens > 0
+    streamed = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0,
+                                         stream=True, stream_options={"include_usage": True})
+    events = list(streamed)
+    assert "".join(e.choices[0].text for e in events if e.choices) == offline[PROMPTS[1]]
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens > 0
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                          max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    assert chat.choices[0].message.content and len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=8, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason
+
+
+def test_32_concurrent_streams_complete_correctly(smollm2_app, offline):
+    async def one(stub, prompt):
+        text = ""
+        async for message in stub.GenerateStream(greedy(prompt), metadata=METADATA):
+            text += message.text
+        return prompt, text
+
+    async def run():
+        async with grpc.aio.insecure_channel(smollm2_app[0]) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            return await asyncio.gather(*[one(stub, PROMPTS[i % len(PROMPTS)]) for i in range(32)])
+
+    results = asyncio.run(run())
+    assert len(results) == 32
+    for prompt, text in results:
+        assert text == offline[prompt]
+
+
+# ---- cancellation, deadlines, errors ---------------------------------------------------------------
+
+def test_cancelled_streams_and_expired_deadlines_free_their_blocks(stub):
+    baseline = wait_for_free_blocks()
+    assert baseline["num_free_blocks"] == baseline["num_blocks"]
+    calls = [stub.GenerateStream(greedy(p, max_tokens=2000, ignore_eos=True), metadata=METADATA) for p in PROMPTS]
+    for call in calls:
+        next(call)  # generation is under way
+    assert engine_stats()["num_running"] >= len(PROMPTS) - 1
+    for call in calls:
+        call.cancel()
+    after_cancel = wait_for_free_blocks()
+    assert after_cancel["num_free_blocks"] == after_cancel["num_blocks"], after_cancel
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GenerateStream(greedy(PROMPTS[0], max_tokens=2000, ignore_eos=True), metadata=METADATA,
+                                 timeout=2.0))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    after_deadline = wait_for_free_blocks()
+    assert after_deadline["num_free_blocks"] == after_deadline["num_blocks"], after_deadline
+
+
+@pytest.mark.parametrize("request_, field", [
+    (greedy("hi", temperature=-1.0), "sampling.temperature"),
+    (greedy("hi", top_p=0.0), "sampling.top_p"),
+    (greedy("hi", logprobs=50), "sampling.logprobs"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10 ** 6])), "prompt_token_ids"),
+    (pb.GenerateRequest(), "input"),
+    (greedy("word " * 9000), "prompt"),
+])
+def test_bad_requests_are_invalid_argument_naming_the_field_then_service_continues(stub, offline, request_, field):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request_, metadata=METADATA)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+    assert stub.Generate(greedy(PROMPTS[0]), metadata=METADATA).text == offline[PROMPTS[0]]
+
+
+def test_http_errors_name_the_field(smollm2_app):
+    base = smollm2_app[1]
+    cases = [({"prompt": "hi", "temperature": -1}, "temperature"), ({"prompt": "hi", "logit_bias": {}}, "logit_bias"),
+             ({"prompt": "hi", "bogus": 1}, "bogus"), ({"prompt": 5}, "prompt"),
+             ({"prompt": "word " * 9000}, "prompt")]
+    for body, field in cases:
+        status, reply = post_json(base + "/v1/completions", body)
+        assert status == 400 and reply["error"]["param"] == field, reply
+    status, reply = post_json(base + "/v1/chat/completions", {"messages": []})
+    assert status == 400 and reply["error"]["param"] == "messages"
+    status, _ = post_json(base + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200
+
+
+def test_more_work_than_the_queue_bound_is_resource_exhausted_at_once(smollm2_app, stub, offline):
+    """max_ongoing_requests 40 + max_queued_requests 8: 60 gRPC streams and 10 HTTP requests at once,
+    and the excess is refused at once (RESOURCE_EXHAUSTED / 429) rather than queued without bound."""
+    async def flood():
+        async with grpc.aio.insecure_channel(smollm2_app[0]) as channel:
+            aio_stub = pb_grpc.GenerationServiceStub(channel)
+            calls = [aio_stub.GenerateStream(greedy(f"{i} " + PROMPTS[0], max_tokens=2000, ignore_eos=True),
+                                             metadata=METADATA) for i in range(60)]
+            codes = []
+
+            async def first(call):
+                try:
+                    await call.read()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as err:
+                    codes.append(err.code())
+
+            tasks = [asyncio.create_task(first(c)) for c in calls]
+            http = [asyncio.create_task(asyncio.to_thread(post_json, smollm2_app[1] + "/v1/completions",
+                                                          {"prompt": f"{i} hi", "max_tokens": 40}))
+                    for i in range(10)]
+            deadline = time.monotonic() + 60
+            while codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) < 60 - 48 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            refused_within = time.monotonic() - (deadline - 60)
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            statuses = [status for status, _ in await asyncio.gather(*http)]
+            return codes, statuses, refused_within
+
+    codes, http_statuses, refused_within = asyncio.run(flood())
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 60 - 48, codes
+    assert refused_within < 30, f"refusals took {refused_within:.1f} s: they must not wait in a queue"
+    assert 429 in http_statuses and set(http_statuses) <= {200, 429}, http_statuses
+    wait_for_free_blocks()
+    assert stub.Generate(greedy(PROMPTS[0]), metadata=METADATA).text == offline[PROMPTS[0]]
