@@ -8,6 +8,7 @@ token for token. They are built once per session, deterministically (fixed seed)
 from __future__ import annotations
 
 import os
+import socket
 import shutil
 
 import pytest
@@ -262,3 +263,31 @@ def placement_group_state(placement_group_id: str) -> str:
     groups = list_placement_groups(filters=[("placement_group_id", "=", placement_group_id)],
                                    raise_on_missing_output=False)
     return groups[0].state if groups else "UNKNOWN"
+
+
+# ---- Ray Serve ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_cluster():
+    """Ray + Serve with our gRPC servicers; yields (grpc address, http base url)."""
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from cluster.serving.app import GRPC_SERVICER_FUNCTIONS
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=8, log_to_driver=False)
+    grpc_port, http_port = free_port(), free_port()
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+    serve.shutdown()
+    ray.shutdown()

@@ -32,6 +32,15 @@ logger = logging.getLogger(__name__)
 _PROBE = SamplingParams(max_tokens=1, temperature=0.0)
 
 
+def _replica_id() -> str | None:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica
+        return None
+
+
 class ModelServer:
     """One replica: an AsyncLLMEngine, its health, its routing stats."""
 
@@ -84,8 +93,8 @@ class ModelServer:
                 "block_size": engine.config.cache.block_size}
 
     def engine_stats(self) -> dict:
-        """The engine's counters (block usage, prefix-cache hits) for tests and metrics."""
-        return self.engine.engine.stats()
+        """The engine's counters (block usage, prefix-cache hits), tagged with this replica's id."""
+        return {**self.engine.engine.stats(), "replica": _replica_id()}
 
     def record_routing_stats(self) -> dict:
         """Called by Serve every routing_stats_period_s; read by the prefix-affinity router."""

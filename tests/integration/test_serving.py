@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import time
 
@@ -29,32 +28,6 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Here is my shopping
            "Question: Why is the sky blue?\nAnswer:", "Le chat est sur la table. El gato"]
 MAX_TOKENS = 24
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def serve_cluster():
-    """Ray + Serve with our gRPC servicers; yields (grpc address, http base url)."""
-    import ray
-    from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
-
-    from cluster.serving.app import GRPC_SERVICER_FUNCTIONS
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=8, log_to_driver=False)
-    grpc_port, http_port = free_port(), free_port()
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-    yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
-    serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

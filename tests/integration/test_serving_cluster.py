@@ -1,0 +1,141 @@
+"""The serving cluster's routing and failure behaviour, on a tiny model:
+
+- with 2 replicas and groups of requests sharing long prefixes, the prefix-affinity router
+  gets a higher prefix-cache hit rate than Serve's default router (the replicas' own counters);
+- killing a replica's tensor-parallel worker fails its in-flight streams with UNAVAILABLE,
+  flips grpc.health.v1 to NOT_SERVING, and Serve replaces the replica, which then serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.serving.config import ServingConfig
+from cluster.v1 import generation_pb2 as pb
+from cluster.v1 import generation_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+
+def deploy(path: str, name: str, **options):
+    from ray import serve
+
+    from cluster.serving.app import build_app
+
+    engine = {"model": path, "dtype": "float32", "num_blocks": 512, "block_size": 16, **options.pop("engine", {})}
+    config = ServingConfig(app_name=name, replica_num_cpus=1, engine=engine, **options)
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    return config
+
+
+def per_replica_stats(name: str, replicas: int) -> dict[str, dict]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ModelServer", name)
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # calls carry no prompt: the router spreads them by load
+        stats = handle.engine_stats.remote().result()
+        seen[stats["replica"]] = stats
+        if len(seen) == replicas:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"saw {len(seen)} of {replicas} replicas")
+
+
+def shared_prefix_workload(seed: int = 0) -> list[list[int]]:
+    """8 groups x 6 requests: a 256-token group prefix + a 16-token unique tail, shuffled."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(100, 40000) for _ in range(256)] for _ in range(8)]
+    requests = [p + [rng.randrange(100, 40000) for _ in range(16)] for p in prefixes for _ in range(6)]
+    rng.shuffle(requests)
+    return requests
+
+
+def run_workload(address: str, name: str, requests: list[list[int]], concurrency: int = 4) -> None:
+    async def main():
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(ids):
+                async with gate:
+                    await stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
+                                                           sampling=pb.SamplingParameters(max_tokens=4, temperature=0)),
+                                        metadata=(("application", name),))
+
+            await asyncio.gather(*[one(r) for r in requests])
+
+    asyncio.run(main())
+
+
+def test_prefix_affinity_router_beats_the_default_on_shared_prefixes(serve_cluster, tiny_llama_dir):
+    from ray import serve
+
+    path = tiny_llama_dir("llama_untied")
+    requests = shared_prefix_workload()
+    hit_rates = {}
+    for router in ("prefix_affinity", "power_of_two"):
+        name = f"router-{router.replace('_', '-')}"
+        deploy(path, name, num_replicas=2, router=router, routing_stats_period_s=0.5,
+               health_probe_interval_s=60)
+        run_workload(serve_cluster[0], name, requests)
+        stats = per_replica_stats(name, 2)
+        hits = sum(s["prefix_cache_hits"] for s in stats.values())
+        queries = sum(s["prefix_cache_queries"] for s in stats.values())
+        hit_rates[router] = hits / queries
+        serve.delete(name)
+    # 8 groups x 6 requests: at best 5 of every 6 requests reuse their 256-token prefix.
+    assert hit_rates["prefix_affinity"] > hit_rates["power_of_two"] + 0.1, hit_rates
+    assert hit_rates["prefix_affinity"] > 0.7, hit_rates
+
+
+def _health(address: str, name: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                         metadata=(("application", name),), timeout=10).status
+
+
+def test_killing_a_tp_worker_fails_streams_unavailable_flips_health_and_serve_replaces_the_replica(
+        serve_cluster, tiny_llama_dir):
+    from ray import serve
+    from ray.util.state import list_actors
+
+    address, name = serve_cluster[0], "tp-failure"
+    deploy(tiny_llama_dir("llama_untied"), name, engine={"tensor_parallel_size": 2}, health_probe_interval_s=1)
+    metadata = (("application", name),)
+    request = pb.GenerateRequest(prompt="Once upon a time",
+                                 sampling=pb.SamplingParameters(max_tokens=4000, temperature=0, ignore_eos=True))
+    short = pb.GenerateRequest(prompt="Once upon a time", sampling=pb.SamplingParameters(max_tokens=4, temperature=0))
+    try:
+        assert _health(address, name) == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            expected = stub.Generate(short, metadata=metadata).text
+            stream = stub.GenerateStream(request, metadata=metadata)
+            next(stream)
+            workers = [a for a in list_actors(filters=[("class_name", "=", "_RayWorker"), ("state", "=", "ALIVE")],
+                                              raise_on_missing_output=False)]
+            assert len(workers) == 2
+            os.kill(workers[1].pid, signal.SIGKILL)  # as the OOM killer would
+            killed = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stream:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - killed < 10
+            assert _health(address, name) == health_pb2.HealthCheckResponse.NOT_SERVING
+            deadline = time.monotonic() + 120
+            while _health(address, name) != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "Serve did not replace the broken replica"
+                time.sleep(1)
+            assert stub.Generate(short, metadata=metadata).text == expected
+    finally:
+        serve.delete(name)
