@@ -42,7 +42,30 @@ def _bench_parser(sub) -> None:
     p.add_argument("--hf-batch-sizes", default="8,16,32", help="transformers batch sizes to try")
     p.add_argument("--skip-hf", action="store_true", help="engine only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help="instead: sweep 1/8/32/64 gRPC streams against a running server")
+    p.add_argument("--application", default="llm-cluster", help="with --server: the Serve application")
+    p.add_argument("--prompt-words", type=int, default=200, help="with --server: words per prompt")
+    p.add_argument("--max-tokens", type=int, default=24, help="with --server: output tokens per request")
     p.set_defaults(func=_cmd_bench)
+
+
+def _serve_bench_parser(sub) -> None:
+    p = sub.add_parser("bench-serve", help="served vs in-process throughput, gRPC sweep, router comparison")
+    _add_engine_args(p)
+    p.add_argument("--prompt-words", type=int, default=200)
+    p.add_argument("--prefix-words", type=int, default=400, help="shared prefix length in the router phase")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--grpc-port", type=int, default=9310)
+    p.add_argument("--http-port", type=int, default=8310)
+    p.set_defaults(func=_cmd_serve_bench)
+
+
+def _cmd_serve_bench(args) -> int:
+    from cluster.bench_serve import run_serve_bench
+
+    return run_serve_bench(args)
 
 
 def _micro_parser(sub) -> None:
@@ -135,6 +158,10 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.server:
+        from cluster.bench_serve import run_client_bench
+
+        return run_client_bench(args)
     from cluster.bench import run_bench
 
     return run_bench(args)
@@ -150,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     _micro_parser(sub)
     _tp_parser(sub)
     _serve_parser(sub)
+    _serve_bench_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

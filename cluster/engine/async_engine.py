@@ -44,8 +44,12 @@ class AsyncLLMEngine:
         return self._dead is None and self._thread.is_alive()
 
     async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs; validation errors raise before anything is queued."""
+                       request_id: str | None = None, coalesce: bool = False) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs; validation errors raise before anything is queued.
+
+        With ``coalesce`` a consumer that fell behind gets only the newest output (outputs are
+        cumulative, so nothing is lost): fewer, larger messages when the server is busy.
+        """
         self._check_alive()
         request_id = request_id or f"async-{next(self._ids)}"
         if request_id in self._streams:
@@ -59,6 +63,8 @@ class AsyncLLMEngine:
             self._check_alive()  # the thread may have died after the first check
             while not finished:
                 item = await stream.get()
+                while coalesce and not isinstance(item, BaseException) and not item.finished and not stream.empty():
+                    item = stream.get_nowait()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

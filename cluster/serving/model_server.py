@@ -62,7 +62,7 @@ class ModelServer:
         prompt = request.engine_prompt() if request.messages is None else \
             {"prompt_token_ids": engine.input_processor.chat_token_ids(request.messages)}
         text_len = num_tokens = num_logprobs = 0
-        async for out in self.engine.generate(prompt, request.params, request_id=request.request_id):
+        async for out in self.engine.generate(prompt, request.params, request_id=request.request_id, coalesce=True):
             completion = out.outputs[0]
             chunk = GenerationChunk(
                 request_id=request.request_id, text=completion.text[text_len:],

@@ -294,3 +294,15 @@ def test_more_work_than_the_queue_bound_is_resource_exhausted_at_once(smollm2_ap
     assert 429 in http_statuses and set(http_statuses) <= {200, 429}, http_statuses
     wait_for_free_blocks()
     assert stub.Generate(greedy(PROMPTS[0]), metadata=METADATA).text == offline[PROMPTS[0]]
+
+
+def test_cli_generate_streams_from_the_server(smollm2_app, offline):
+    import subprocess
+    import sys
+
+    cli = os.path.join(os.path.dirname(sys.executable), "llm-cluster")
+    done = subprocess.run([cli, "generate", "--server", smollm2_app[0], "--max-tokens", str(MAX_TOKENS),
+                           PROMPTS[0]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == offline[PROMPTS[0]].strip()
+    assert "completion tokens" in done.stderr
