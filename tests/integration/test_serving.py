@@ -306,3 +306,22 @@ def test_cli_generate_streams_from_the_server(smollm2_app, offline):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == offline[PROMPTS[0]].strip()
     assert "completion tokens" in done.stderr
+
+
+def test_http_client_disconnect_aborts_the_request_and_frees_its_blocks(smollm2_app):
+    import http.client
+    from urllib.parse import urlparse
+
+    baseline = wait_for_free_blocks()
+    assert baseline["num_free_blocks"] == baseline["num_blocks"]
+    url = urlparse(smollm2_app[1])
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 2000, "ignore_eos": True, "stream": True})
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    reply = connection.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    assert engine_stats()["num_running"] >= 1
+    connection.sock.close()  # the client goes away mid-stream
+    connection.close()
+    after = wait_for_free_blocks()
+    assert after["num_free_blocks"] == after["num_blocks"] and after["num_running"] == 0, after
