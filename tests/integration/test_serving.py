@@ -258,8 +258,8 @@ def test_http_errors_name_the_field(smollm2_app):
 
 
 def test_more_work_than_the_queue_bound_is_resource_exhausted_at_once(smollm2_app, stub, offline):
-    """max_ongoing_requests 40 + max_queued_requests 8: 60 gRPC streams and 10 HTTP requests at once,
-    and the excess is refused at once (RESOURCE_EXHAUSTED / 429) rather than queued without bound."""
+    """max_ongoing_requests 40 + max_queued_requests 8: 60 gRPC streams, then 20 HTTP requests while
+    they run; the excess is refused at once (RESOURCE_EXHAUSTED / 429), not queued without bound."""
     async def flood():
         async with grpc.aio.insecure_channel(smollm2_app[0]) as channel:
             aio_stub = pb_grpc.GenerationServiceStub(channel)
@@ -275,17 +275,18 @@ def test_more_work_than_the_queue_bound_is_resource_exhausted_at_once(smollm2_ap
                     codes.append(err.code())
 
             tasks = [asyncio.create_task(first(c)) for c in calls]
-            http = [asyncio.create_task(asyncio.to_thread(post_json, smollm2_app[1] + "/v1/completions",
-                                                          {"prompt": f"{i} hi", "max_tokens": 40}))
-                    for i in range(10)]
             deadline = time.monotonic() + 60
             while codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) < 60 - 48 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             refused_within = time.monotonic() - (deadline - 60)
+            # Still saturated (the admitted streams run 2,000 tokens): 20 HTTP requests at once
+            # cannot all fit in what is left of 40 running + 8 queued.
+            http = [asyncio.to_thread(post_json, smollm2_app[1] + "/v1/completions",
+                                      {"prompt": f"{i} hi", "max_tokens": 40}) for i in range(20)]
+            statuses = [status for status, _ in await asyncio.gather(*http)]
             for call in calls:
                 call.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            statuses = [status for status, _ in await asyncio.gather(*http)]
             return codes, statuses, refused_within
 
     codes, http_statuses, refused_within = asyncio.run(flood())

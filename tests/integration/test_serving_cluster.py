@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cluster.serving.config import ServingConfig
 from cluster.v1 import generation_pb2 as pb
 from cluster.v1 import generation_pb2_grpc as pb_grpc
+from tests.integration.test_serving import post_json
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +124,11 @@ def test_killing_a_tp_worker_fails_streams_unavailable_flips_health_and_serve_re
             expected = stub.Generate(short, metadata=metadata).text
             stream = stub.GenerateStream(request, metadata=metadata)
             next(stream)
+            # An HTTP request in flight too: it must end 503 when the engine dies.
+            http = concurrent.futures.ThreadPoolExecutor(1).submit(
+                post_json, f"{serve_cluster[1]}/{name}/v1/completions",
+                {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True})
+            time.sleep(1.0)
             workers = [a for a in list_actors(filters=[("class_name", "=", "_RayWorker"), ("state", "=", "ALIVE")],
                                               raise_on_missing_output=False)]
             assert len(workers) == 2
@@ -131,6 +138,8 @@ def test_killing_a_tp_worker_fails_streams_unavailable_flips_health_and_serve_re
                 for _ in stream:
                     pass
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - killed < 10
+            status, body = http.result(timeout=30)
+            assert status == 503 and body["error"]["type"] == "service_unavailable", body
             assert _health(address, name) == health_pb2.HealthCheckResponse.NOT_SERVING
             deadline = time.monotonic() + 120
             while _health(address, name) != health_pb2.HealthCheckResponse.SERVING:
