@@ -202,11 +202,26 @@ def chat_request(body: Any, chat_max_tokens: int) -> EngineRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
+    turns = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InvalidRequestError(f"messages[{i}]", "must be an object with string role and content")
-    return EngineRequest(_request_id(body), messages=[{"role": m["role"], "content": m["content"]} for m in messages],
-                         params=params)
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidRequestError(f"messages[{i}]", "must be an object with a string role and content")
+        turns.append({"role": m["role"], "content": _message_text(m.get("content"), f"messages[{i}].content")})
+    return EngineRequest(_request_id(body), messages=turns, params=params)
+
+
+def _message_text(content: Any, field: str) -> str:
+    """A message's content: a string, or OpenAI's list of text parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError(field, "only text parts ({'type': 'text', 'text': ...}) are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidRequestError(field, "must be a string or a non-empty list of text parts")
 
 
 def wants_stream(body: dict) -> tuple[bool, bool]:
