@@ -8,6 +8,8 @@ output tokens/s per level.
 1. the in-process engine (``AsyncLLMEngine``) on the 32-stream workload: the baseline;
 2. a local Ray + Serve deployment of the same engine (one replica), swept over 1/8/32/64
    streams; the served throughput at 32 streams is compared with the baseline;
+   2b. the in-process engine again while Ray and the (idle) app keep running: what the
+   cluster's own processes cost on this machine, apart from the request path;
 3. two replicas behind the prefix-affinity router, then behind Serve's default power-of-two
    router, on a workload whose requests share long prefixes in groups: prefix-cache hit rate
    (from the replicas' own counters) and p50 time to first token.
@@ -209,6 +211,8 @@ def run_serve_bench(args) -> int:
         _deploy(args, APP, replica_num_cpus=cores)
         levels = sweep(address, APP, args)
         served32 = [asyncio.run(_grpc_run(address, APP, prompts, 32, args.max_tokens)) for prompts in run_prompts]
+        print("phase 2b: in-process engine again, with Ray and the (idle) app still running", flush=True)
+        beside = [_in_process(args, workload(64, args.prompt_words, seed=200 + r)) for r in range(args.repeats)]
         serve.delete(APP)
 
         print("phase 3: two replicas, shared-prefix workload, prefix-affinity vs power-of-two", flush=True)
@@ -229,10 +233,13 @@ def run_serve_bench(args) -> int:
     print_sweep(levels)
     base = statistics.median(r.tokens_per_s for r in inproc)
     served = statistics.median(r.tokens_per_s for r in served32)
+    beside_base = statistics.median(r.tokens_per_s for r in beside)
     print(f"\n32 streams, 64 requests: in-process {base:.1f} tok/s, served {served:.1f} tok/s -> "
           f"{served / base:.2f}x (target >= 0.9x); TTFT p50 in-process "
           f"{statistics.median(_pct(r.ttft, .5) for r in inproc):.3f}s, served "
           f"{statistics.median(_pct(r.ttft, .5) for r in served32):.3f}s")
+    print(f"in-process with Ray + Serve running beside it (idle app): {beside_base:.1f} tok/s "
+          f"({beside_base / base:.2f}x of alone); served vs that: {served / beside_base:.2f}x")
     print("\nshared prefixes (8 groups x 6 requests, 4 streams, 2 replicas):")
     for router, (rate, result) in routers.items():
         print(f"  {router:16s} prefix-cache hit rate {rate:.2f}   TTFT p50 {_pct(result.ttft, .5):.3f}s   "
