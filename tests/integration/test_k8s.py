@@ -1,0 +1,333 @@
+"""The Kubernetes deployment files: the Helm chart (k8s/helm/llm-cluster) and the plain manifests
+(k8s/manifests) render, and what they render is valid without a cluster:
+
+- core objects (Service, PodDisruptionBudget, PVC, ...) against Kubernetes 1.32's schemas
+  (kubernetes-validate, strict: unknown fields fail), and so are the RayService's pod templates;
+- the RayService against KubeRay v1.7's CRD schema (shared/k8s/crds), made strict the same way;
+- its serveConfigV2 against Ray's ServeDeploySchema, and the app it names builds from its args;
+- bad values (negative replicas, TP size != GPUs per worker, unknown keys) fail, naming the value.
+
+helm comes from `make tools/helm` (`make test` builds it first); no Ray, no cluster, no network
+beyond that one-off download.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHART = os.path.join(REPO, "k8s", "helm", "llm-cluster")
+GPU_VALUES = os.path.join(CHART, "values-gpu-multinode.yaml")
+MANIFESTS = os.path.join(REPO, "k8s", "manifests")
+HELM = os.path.join(REPO, "tools", "helm")
+CRD_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "k8s", "crds"))
+K8S_VERSION = "1.32"
+GRPC_PORT, HTTP_PORT = 9000, 8000
+
+# Every optional part switched the other way: token auth and TLS from existing Secrets, a hostPath
+# model volume, a fixed replica count, no liveness probe, no PDB.
+OPTIONS = ["auth.enabled=true", "auth.existingSecret=ray-token", "tls.enabled=true", "tls.existingSecret=ray-tls",
+           "model.volume.type=hostPath", "serve.autoscaling.enabled=false", "serve.numReplicas=2",
+           "probes.liveness.enabled=false", "podDisruptionBudget.enabled=false", "gpu.product=NVIDIA-L4"]
+
+# What each rendering is called in test ids, and the helm arguments that produce it (None: kustomize).
+SOURCES = {
+    "chart-default": [],
+    "chart-gpu-multinode": ["-f", GPU_VALUES],
+    "chart-options": [arg for option in OPTIONS for arg in ("--set", option)],
+    "kustomize": None,
+}
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """tools/helm, built by `make tools/helm` when missing (a failure says why, it is not skipped)."""
+    if not os.path.exists(HELM):
+        built = subprocess.run(["make", "-C", REPO, "tools/helm"], capture_output=True, text=True, timeout=300)
+        if built.returncode != 0 or not os.path.exists(HELM):
+            pytest.fail(f"tools/helm is missing and `make tools/helm` failed (it needs npm and the npm "
+                        f"registry):\n{built.stdout}\n{built.stderr}")
+    return HELM
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
+
+
+def parse_documents(text: str) -> list[dict]:
+    docs = [doc for doc in yaml.safe_load_all(text) if doc]
+    assert docs, "nothing rendered"
+    return docs
+
+
+def render(name: str, helm_path: str | None = None) -> list[dict]:
+    helm_args = SOURCES[name]
+    if helm_args is not None:
+        result = run_helm(helm_path, "template", "llm", CHART, *helm_args)
+        assert result.returncode == 0, result.stderr
+        return parse_documents(result.stdout)
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot render k8s/manifests with `kubectl kustomize`")
+    result = subprocess.run([kubectl, "kustomize", MANIFESTS], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return parse_documents(result.stdout)
+
+
+@pytest.fixture(scope="module", params=list(SOURCES))
+def rendered(request) -> list[dict]:
+    helm_path = request.getfixturevalue("helm") if SOURCES[request.param] is not None else None
+    return render(request.param, helm_path)
+
+
+def only(docs: list[dict], kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def ray_service(docs: list[dict]) -> dict:
+    (service,) = only(docs, "RayService")
+    assert service["apiVersion"] == "ray.io/v1"
+    return service
+
+
+def serve_config(docs: list[dict]) -> dict:
+    return yaml.safe_load(ray_service(docs)["spec"]["serveConfigV2"])
+
+
+def worker_group(docs: list[dict]) -> dict:
+    (group,) = ray_service(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return group
+
+
+# ---- helm lint ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [[], [GPU_VALUES]], ids=["default", "gpu-multinode"])
+def test_helm_lint_strict(helm, values):
+    args = ["lint", "--strict", CHART]
+    for path in values:
+        args += ["-f", path]
+    result = run_helm(helm, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- schemas --------------------------------------------------------------------------------
+
+
+def test_core_objects_validate_against_kubernetes_schemas(rendered):
+    import kubernetes_validate
+
+    kinds = {doc["kind"] for doc in rendered}
+    assert {"RayService", "Service"} <= kinds
+    for doc in rendered:
+        if doc["apiVersion"] == "ray.io/v1":
+            # kubernetes-validate has no schema for custom resources (its CLI only warns): the CRD
+            # test below covers them.
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_ray_pod_templates_validate_as_pods(rendered):
+    """The head and worker templates are PodTemplateSpecs: check them as Pods (probes, volumes...)."""
+    import kubernetes_validate
+
+    cluster = ray_service(rendered)["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template", **template.get("metadata", {})},
+               "spec": template["spec"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+
+
+def strict_schema(node):
+    """The CRD's schema, rejecting unknown fields wherever Kubernetes would prune them."""
+    if isinstance(node, list):
+        return [strict_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: strict_schema(value) for key, value in node.items()}
+    if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields") \
+            and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="session")
+def rayservice_schema() -> dict:
+    path = os.path.join(CRD_DIR, "ray.io_rayservices.yaml")
+    if not os.path.exists(path):
+        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (expected ray.io_rayservices.yaml from KubeRay "
+                    f"v1.7.0 there): cannot check the RayService against its CRD")
+    with open(path) as f:
+        crd = yaml.safe_load(f)
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return strict_schema(version["schema"]["openAPIV3Schema"])
+
+
+def test_strict_schema_rejects_unknown_fields(rayservice_schema):
+    import jsonschema
+
+    bogus = {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": "x"},
+             "spec": {"rayClusterConfig": {"headGroupSpec": {"template": {}, "bogusField": 1}}}}
+    with pytest.raises(jsonschema.ValidationError, match="bogusField"):
+        jsonschema.validate(bogus, rayservice_schema)
+
+
+def test_rayservice_validates_against_kuberay_crd(rendered, rayservice_schema):
+    import jsonschema
+
+    jsonschema.validate(ray_service(rendered), rayservice_schema)
+
+
+# ---- the Serve config -----------------------------------------------------------------------
+
+
+def test_serve_config_validates_and_the_app_builds(rendered):
+    from ray.serve import Application
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.serving.app import GRPC_SERVICER_FUNCTIONS, app_builder
+
+    raw = serve_config(rendered)
+    schema = ServeDeploySchema.model_validate(raw)
+    assert list(schema.grpc_options.grpc_servicer_functions) == GRPC_SERVICER_FUNCTIONS
+    assert schema.grpc_options.port == GRPC_PORT and schema.http_options.port == HTTP_PORT
+    assert schema.http_options.host == "0.0.0.0"
+    (app,) = raw["applications"]
+    assert app["import_path"] == "cluster.serving.app:app_builder"
+    built = app_builder(copy.deepcopy(app["args"]))  # every arg is a known serving or engine option
+    assert isinstance(built, Application)
+    deployments = {built._bound_deployment.name} | {
+        arg._bound_deployment.name for arg in built._bound_deployment.init_args if isinstance(arg, Application)}
+    for override in app.get("deployments", []):
+        assert override["name"] in deployments, f"override for unknown deployment {override['name']}"
+    overrides = [d for d in app.get("deployments", []) if d["name"] == "ModelServer"]
+    if not overrides:  # a fixed replica count
+        assert app["args"]["num_replicas"] >= 1
+        return
+    (model_server,) = overrides
+    autoscaling = model_server["autoscaling_config"]
+    assert {"min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
+            "upscale_delay_s", "downscale_delay_s"} <= set(autoscaling)
+    AutoscalingConfig(**autoscaling)
+    assert "num_replicas" not in app["args"] and "num_replicas" not in model_server  # autoscaling owns it
+
+
+# ---- topology -------------------------------------------------------------------------------
+
+
+def test_gpu_workers_tp_probes_volumes_and_autoscaling(rendered):
+    spec = ray_service(rendered)["spec"]
+    cluster = spec["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    group = worker_group(rendered)
+    assert 0 <= group["minReplicas"] <= group["maxReplicas"]
+    (container,) = group["template"]["spec"]["containers"]
+    args = serve_config(rendered)["applications"][0]["args"]
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(gpus) == args["tensor_parallel_size"] == int(container["resources"]["requests"]["nvidia.com/gpu"])
+    assert container["readinessProbe"]["grpc"]["port"] == GRPC_PORT
+    for probe in ("livenessProbe", "startupProbe"):  # both or neither
+        assert (probe in container) == ("livenessProbe" in container)
+        if probe in container:
+            assert container[probe]["grpc"]["port"] == GRPC_PORT, probe
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"grpc": GRPC_PORT, "serve": HTTP_PORT}
+    volumes = {volume["name"]: volume for volume in group["template"]["spec"]["volumes"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["sizeLimit"]
+    (model_mount,) = [path for path, name in mounts.items() if name == "models"]
+    assert args["model"].startswith(model_mount.rstrip("/") + "/"), "the model lives on the model volume"
+    assert "persistentVolumeClaim" in volumes["models"] or "hostPath" in volumes["models"]
+    claim = volumes["models"].get("persistentVolumeClaim", {}).get("claimName")
+    pvcs = {pvc["metadata"]["name"] for pvc in only(rendered, "PersistentVolumeClaim")}
+    if pvcs:
+        assert claim in pvcs
+
+
+def test_services_and_pdb_select_the_serving_workers(rendered):
+    labels = worker_group(rendered)["template"]["metadata"]["labels"]
+    head_labels = ray_service(rendered)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    ports = {}
+    for service in only(rendered, "Service"):
+        selector = service["spec"]["selector"]
+        assert selector.items() <= labels.items(), service["metadata"]["name"]
+        assert not selector.items() <= head_labels.items(), "the head has no probe on the app"
+        for port in service["spec"]["ports"]:
+            ports[port["port"]] = port["targetPort"]
+    assert ports == {GRPC_PORT: "grpc", HTTP_PORT: "serve"}
+    for pdb in only(rendered, "PodDisruptionBudget"):
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_gpu_values_file_scales_multinode(helm):
+    docs = render("chart-gpu-multinode", helm)
+    group = worker_group(docs)
+    assert (group["minReplicas"], group["maxReplicas"]) == (1, 4)
+    assert group["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
+    (app,) = serve_config(docs)["applications"]
+    assert app["args"]["tensor_parallel_size"] == 2
+    autoscaling = app["deployments"][0]["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 4)
+
+
+def test_optional_parts(helm):
+    docs = render("chart-options", helm)
+    assert not only(docs, "PodDisruptionBudget") and not only(docs, "PersistentVolumeClaim")
+    cluster = ray_service(docs)["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "ray-token"}
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        (container,) = template["spec"]["containers"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert env["RAY_USE_TLS"] == "1" and env["RAY_TLS_CA_CERT"].startswith("/")
+        volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
+        assert volumes["ray-tls"]["secret"]["secretName"] == "ray-tls"
+    assert "hostPath" in {v["name"]: v for v in worker_group(docs)["template"]["spec"]["volumes"]}["models"]
+    (app,) = serve_config(docs)["applications"]
+    assert app["args"]["num_replicas"] == 2 and "deployments" not in app
+
+
+# ---- bad values -----------------------------------------------------------------------------
+
+# name -> (values file, what the output must name, caught by the schema (else by a template `fail`))
+BAD_VALUES = {
+    "negative-min-replicas": ("serve:\n  autoscaling:\n    minReplicas: -1\n", ["serve.autoscaling.minReplicas"], True),
+    "negative-worker-replicas": ("workers:\n  minReplicas: -2\n", ["workers.minReplicas"], True),
+    "unknown-key": ("serve:\n  autoscaling:\n    maxReplica: 3\n", ["maxReplica"], True),
+    "unknown-top-level-key": ("replicas: 3\n", ["replicas"], True),
+    "bad-dtype": ("model:\n  dtype: int8\n", ["model.dtype"], True),
+    "tp-not-gpus-per-worker": ("serve:\n  tensorParallelSize: 2\ngpu:\n  perWorker: 1\n",
+                               ["serve.tensorParallelSize (2)", "gpu.perWorker (1)"], False),
+    "max-below-min": ("serve:\n  autoscaling:\n    minReplicas: 3\n    maxReplicas: 2\n",
+                      ["serve.autoscaling.maxReplicas (2)", "serve.autoscaling.minReplicas (3)"], False),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_VALUES))
+@pytest.mark.parametrize("command", ["template", "lint"])
+def test_bad_values_fail_naming_the_value(helm, tmp_path, name, command):
+    text, expected, by_schema = BAD_VALUES[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    args = ["template", "llm", CHART, "-f", str(path)] if command == "template" \
+        else ["lint", "--strict", CHART, "-f", str(path)]
+    result = run_helm(helm, *args)
+    output = result.stdout + result.stderr
+    if command == "lint" and not by_schema:
+        # helm lint renders in lint mode, where a template's `fail` is reported as an [INFO] line and
+        # does not fail the lint: the message must still be there (helm template/install fail on it).
+        assert "Fail: " in output, output
+    else:
+        assert result.returncode != 0, output
+    for needle in expected:
+        assert needle in output, f"{needle!r} not in:\n{output}"
