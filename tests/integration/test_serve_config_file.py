@@ -74,3 +74,21 @@ def test_serve_run_answers_grpc_and_http(tmp_path, smollm2_path):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_gpu_config_validates_and_builds_its_tp_placement():
+    """deploy/serve-gpu.yaml: Serve's schema, our args, and the replica's [CPU, GPU, GPU] bundles."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.serving.app import model_server_options
+    from cluster.serving.config import ServingConfig
+
+    with open(os.path.join(REPO, "deploy", "serve-gpu.yaml")) as f:
+        raw = yaml.safe_load(f)
+    ServeDeploySchema.model_validate(raw)
+    (app,) = raw["applications"]
+    config = ServingConfig.from_dict(app["args"])
+    options = model_server_options(config)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert app["deployments"][0]["name"] == options["name"]
