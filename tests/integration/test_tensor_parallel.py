@@ -125,7 +125,7 @@ async def _stream_until_error(engine: AsyncLLMEngine, prompt: list[int], started
     return None, time.monotonic()
 
 
-def _kill_mid_generation(path: str, kill) -> None:
+def _check_group_dies_cleanly(path: str, kill) -> None:
     """Start 4 streams, ``kill(executor)`` once tokens flow; every stream must end in EngineDeadError."""
     engine = AsyncLLMEngine(LLM(model=path, dtype="float32", tensor_parallel_size=2, worker_num_cpus=1,
                                 step_timeout_s=5).engine)
@@ -160,7 +160,7 @@ def _kill_mid_generation(path: str, kill) -> None:
 @pytest.mark.parametrize("rank", [0, 1])
 def test_killed_worker_ends_every_request_then_a_new_engine_serves(local_ray, tiny_reference, rank):
     path, _, prompts, expected = tiny_reference
-    _kill_mid_generation(path, lambda executor: local_ray.kill(executor.workers[rank], no_restart=True))
+    _check_group_dies_cleanly(path, lambda executor: local_ray.kill(executor.workers[rank], no_restart=True))
     llm = LLM(model=path, dtype="float32", tensor_parallel_size=2, worker_num_cpus=1)
     try:
         assert generate_tokens(llm, prompts[:2]) == expected[:2]
@@ -171,7 +171,7 @@ def test_killed_worker_ends_every_request_then_a_new_engine_serves(local_ray, ti
 def test_hung_worker_is_declared_dead_after_the_step_timeout(local_ray, tiny_reference):
     """A worker that stops responding (SIGSTOP) trips step_timeout_s (5 s here), not an endless hang."""
     path = tiny_reference[0]
-    _kill_mid_generation(path, lambda executor: os.kill(executor.infos[1]["pid"], signal.SIGSTOP))
+    _check_group_dies_cleanly(path, lambda executor: os.kill(executor.infos[1]["pid"], signal.SIGSTOP))
 
 
 def test_shutdown_leaves_no_actors_or_placement_group(local_ray, tiny_reference):
