@@ -284,7 +284,9 @@ def serve_cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=8, log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=8, log_to_driver=False, _metrics_export_port=metrics_port)
+    os.environ["LLM_CLUSTER_TEST_METRICS_PORT"] = str(metrics_port)  # read by the metrics test
     grpc_port, http_port = free_port(), free_port()
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))

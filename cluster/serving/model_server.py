@@ -26,6 +26,7 @@ from cluster.sampling_params import SamplingParams
 from cluster.serving.config import ServingConfig
 from cluster.serving.engine_request import EngineRequest
 from cluster.serving.generation_chunk import GenerationChunk
+from cluster.serving.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class ModelServer:
         engine_config = config.engine_config()
         self.engine = AsyncLLMEngine(LLMEngine(engine_config))
         self.model_name = config.model_name or os.path.basename(engine_config.model.model.rstrip("/"))
+        self.metrics = ServerMetrics(self.model_name)
         self._unhealthy: str | None = None
         self._last_probe = 0.0
         self._stop = threading.Event()
@@ -74,6 +76,8 @@ class ModelServer:
             if chunk.logprobs:
                 ids = {i for lp in chunk.logprobs for i in (lp.token_id, *lp.top)}
                 chunk.token_texts = {i: engine.tokenizer.decode([i]) for i in ids}
+            if out.finished:
+                self.metrics.on_finished(out)
             text_len, num_tokens = len(completion.text), len(completion.token_ids)
             num_logprobs = len(completion.logprobs or [])
             yield chunk
@@ -123,9 +127,18 @@ class ModelServer:
         return None
 
     def _probe_loop(self) -> None:
-        """Generate one token every interval (queued like real traffic) to prove the engine still works."""
+        """Every second refresh the metrics gauges; every probe interval generate one token (queued like
+        real traffic) to prove the engine still works."""
         interval, timeout = self.config.health_probe_interval_s, self.config.health_probe_timeout_s
-        while self._unhealthy is None and not self._stop.wait(interval):
+        next_probe = time.monotonic() + interval
+        while self._unhealthy is None and not self._stop.wait(min(1.0, interval)):
+            try:
+                self.metrics.on_stats(self.engine.engine.stats())
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                logger.exception("metrics update failed")
+            if time.monotonic() < next_probe:
+                continue
+            next_probe = time.monotonic() + interval
             started = time.monotonic()
             try:
                 asyncio.run(asyncio.wait_for(self._probe_once(), timeout))

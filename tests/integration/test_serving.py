@@ -335,3 +335,26 @@ def test_http_client_disconnect_aborts_the_request_and_frees_its_blocks(smollm2_
     connection.close()
     after = wait_for_free_blocks()
     assert after["num_free_blocks"] == after["num_blocks"] and after["num_running"] == 0, after
+
+
+def test_replica_metrics_are_exported_with_vllm_names(stub):
+    """After a few requests Ray's metrics endpoint (what Prometheus scrapes) has our histograms."""
+    import urllib.request
+
+    for prompt in PROMPTS[:3]:
+        stub.Generate(greedy(prompt, max_tokens=4), metadata=METADATA)
+    url = f"http://127.0.0.1:{os.environ['LLM_CLUSTER_TEST_METRICS_PORT']}/metrics"
+    wanted = ("ray_vllm_time_to_first_token_seconds_count", "ray_vllm_e2e_request_latency_seconds_count",
+              "ray_vllm_generation_tokens_total", "ray_vllm_num_requests_running", "ray_vllm_kv_cache_usage_perc")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray's agent exports every few seconds
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not exported: {missing}"
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("ray_vllm_time_to_first_token_seconds_count") and 'model_name="smollm2-135m"' in line]
+    assert counts and sum(counts) >= 3
