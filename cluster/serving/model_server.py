@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 from cluster.engine.async_engine import AsyncLLMEngine
 from cluster.engine.llm_engine import LLMEngine
-from cluster.errors import EngineDeadError
+from cluster.errors import EngineDeadError, QueueFullError
 from cluster.outputs import RequestOutput
 from cluster.sampling_params import SamplingParams
 from cluster.serving.config import ServingConfig
@@ -143,6 +143,8 @@ class ModelServer:
             try:
                 asyncio.run(asyncio.wait_for(self._probe_once(), timeout))
                 self._last_probe = time.monotonic() - started
+            except QueueFullError:
+                pass  # saturated, not broken: the engine refused the probe like any request
             except asyncio.TimeoutError:
                 self._unhealthy = f"a one-token probe took over {timeout:g} s"
             except Exception as err:  # noqa: BLE001 - any failure to generate is ill health
