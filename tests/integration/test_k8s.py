@@ -144,7 +144,10 @@ def test_ray_pod_templates_validate_as_pods(rendered):
     for template in templates:
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "template", **template.get("metadata", {})},
                "spec": template["spec"]}
-        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        try:
+            kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"pod template is not a valid Pod spec: {err}")
 
 
 def strict_schema(node):
@@ -184,7 +187,9 @@ def test_strict_schema_rejects_unknown_fields(rayservice_schema):
 def test_rayservice_validates_against_kuberay_crd(rendered, rayservice_schema):
     import jsonschema
 
-    jsonschema.validate(ray_service(rendered), rayservice_schema)
+    validator = jsonschema.validators.validator_for(rayservice_schema)(rayservice_schema)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(ray_service(rendered))]
+    assert not errors, errors
 
 
 # ---- the Serve config -----------------------------------------------------------------------
