@@ -338,7 +338,7 @@ def test_http_client_disconnect_aborts_the_request_and_frees_its_blocks(smollm2_
     assert engine_stats()["num_running"] >= 1
     connection.sock.close()  # the client goes away mid-stream
     connection.close()
-    after = wait_for_free_blocks()
+    after = wait_for_free_blocks(timeout_s=30)  # the proxy notices a vanished client on its next send
     assert after["num_free_blocks"] == after["num_blocks"] and after["num_running"] == 0, after
 
 
