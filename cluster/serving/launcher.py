@@ -51,9 +51,12 @@ def _print_endpoints(args, config: ServingConfig, seconds: float) -> None:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "127.0.0.1") else args.host
     grpc_addr, http = f"{host}:{args.grpc_port}", f"http://{host}:{args.http_port}"
     engine = config.engine_config()
+    scaling = config.autoscaling
+    replicas = f"{config.num_replicas} replica(s)" if scaling is None else \
+        f"{scaling.min_replicas}-{scaling.max_replicas} replicas, autoscaled ({scaling.policy})"
     print(f"""
 llm-cluster is serving {engine.model.model} ({engine.model.dtype}, tp={engine.parallel.tensor_parallel_size}, \
-{config.num_replicas} replica(s)) -- ready in {seconds:.0f} s
+{replicas}) -- ready in {seconds:.0f} s
 
   gRPC   {grpc_addr}   service cluster.v1.GenerationService (+ grpc.health.v1.Health, reflection)
   HTTP   {http}/v1   OpenAI-compatible: /v1/models, /v1/completions, /v1/chat/completions

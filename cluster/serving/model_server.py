@@ -106,6 +106,10 @@ class ModelServer:
         return {"num_running": stats["num_running"], "num_waiting": stats["num_waiting"],
                 "kv_cache_usage": stats["kv_cache_usage"]}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Called by Serve on each replica; the engine-load autoscaling policy reads these."""
+        return {k: float(v) for k, v in self.record_routing_stats().items()}
+
     # ---- health ---------------------------------------------------------------------------
 
     def healthy(self) -> bool:

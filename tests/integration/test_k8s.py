@@ -200,7 +200,8 @@ def test_serve_config_validates_and_the_app_builds(rendered):
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.serving.app import GRPC_SERVICER_FUNCTIONS, app_builder
+    from cluster.serving.app import GRPC_SERVICER_FUNCTIONS, app_builder, model_server_options
+    from cluster.serving.config import ServingConfig
 
     raw = serve_config(rendered)
     schema = ServeDeploySchema.model_validate(raw)
@@ -215,16 +216,15 @@ def test_serve_config_validates_and_the_app_builds(rendered):
         arg._bound_deployment.name for arg in built._bound_deployment.init_args if isinstance(arg, Application)}
     for override in app.get("deployments", []):
         assert override["name"] in deployments, f"override for unknown deployment {override['name']}"
-    overrides = [d for d in app.get("deployments", []) if d["name"] == "ModelServer"]
-    if not overrides:  # a fixed replica count
+    if "autoscaling" not in app["args"]:  # a fixed replica count
         assert app["args"]["num_replicas"] >= 1
         return
-    (model_server,) = overrides
-    autoscaling = model_server["autoscaling_config"]
-    assert {"min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
-            "upscale_delay_s", "downscale_delay_s"} <= set(autoscaling)
-    AutoscalingConfig(**autoscaling)
-    assert "num_replicas" not in app["args"] and "num_replicas" not in model_server  # autoscaling owns it
+    assert "num_replicas" not in app["args"]  # the autoscaler owns it
+    options = model_server_options(ServingConfig.from_dict(copy.deepcopy(app["args"])))
+    autoscaling = AutoscalingConfig(**options["autoscaling_config"])
+    assert "num_replicas" not in options
+    assert autoscaling.min_replicas <= autoscaling.initial_replicas <= autoscaling.max_replicas
+    assert autoscaling.policy.policy_function == "cluster.serving.autoscaling:EngineLoadPolicy"
 
 
 # ---- topology -------------------------------------------------------------------------------
@@ -282,8 +282,9 @@ def test_gpu_values_file_scales_multinode(helm):
     assert group["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
     (app,) = serve_config(docs)["applications"]
     assert app["args"]["tensor_parallel_size"] == 2
-    autoscaling = app["deployments"][0]["autoscaling_config"]
+    autoscaling = app["args"]["autoscaling"]
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 4)
+    assert autoscaling["policy"] == "engine_load" and "deployments" not in app
 
 
 def test_optional_parts(helm):
@@ -311,6 +312,9 @@ BAD_VALUES = {
     "unknown-key": ("serve:\n  autoscaling:\n    maxReplica: 3\n", ["maxReplica"], True),
     "unknown-top-level-key": ("replicas: 3\n", ["replicas"], True),
     "bad-dtype": ("model:\n  dtype: int8\n", ["model.dtype"], True),
+    "bad-autoscaling-policy": ("serve:\n  autoscaling:\n    policy: magic\n", ["serve.autoscaling.policy"], True),
+    "kv-usage-above-one": ("serve:\n  autoscaling:\n    targetKvCacheUsage: 1.5\n",
+                           ["serve.autoscaling.targetKvCacheUsage"], True),
     "tp-not-gpus-per-worker": ("serve:\n  tensorParallelSize: 2\ngpu:\n  perWorker: 1\n",
                                ["serve.tensorParallelSize (2)", "gpu.perWorker (1)"], False),
     "max-below-min": ("serve:\n  autoscaling:\n    minReplicas: 3\n    maxReplicas: 2\n",

@@ -91,4 +91,5 @@ def test_gpu_config_validates_and_builds_its_tp_placement():
     options = model_server_options(config)
     assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}]
     assert options["placement_group_strategy"] == "STRICT_PACK"
-    assert app["deployments"][0]["name"] == options["name"]
+    assert options["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in options
+    assert options["autoscaling_config"]["policy"]["policy_function"].endswith(":EngineLoadPolicy")

@@ -363,3 +363,85 @@ def test_replica_metrics_are_exported_with_vllm_names(stub):
     counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
               if line.startswith("ray_vllm_time_to_first_token_seconds_count") and 'model_name="smollm2-135m"' in line]
     assert counts and sum(counts) >= 3
+
+
+PROMETHEUS = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "prometheus")
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """A real Prometheus (Debian's binary, `make tools/prometheus`) scraping Ray's metrics every second
+    on loopback; stopped by its PID afterwards. Yields its HTTP API base url."""
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    if not os.path.exists(PROMETHEUS):
+        pytest.skip("tools/prometheus is missing: `make tools/prometheus` (run by `make test`) installs it")
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n  - job_name: ray\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{os.environ['LLM_CLUSTER_TEST_METRICS_PORT']}']\n")
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "prometheus did not become ready in 30 s"
+            time.sleep(0.3)
+        yield base
+    finally:
+        os.kill(proc.pid, 15)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, 9)
+            proc.wait()
+        log.close()
+
+
+def promql(base: str, query: str) -> list[dict]:
+    import urllib.parse
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/api/v1/query?{urllib.parse.urlencode({'query': query})}",
+                                timeout=10) as reply:
+        body = json.loads(reply.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_a_real_prometheus_scrapes_the_replicas_ttft_histogram(stub, prometheus):
+    """PromQL over what Prometheus scraped: the TTFT histogram's count, buckets and median."""
+    import urllib.request
+
+    for prompt in PROMPTS[:3]:
+        stub.Generate(greedy(prompt, max_tokens=4), metadata=METADATA)
+    count_q = 'sum(ray_vllm_time_to_first_token_seconds_count{model_name="smollm2-135m"})'
+    median_q = ('histogram_quantile(0.5, sum by (le) '
+                '(ray_vllm_time_to_first_token_seconds_bucket{model_name="smollm2-135m"}))')
+    deadline, count = time.monotonic() + 60, []
+    while time.monotonic() < deadline:  # Ray exports every few seconds; Prometheus scrapes every second
+        count = promql(prometheus, count_q)
+        if count and float(count[0]["value"][1]) >= 3:
+            break
+        time.sleep(1)
+    assert count and float(count[0]["value"][1]) >= 3, f"TTFT count not scraped: {count}"
+    buckets = promql(prometheus, 'ray_vllm_time_to_first_token_seconds_bucket{model_name="smollm2-135m"}')
+    assert {b["metric"]["le"] for b in buckets} >= {"0.1", "1.0", "+Inf"}
+    median = float(promql(prometheus, median_q)[0]["value"][1])
+    assert 0 < median < 80, median
+    with urllib.request.urlopen(f"{prometheus}/api/v1/targets", timeout=10) as reply:
+        targets = json.loads(reply.read())
+    assert [t["health"] for t in targets["data"]["activeTargets"]] == ["up"]

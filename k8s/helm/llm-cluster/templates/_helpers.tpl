@@ -74,9 +74,9 @@ Cross-field checks the JSON schema cannot express. Each failure names the values
 
 {{/*
 The Serve config (serveConfigV2): our app built by cluster.serving.app:app_builder from flat args,
-the HTTP and gRPC proxy options, and the ModelServer deployment's autoscaling_config as a
-deployment override (app_builder takes no autoscaling args; with autoscaling on, Serve's
-autoscaler owns the replica count and num_replicas is left out of the args).
+the HTTP and gRPC proxy options. With autoscaling on, `args.autoscaling` carries the replica
+bounds and the engine-load policy's targets (cluster/serving/autoscaling.py), which app_builder
+turns into the ModelServer's autoscaling_config; num_replicas is then left out.
 */}}
 {{- define "llm-cluster.serveConfig" -}}
 {{- $s := .Values.serve -}}
@@ -127,17 +127,19 @@ applications:
       {{- if not (kindIs "invalid" $e.enablePrefixCaching) }}
       enable_prefix_caching: {{ $e.enablePrefixCaching }}
       {{- end }}
-    {{- if $s.autoscaling.enabled }}
-    deployments:
-      - name: ModelServer
-        autoscaling_config:
-          min_replicas: {{ int $s.autoscaling.minReplicas }}
-          max_replicas: {{ int $s.autoscaling.maxReplicas }}
-          initial_replicas: {{ int $s.autoscaling.initialReplicas }}
-          target_ongoing_requests: {{ $s.autoscaling.targetOngoingRequests }}
-          upscale_delay_s: {{ $s.autoscaling.upscaleDelayS }}
-          downscale_delay_s: {{ $s.autoscaling.downscaleDelayS }}
-    {{- end }}
+      {{- if $s.autoscaling.enabled }}
+      autoscaling:
+        min_replicas: {{ int $s.autoscaling.minReplicas }}
+        max_replicas: {{ int $s.autoscaling.maxReplicas }}
+        initial_replicas: {{ int $s.autoscaling.initialReplicas }}
+        target_ongoing_requests: {{ $s.autoscaling.targetOngoingRequests }}
+        upscale_delay_s: {{ $s.autoscaling.upscaleDelayS }}
+        downscale_delay_s: {{ $s.autoscaling.downscaleDelayS }}
+        look_back_period_s: {{ $s.autoscaling.lookBackPeriodS }}
+        policy: {{ $s.autoscaling.policy | quote }}
+        target_kv_cache_usage: {{ $s.autoscaling.targetKvCacheUsage }}
+        target_waiting_requests: {{ $s.autoscaling.targetWaitingRequests }}
+      {{- end }}
 {{- end -}}
 
 {{/* Volumes every Ray pod has: the converted-checkpoint cache and, optionally, Ray's TLS files. */}}
