@@ -32,6 +32,8 @@ class ModelConfig:
     seed: int = 0  # engine seed for requests that give none
     device: str = "auto"  # auto | cpu | cuda; auto picks cuda when present
     use_native_kernels: bool = True  # C++ paged decode attention on CPU, built on first use (torch fallback)
+    swiftkv: bool | None = None  # SwiftKV prefill skipping; None = the checkpoint's own `swiftkv` setting
+    swiftkv_params: str | None = None  # SwiftKV parameter file to apply (default for built-ins: the shipped one)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -41,6 +43,9 @@ class ModelConfig:
                      f"must be an integer >= 1, got {self.max_model_len!r}")
         _require(_is_int(self.seed) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
         _require(isinstance(self.use_native_kernels, bool), "use_native_kernels", "must be a bool")
+        _require(self.swiftkv is None or isinstance(self.swiftkv, bool), "swiftkv", "must be a bool or None")
+        _require(self.swiftkv_params is None or (isinstance(self.swiftkv_params, str) and bool(self.swiftkv_params)),
+                 "swiftkv_params", "must be a path to a SwiftKV parameter file")
         _require(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype == "float16":
             _require(self.resolved_device() == "cuda", "dtype",

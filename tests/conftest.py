@@ -33,6 +33,8 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
 # variant -> (config class name, extra config kwargs, save_pretrained kwargs)
 TINY_VARIANTS = {
     "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True, max_position_embeddings=512), {}),
+    "llama_deep": ("LlamaConfig", dict(num_hidden_layers=6, tie_word_embeddings=True, max_position_embeddings=512),
+                   {}),  # SwiftKV tests: room for a split and AcrossKV groups
     "llama_untied": ("LlamaConfig", dict(tie_word_embeddings=False, max_position_embeddings=512), {}),
     "llama3_rope": ("LlamaConfig", dict(tie_word_embeddings=False, max_position_embeddings=1024,
                                         rope_scaling=_LLAMA3_ROPE), {}),
@@ -94,7 +96,7 @@ def build_tiny_checkpoint(variant: str, out_dir: str, tokenizer_dir: str, seed: 
     import transformers
 
     config_class, extra, save_kwargs = TINY_VARIANTS[variant]
-    config = getattr(transformers, config_class)(**_TINY_SHAPE, **extra)
+    config = getattr(transformers, config_class)(**{**_TINY_SHAPE, **extra})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize_(model, seed)

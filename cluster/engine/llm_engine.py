@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from collections.abc import Callable
 
@@ -28,6 +28,7 @@ from cluster.errors import InvalidConfigError, InvalidRequestError, ModelLoadErr
 from cluster.model.arch import ModelArch
 from cluster.model.loader import torch_dtype
 from cluster.model.source import resolve_model
+from cluster.swiftkv import checkpoint as swiftkv_checkpoint
 from cluster.outputs import CompletionOutput, RequestOutput
 from cluster.parallel.executor import Executor, create_executor
 from cluster.parallel.worker_spec import WorkerSpec
@@ -56,7 +57,12 @@ class LLMEngine:
                  executor_factory: Callable[[WorkerSpec, ParallelConfig], Executor] | None = None):
         self.config = config
         self.source = resolve_model(config.model.model, config.model.resolved_cache_dir())
+        path = swiftkv_checkpoint.resolve(self.source.path, config.model.model, config.model.swiftkv,
+                                          config.model.swiftkv_params, config.model.resolved_cache_dir())
+        self.source = replace(self.source, path=path)
         self.arch = ModelArch.from_dir(self.source.path)
+        if config.model.swiftkv is not None:
+            self.arch = self.arch.with_swiftkv(config.model.swiftkv)
         self.tokenizer = _load_tokenizer(self.source.path)
         self.max_model_len = self._max_model_len()
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | _tokenizer_eos(self.tokenizer)

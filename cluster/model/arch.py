@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.errors import InvalidConfigError, ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "llama_swiftkv")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
@@ -33,6 +33,37 @@ class ModelArch:
     qkv_bias: bool  # Qwen2 and attention_bias=True Llamas
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    # SwiftKV (model_type llama_swiftkv): layers >= num_key_value_layers take K/V from the residual
+    # stream entering that layer; groups of key_value_group_size such layers share one K/V (AcrossKV).
+    num_key_value_layers: int | None = None  # None: every layer has its own K/V (a plain checkpoint)
+    key_value_group_size: int = 1
+    swiftkv: bool = False  # serve with SwiftKV (prefill skipping + shared caches); needs the weights
+
+    @property
+    def swiftkv_layer(self) -> int:
+        """First layer whose K/V come from the SwiftKV projections (num_layers when off)."""
+        return self.num_key_value_layers if self.swiftkv else self.num_layers
+
+    @property
+    def num_cache_layers(self) -> int:
+        """KV caches the model writes: one per full layer, one per AcrossKV group after."""
+        l = self.swiftkv_layer
+        return l + -(-(self.num_layers - l) // self.key_value_group_size)
+
+    def cache_index(self, layer: int) -> int:
+        """Which KV cache ``layer`` reads (and, below the SwiftKV layer, writes)."""
+        l = self.swiftkv_layer
+        return layer if layer < l else l + (layer - l) // self.key_value_group_size
+
+    @property
+    def has_swiftkv_weights(self) -> bool:
+        return self.num_key_value_layers is not None
+
+    def with_swiftkv(self, enabled: bool) -> "ModelArch":
+        if enabled and not self.has_swiftkv_weights:
+            raise InvalidConfigError("swiftkv", "this checkpoint has no SwiftKV weights (model_type "
+                                     f"{self.model_type!r}); distill them with `llm-cluster swiftkv distill`")
+        return replace(self, swiftkv=enabled)
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelArch":
@@ -83,6 +114,7 @@ class ModelArch:
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
             bos_token_id=cfg.get("bos_token_id"),
+            **_swiftkv_fields(cfg, model_type),
         )
 
     def check_tensor_parallel(self, tp_size: int) -> None:
@@ -102,7 +134,21 @@ class ModelArch:
     def kv_bytes_per_token(self, dtype_bytes: int, tp_size: int = 1) -> int:
         """K and V bytes one token occupies on one rank, all layers."""
         kv_heads = max(1, self.num_kv_heads // tp_size)
-        return 2 * self.num_layers * kv_heads * self.head_dim * dtype_bytes
+        return 2 * self.num_cache_layers * kv_heads * self.head_dim * dtype_bytes
+
+
+def _swiftkv_fields(cfg: dict, model_type: str) -> dict:
+    """``llama_swiftkv`` configs: the split layer, the AcrossKV group size and the default on/off."""
+    if model_type != "llama_swiftkv":
+        return {}
+    layers = cfg["num_hidden_layers"]
+    split = cfg.get("num_key_value_layers") or layers
+    group = cfg.get("key_value_group_size") or 1
+    if not (isinstance(split, int) and 1 <= split <= layers):
+        raise ValueError(f"num_key_value_layers={split!r} (must be in [1, {layers}])")
+    if not (isinstance(group, int) and group >= 1):
+        raise ValueError(f"key_value_group_size={group!r} (must be an integer >= 1)")
+    return {"num_key_value_layers": split, "key_value_group_size": group, "swiftkv": bool(cfg.get("swiftkv", False))}
 
 
 def _context_limit(cfg: dict) -> int:

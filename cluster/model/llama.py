@@ -1,4 +1,12 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) composed of tensor-parallel layers."""
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) composed of tensor-parallel layers.
+
+With SwiftKV on (``arch.swiftkv``), layers from ``arch.swiftkv_layer`` on take their K/V from one
+input, the residual stream entering that layer through ``norm_swiftkv``, projected by
+``kv_proj_swiftkv`` (one K/V per AcrossKV group, RoPE on K as usual), and their queries from
+``q_proj_swiftkv``. Every token's later-layer K/V are therefore known once the first layers have
+run: they are written to the cache in bulk, and only the tokens that need logits (a ``TailBatch``:
+decodes and each prompt's last token) run the remaining layers, reading K/V from the cache.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.model.arch import ModelArch
-from cluster.model.layers.attention import AttentionMetadata, PagedAttention
+from cluster.model.layers.attention import AttentionMetadata, PagedAttention, TailBatch, write_kv
 from cluster.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from cluster.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from cluster.model.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    SwiftKVProjection,
+    kv_heads_on_rank,
+)
 from cluster.model.layers.norm import RMSNorm
 from cluster.model.layers.rotary import RotaryEmbedding
 from cluster.parallel.tp_group import TPGroup
@@ -18,16 +33,26 @@ KVCache = torch.Tensor  # [2, kv_heads, num_blocks, block_size, head_dim]; see P
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype):
+    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, swiftkv: bool = False):
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
-                                          arch.qkv_bias, tp, dtype)
+        self.swiftkv = swiftkv
+        if swiftkv:  # queries only: K/V come from the model's SwiftKV projection, already cached
+            self.q_proj_swiftkv = ColumnParallelLinear(arch.hidden_size, arch.num_heads * arch.head_dim,
+                                                       arch.qkv_bias, tp, dtype)
+            self.num_heads = self.q_proj_swiftkv.out_per_rank // arch.head_dim
+            self.num_kv_heads = kv_heads_on_rank(arch.num_kv_heads, tp)[0]
+        else:
+            self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
+                                              arch.qkv_bias, tp, dtype)
+            self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype)
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = arch.head_dim
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, arch.head_dim)
 
     def forward(self, cos_sin, x, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        if self.swiftkv:
+            q = RotaryEmbedding.apply(cos_sin, self.q_proj_swiftkv(x).view(x.shape[0], -1, self.head_dim))
+            return self.o_proj(self.attn(q, None, None, kv_cache, meta))
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
         qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
         # q and k heads are rotated in one pass: fewer kernel launches per layer.
@@ -48,10 +73,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype):
+    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, swiftkv: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(arch, tp, dtype)
+        self.self_attn = LlamaAttention(arch, tp, dtype, swiftkv)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(arch, tp, dtype)
 
@@ -67,17 +92,43 @@ class LlamaModel(nn.Module):
 
     def __init__(self, arch: ModelArch, max_positions: int, tp: TPGroup, dtype: torch.dtype):
         super().__init__()
+        self.arch = arch
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype)
         self.rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, dtype) for _ in range(arch.num_layers))
+        split = arch.swiftkv_layer
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, dtype, swiftkv=i >= split)
+                                    for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        if split < arch.num_layers:
+            self.norm_swiftkv = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+            self.kv_proj_swiftkv = SwiftKVProjection(arch.hidden_size, arch.head_dim, arch.num_kv_heads,
+                                                     arch.num_cache_layers - split, arch.qkv_bias, tp, dtype)
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata,
+                tail: TailBatch | None = None) -> torch.Tensor:
+        """Hidden states of every token, or with SwiftKV of the ``tail`` rows only."""
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rope.lookup(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        split = self.arch.swiftkv_layer
+        for layer, kv_cache in zip(self.layers[:split], kv_caches):
             hidden = layer(cos_sin, hidden, kv_cache, meta)
+        if split == self.arch.num_layers:
+            return self.norm(hidden)
+        self._write_swiftkv_cache(cos_sin, hidden, kv_caches[split:], meta)
+        hidden = hidden[tail.rows]
+        cos_sin = tuple(t[tail.rows] for t in cos_sin)
+        for i in range(split, self.arch.num_layers):
+            hidden = self.layers[i](cos_sin, hidden, kv_caches[self.arch.cache_index(i)], tail.meta)
         return self.norm(hidden)
+
+    def _write_swiftkv_cache(self, cos_sin, hidden, caches: list[KVCache], meta: AttentionMetadata) -> None:
+        """K/V of every SwiftKV layer group, for every token, from the residual stream at the split."""
+        proj = self.kv_proj_swiftkv
+        kv = proj(self.norm_swiftkv(hidden)).view(hidden.shape[0], proj.num_groups, 2, proj.num_kv_heads, -1)
+        keys = RotaryEmbedding.apply(cos_sin, kv[:, :, 0].reshape(hidden.shape[0], -1, kv.shape[-1]))
+        keys = keys.view(kv[:, :, 0].shape)
+        for group, cache in enumerate(caches):
+            write_kv(cache, keys[:, group], kv[:, group, 1], meta.slot_mapping)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -97,19 +148,21 @@ class LlamaForCausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
+    def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata,
+                tail: TailBatch | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta, tail)
 
     def full_shape(self, param_name: str, shard_id=None) -> tuple[int, ...]:
         """The unsharded checkpoint shape of a tensor loaded into ``param_name`` (for validation)."""
         a = self.arch
         q_dim, kv_dim = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         kind, suffix = param_name.rsplit(".", 2)[-2:]
-        rows = {"qkv_proj": {"q": q_dim, "k": kv_dim, "v": kv_dim}.get(shard_id),
+        rows = {"qkv_proj": {"q": q_dim, "k": kv_dim, "v": kv_dim}.get(shard_id), "q_proj_swiftkv": q_dim,
+                "kv_proj_swiftkv": kv_dim,
                 "gate_up_proj": a.intermediate_size, "o_proj": a.hidden_size, "down_proj": a.hidden_size,
                 "embed_tokens": a.vocab_size, "lm_head": a.vocab_size}.get(kind, a.hidden_size)
         cols = {"o_proj": q_dim, "down_proj": a.intermediate_size}.get(kind, a.hidden_size)
-        return (rows,) if suffix == "bias" or kind.endswith("norm") else (rows, cols)
+        return (rows,) if suffix == "bias" or kind.endswith(("norm", "norm_swiftkv")) else (rows, cols)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """float32 logits [N, vocab] on the sampling rank, None elsewhere."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -95,6 +96,9 @@ def _target(model: LlamaForCausalLM, name: str, params: dict) -> tuple[str, obje
     """Checkpoint tensor name -> (our parameter name, shard id), or None to skip it."""
     if "rotary_emb.inv_freq" in name:
         return None
+    swiftkv = _swiftkv_target(model.arch, name)
+    if swiftkv is not None:
+        return swiftkv or None
     for ckpt_part, (our_part, shard_id) in model.packed_modules.items():
         if f".{ckpt_part}." in name:
             return name.replace(f".{ckpt_part}.", f".{our_part}."), shard_id
@@ -103,6 +107,36 @@ def _target(model: LlamaForCausalLM, name: str, params: dict) -> tuple[str, obje
     if name not in params:
         raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the {model.arch.model_type} model")
     return name, None
+
+
+_SWIFTKV_PROJ = re.compile(r"model\.layers\.(\d+)\.self_attn\.(q|k|v)_proj(_swiftkv)?\.(weight|bias)$")
+
+
+def _swiftkv_target(arch: ModelArch, name: str) -> tuple[str, object] | tuple[()] | None:
+    """SwiftKV's tensors and the ones it replaces: a target, ``()`` to skip, None if neither.
+
+    With SwiftKV on, layers past the split keep only their own q projection's SwiftKV twin (the
+    model's q/k/v there are unused) and each AcrossKV group's first layer supplies the group's K/V;
+    with it off, the SwiftKV tensors are skipped.
+    """
+    split, on = arch.swiftkv_layer, arch.swiftkv_layer < arch.num_layers
+    if name == "model.norm_swiftkv.weight":
+        return (name, None) if on else ()
+    match = _SWIFTKV_PROJ.match(name)
+    if match is None:
+        return None
+    layer, which, twin, suffix = int(match[1]), match[2], bool(match[3]), match[4]
+    if not twin:
+        return () if on and layer >= split else None
+    if not on or layer < split:
+        return ()
+    if which == "q":
+        return name, None
+    group, offset = divmod(layer - split, arch.key_value_group_size)
+    if offset:
+        raise ModelLoadError(f"checkpoint tensor {name!r}: only the first layer of each AcrossKV group "
+                             f"(key_value_group_size={arch.key_value_group_size}) has K/V projections")
+    return f"model.kv_proj_swiftkv.{suffix}", (group, which)
 
 
 def _check_complete(model: LlamaForCausalLM, loaded: set[str]) -> None:

@@ -14,8 +14,8 @@ def num_kv_heads_per_rank(arch: ModelArch, tp_size: int) -> int:
 
 
 def block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype, tp_size: int) -> int:
-    """Bytes one block takes on one rank, over all layers, K and V."""
-    per_token = 2 * arch.num_layers * num_kv_heads_per_rank(arch, tp_size) * arch.head_dim
+    """Bytes one block takes on one rank, over all KV caches (AcrossKV groups share one), K and V."""
+    per_token = 2 * arch.num_cache_layers * num_kv_heads_per_rank(arch, tp_size) * arch.head_dim
     return per_token * block_size * dtype.itemsize
 
 
@@ -35,6 +35,7 @@ def num_blocks_for(config: CacheConfig, arch: ModelArch, dtype: torch.dtype, tp_
 
 def allocate_kv_cache(arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype,
                       tp_size: int, device: torch.device) -> list[torch.Tensor]:
-    """One tensor per layer: [2 (K, V), kv_heads_on_this_rank, num_blocks, block_size, head_dim]."""
+    """One tensor per KV cache (per layer; per group with AcrossKV):
+    [2 (K, V), kv_heads_on_this_rank, num_blocks, block_size, head_dim]."""
     shape = (2, num_kv_heads_per_rank(arch, tp_size), num_blocks, block_size, arch.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_cache_layers)]

@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
-from cluster.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from cluster.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk, TailBatch
 
 # Decodes are grouped by context length so padding wastes little gather and attention work:
 # a group closes when its longest context would exceed this many times its shortest.
@@ -24,14 +24,17 @@ class ModelInput:
     meta: AttentionMetadata  # where each token's K/V goes and what it attends to
     logits_indices: torch.Tensor  # [S] rows of the hidden states that need logits
     sample_request_ids: list[str]  # the S requests those rows belong to, in order
+    tail: TailBatch | None = None  # SwiftKV: the rows that run past the split (the model returns only them)
 
 
 def build_model_input(out: SchedulerOutput, block_size: int, device: torch.device,
-                      decode_kernel=None) -> ModelInput:
+                      decode_kernel=None, swiftkv: bool = False, keep_all: bool = False) -> ModelInput:
     """Flatten the step; attention indices are computed once here and shared by every layer.
 
     With the native decode kernel all decodes form one group (it reads each context at its own
-    length); the torch path groups them by length to limit padding.
+    length); the torch path groups them by length to limit padding. With ``swiftkv`` the batch
+    also carries the tail that runs past the split: every decode, and of each prefill chunk its
+    last token when it is sampled (all its tokens with ``keep_all``, for scoring).
     """
     decodes = sorted((s for s in out.sequences if not s.is_prefill), key=lambda s: s.context_length)
     prefills = [s for s in out.sequences if s.is_prefill]
@@ -52,13 +55,38 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
         decodes=_decode_groups(decodes, block_size, device, spread=None if decode_kernel else DECODE_GROUP_SPREAD),
         prefills=chunks, decode_kernel=decode_kernel,
     )
+    tail = None
+    if swiftkv:
+        tail, logits_rows = _tail_batch(decodes, prefills, chunks, meta, logits_rows, block_size, device, keep_all)
     return ModelInput(
         input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         meta=meta,
         logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
         sample_request_ids=sample_ids,
+        tail=tail,
     )
+
+
+def _tail_batch(decodes, prefills, chunks: list[PrefillChunk], meta: AttentionMetadata, logits_rows: list[int],
+                block_size: int, device, keep_all: bool) -> tuple[TailBatch, list[int]]:
+    """The rows past the SwiftKV split and their attention (read-only, from the cache); the logits
+    rows renumbered into the tail. Decodes keep their groups: they are the first rows of both."""
+    rows = list(range(len(decodes)))
+    tail_chunks = []
+    for seq, chunk in zip(prefills, chunks):
+        kept = seq.num_tokens if keep_all else int(seq.needs_sample)
+        if not kept:
+            continue
+        end = chunk.token_start + seq.num_tokens
+        ctx = seq.context_length
+        table = torch.tensor(seq.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
+        tail_chunks.append(PrefillChunk(len(rows), kept, ctx - kept, table, causal_lower_right(kept, ctx)))
+        rows += range(end - kept, end)
+    where = {row: i for i, row in enumerate(rows)}
+    tail_meta = AttentionMetadata(slot_mapping=meta.slot_mapping[:0], decodes=meta.decodes, prefills=tail_chunks,
+                                  decode_kernel=meta.decode_kernel)
+    return TailBatch(torch.tensor(rows, dtype=torch.long, device=device), tail_meta), [where[r] for r in logits_rows]
 
 
 def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:

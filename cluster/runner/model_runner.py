@@ -28,6 +28,7 @@ class ModelRunner:
         self.kernels = _load_cpu_kernels() if spec.use_native_kernels and on_cpu else None
         finalize_weights(self.model, self.kernels)  # after the move: packing is device-specific
         self.spec = spec
+        self.swiftkv = spec.arch.swiftkv_layer < spec.arch.num_layers
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
@@ -45,8 +46,8 @@ class ModelRunner:
         self._update_requests(out)
         if out.is_empty:
             return RunnerOutput() if self.tp.is_driver else None
-        batch = build_model_input(out, self.block_size, self.device, self.kernels)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        batch = build_model_input(out, self.block_size, self.device, self.kernels, swiftkv=self.swiftkv)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, batch.tail)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         if logits is None or not batch.sample_request_ids:
             return RunnerOutput() if self.tp.is_driver else None
@@ -63,8 +64,10 @@ class ModelRunner:
         caches = allocate_kv_cache(spec.arch, num_blocks, self.block_size, torch_dtype(spec.dtype),
                                    self.tp.tp_size, self.device)
         seq = ScheduledSequence("score", list(token_ids), 0, list(range(num_blocks)), True, True)
-        batch = build_model_input(SchedulerOutput([seq]), self.block_size, self.device, self.kernels)
-        logits = self.model.compute_logits(self.model(batch.input_ids, batch.positions, caches, batch.meta))
+        batch = build_model_input(SchedulerOutput([seq]), self.block_size, self.device, self.kernels,
+                                  swiftkv=self.swiftkv, keep_all=True)
+        logits = self.model.compute_logits(self.model(batch.input_ids, batch.positions, caches, batch.meta,
+                                                      batch.tail))
         return logits.float().cpu() if logits is not None else None
 
     def _update_requests(self, out: SchedulerOutput) -> None:

@@ -57,6 +57,24 @@ class AttentionMetadata:
     decode_kernel: object | None = None  # native paged decode kernel (cluster.kernels), None = torch path
 
 
+@dataclass
+class TailBatch:
+    """SwiftKV: the tokens that go on past the SwiftKV layer (decodes, prompts' sampled tokens).
+
+    Their K/V are already in the cache (written in bulk from the SwiftKV layer's input), so the
+    later layers only read it: ``meta`` has no slots, and every query attends from the cache.
+    """
+
+    rows: torch.Tensor  # [R] rows of the full batch that continue
+    meta: AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the step's K/V ([T, Hkv, D] each) at their slots in one layer's cache."""
+    two, heads, _, _, head_dim = kv_cache.shape
+    kv_cache.view(two, heads, -1, head_dim)[:, :, slot_mapping] = torch.stack((k, v)).transpose(1, 2)
+
+
 def gather_blocks(kv_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """[2, H, NB, BS, D] cache, [S, nb] table -> [2, H, S, nb * BS, D]: K and V of each context.
 
@@ -95,9 +113,10 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, Hkv, NB, BS, D] -> [T, Hq * D]."""
-        kv_cache.view(2, self.num_kv_heads, -1, self.head_dim)[:, :, meta.slot_mapping] = \
-            torch.stack((k, v)).transpose(1, 2)
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] or None (already cached); kv_cache: [2, Hkv, NB, BS, D]
+        -> [T, Hq * D]."""
+        if k is not None:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         for group in meta.decodes:
             rows = slice(group.token_start, group.token_start + group.num_seqs)
@@ -108,7 +127,8 @@ class PagedAttention(nn.Module):
                 out[rows] = self._decode(q[rows], kv_cache, group)
         for chunk in meta.prefills:
             rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-            out[rows] = self._prefill(q[rows], k[rows], v[rows], kv_cache, chunk)
+            out[rows] = self._prefill(q[rows], None if k is None else k[rows], None if v is None else v[rows],
+                                      kv_cache, chunk)
         return out.view(q.shape[0], -1)
 
     def _decode(self, q, kv_cache, group: DecodeGroup) -> torch.Tensor:

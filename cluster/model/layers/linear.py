@@ -59,6 +59,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         _copy_rows(param, source, self.tp.tp_rank * n, n, offset)
 
 
+def kv_heads_on_rank(num_kv_heads: int, tp: TPGroup) -> tuple[int, int]:
+    """(KV heads this rank holds, the first one's index): a split, or one replicated head."""
+    if num_kv_heads >= tp.tp_size:
+        count = divide(num_kv_heads, tp.tp_size, "key/value heads")
+        return count, tp.tp_rank * count
+    if tp.tp_size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size ({tp.tp_size}) must divide or be a multiple of "
+                         f"the key/value head count ({num_kv_heads})")
+    return 1, tp.tp_rank // (tp.tp_size // num_kv_heads)
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection split by heads.
 
@@ -70,17 +81,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                  tp: TPGroup, dtype: torch.dtype):
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp.tp_size, "attention heads")
-        if num_kv_heads >= tp.tp_size:
-            self.num_kv_heads = divide(num_kv_heads, tp.tp_size, "key/value heads")
-            self.kv_head_start = tp.tp_rank * self.num_kv_heads
-        else:
-            if tp.tp_size % num_kv_heads:
-                raise ValueError(
-                    f"tensor_parallel_size ({tp.tp_size}) must divide or be a multiple of "
-                    f"the key/value head count ({num_kv_heads})"
-                )
-            self.num_kv_heads = 1
-            self.kv_head_start = tp.tp_rank // (tp.tp_size // num_kv_heads)
+        self.num_kv_heads, self.kv_head_start = kv_heads_on_rank(num_kv_heads, tp)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.tp_size
         super().__init__(hidden, out, bias, tp, dtype)
 
@@ -97,6 +98,26 @@ class QKVParallelLinear(ColumnParallelLinear):
     def split_sizes(self) -> list[int]:
         d = self.head_dim
         return [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+
+
+class SwiftKVProjection(ColumnParallelLinear):
+    """SwiftKV's K/V projections of every AcrossKV group, fused into one matmul over the same input.
+
+    Output rows per rank: for each group, this rank's K heads then its V heads. Loaded from the
+    checkpoint's per-layer ``k_proj_swiftkv`` / ``v_proj_swiftkv`` with shard id (group, "k" | "v").
+    """
+
+    def __init__(self, hidden: int, head_dim: int, num_kv_heads: int, num_groups: int, bias: bool,
+                 tp: TPGroup, dtype: torch.dtype):
+        self.head_dim, self.num_groups = head_dim, num_groups
+        self.num_kv_heads, self.kv_head_start = kv_heads_on_rank(num_kv_heads, tp)
+        super().__init__(hidden, num_groups * 2 * self.num_kv_heads * head_dim * tp.tp_size, bias, tp, dtype)
+
+    def weight_loader(self, param: nn.Parameter, source, shard_id: tuple[int, str] = (0, "k")) -> None:
+        group, which = shard_id
+        rows = self.num_kv_heads * self.head_dim
+        offset = (2 * group + (0 if which == "k" else 1)) * rows
+        _copy_rows(param, source, self.kv_head_start * self.head_dim, rows, offset)
 
 
 class RowParallelLinear(nn.Module):

@@ -1,0 +1,1 @@
+"""SwiftKV (arXiv 2410.03960): checkpoints, the dense reference/training model, distillation."""
