@@ -173,6 +173,50 @@ def _cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def _swiftkv_parser(sub) -> None:
+    from cluster.swiftkv import distill
+
+    p = sub.add_parser("swiftkv", help="SwiftKV: distil parameters, export checkpoints, benchmark")
+    actions = p.add_subparsers(dest="swiftkv_command", required=True)
+    distill.add_parser(actions)
+    e = actions.add_parser("export", help="base checkpoint + SwiftKV parameter file -> a llama_swiftkv checkpoint")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--params", default=None, help="parameter file (default: the one shipped for --model)")
+    e.add_argument("--out", required=True, help="output directory")
+    e.set_defaults(func=_cmd_swiftkv_export)
+    b = actions.add_parser("bench", help="SwiftKV vs the same engine without it: TTFT, throughput, KV memory")
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--dtype", default="bfloat16", choices=SUPPORTED_DTYPES)
+    b.add_argument("--params", default=None, help="parameter file (default: the one shipped for --model)")
+    b.add_argument("--prompt-tokens", type=int, default=2000)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--num-requests", type=int, default=16, help="throughput workload: requests")
+    b.add_argument("--output-tokens", type=int, default=200, help="throughput workload: tokens per answer "
+                   "(prompts are 10x)")
+    b.add_argument("--threads", type=int, default=None)
+    b.set_defaults(func=_cmd_swiftkv_bench)
+
+
+def _cmd_swiftkv_export(args) -> int:
+    from cluster.config import ModelConfig
+    from cluster.errors import InvalidConfigError
+    from cluster.model.source import resolve_model
+    from cluster.swiftkv.checkpoint import bundled_params, load_params, write_checkpoint
+
+    base = resolve_model(args.model, ModelConfig().resolved_cache_dir()).path
+    params = args.params or bundled_params(args.model)
+    if params is None:
+        raise InvalidConfigError("params", f"no SwiftKV parameter file shipped for {args.model!r}; pass --params")
+    print(write_checkpoint(base, load_params(params), args.out))
+    return 0
+
+
+def _cmd_swiftkv_bench(args) -> int:
+    from cluster.swiftkv.bench import run_swiftkv_bench
+
+    return run_swiftkv_bench(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from cluster.errors import InvalidConfigError, InvalidRequestError
 
@@ -184,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     _tp_parser(sub)
     _serve_parser(sub)
     _serve_bench_parser(sub)
+    _swiftkv_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[2:] if args.command == "swiftkv" else []
     try:
         return args.func(args)
     except (InvalidRequestError, InvalidConfigError) as err:

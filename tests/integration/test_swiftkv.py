@@ -1,0 +1,198 @@
+"""SwiftKV in the engine against the dense reference forward (every layer, every token, the SwiftKV
+K/V rule), with prefill skipping, chunked prefill, the prefix cache and mixed batches; AcrossKV's
+cache sizing; checkpoint save -> load; the distillation tool."""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+
+import pytest
+import torch
+
+from cluster.llm import LLM
+from cluster.model.arch import ModelArch
+from cluster.runner.kv_cache import block_bytes, num_blocks_for
+from cluster.sampling_params import SamplingParams
+from cluster.swiftkv.checkpoint import SwiftKVParams, load_params, save_params, write_checkpoint
+from cluster.swiftkv.dense_model import from_checkpoint
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def perturbed_params(model_dir: str, split: int, group: int, seed: int = 0) -> SwiftKVParams:
+    """SwiftKV parameters initialised from the model, then nudged so they differ from any base layer."""
+    dense = from_checkpoint(model_dir, split, group)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.add_(0.1 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    return SwiftKVParams(split, group, dense.published_tensors(), {"test": "perturbed init"})
+
+
+def prompts_with_shared_prefixes() -> list[list[int]]:
+    shared = [200 + 7 * i for i in range(37)]
+    return [[100 + i for i in range(5)], shared, [300 + i for i in range(61)], shared + [11, 12, 13],
+            shared[:20] + [5, 6]]
+
+
+def dense_reference(model_dir: str, params: SwiftKVParams, prompts, max_tokens: int) -> list[list[int]]:
+    dense = from_checkpoint(model_dir, params.num_key_value_layers, params.key_value_group_size, params)
+    return [dense.greedy(p, max_tokens) for p in prompts]
+
+
+@pytest.mark.parametrize("split, group", [(2, 1), (2, 2), (1, 3), (5, 1)])
+def test_engine_matches_the_dense_swiftkv_reference(tiny_llama_dir, tmp_path, split, group):
+    """Tiny 6-layer model; 4-token blocks, 16-token steps (chunked prefill, prefill + decode mixed),
+    prefix caching with shared prefixes, all requests batched together."""
+    model_dir = tiny_llama_dir("llama_deep")
+    params = perturbed_params(model_dir, split, group)
+    path = str(tmp_path / "p.safetensors")
+    save_params(path, params, dtype=torch.float32)
+    llm = LLM(model=model_dir, swiftkv_params=path, dtype="float32", block_size=4, max_num_batched_tokens=16,
+              cache_dir=str(tmp_path / "cache"))
+    assert llm.engine.arch.swiftkv and llm.engine.arch.num_cache_layers == split + -(-(6 - split) // group)
+    prompts = prompts_with_shared_prefixes()
+    first = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)]
+    again = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)]
+    assert llm.engine.stats()["prefix_cache_hits"] > 0  # the second pass reused cached blocks
+    reference = dense_reference(model_dir, params, prompts, GREEDY.max_tokens)
+    assert first == reference
+    assert again == reference
+    base = LLM(model=model_dir, dtype="float32", block_size=4)
+    plain = [o.outputs[0].token_ids for o in base.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)]
+    assert plain != reference  # the SwiftKV path is really taken
+
+
+def test_dense_reference_without_swiftkv_is_the_base_model(tiny_llama_dir, hf_tiny_model):
+    model_dir = tiny_llama_dir("llama_deep")
+    dense = from_checkpoint(model_dir, 2, 1)
+    ids = torch.tensor([[100 + 3 * i for i in range(19)]])
+    expected = hf_tiny_model("llama_deep")(ids).logits
+    torch.testing.assert_close(dense(ids, swiftkv=False), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_smollm2_with_initialised_swiftkv_matches_the_reference(smollm2_path, smollm2_tokenizer, tmp_path):
+    """SmolLM2-135M, split at layer 15, SwiftKV weights from init_from_base; float32; chunked prefill."""
+    dense = from_checkpoint(smollm2_path, 15, 1)
+    params = SwiftKVParams(15, 1, dense.published_tensors(), {"test": "init"})
+    path = str(tmp_path / "p.safetensors")
+    save_params(path, params, dtype=torch.float32)
+    llm = LLM(model=smollm2_path, swiftkv_params=path, dtype="float32", max_num_batched_tokens=48,
+              cache_dir=str(tmp_path / "cache"))
+    texts = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+             "Here is a long story about a cat who lived in a lighthouse by the sea. Every morning the cat"]
+    prompts = [smollm2_tokenizer.encode(t) for t in texts]
+    params8 = SamplingParams(max_tokens=8, temperature=0.0)
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params8)]
+    assert got == [dense.greedy(p, 8) for p in prompts]
+
+
+def test_swiftkv_off_serves_a_swiftkv_checkpoint_as_the_base_model(tiny_llama_dir, tmp_path):
+    model_dir = tiny_llama_dir("llama_deep")
+    ckpt = write_checkpoint(model_dir, perturbed_params(model_dir, 2, 2), str(tmp_path / "ckpt"))
+    prompts = [{"prompt_token_ids": p} for p in prompts_with_shared_prefixes()]
+    off = LLM(model=ckpt, swiftkv=False, dtype="float32", block_size=4)
+    base = LLM(model=model_dir, dtype="float32", block_size=4)
+    assert not off.engine.arch.swiftkv and off.engine.arch.num_cache_layers == 6
+    assert [o.outputs[0].token_ids for o in off.generate(prompts, GREEDY)] == \
+        [o.outputs[0].token_ids for o in base.generate(prompts, GREEDY)]
+
+
+def test_save_then_load_a_llama_swiftkv_checkpoint_reproduces_the_outputs(tiny_llama_dir, tmp_path):
+    model_dir = tiny_llama_dir("llama_deep")
+    params = perturbed_params(model_dir, 2, 2, seed=3)
+    path = str(tmp_path / "p.safetensors")
+    save_params(path, params, dtype=torch.float32)
+    ckpt = write_checkpoint(model_dir, load_params(path), str(tmp_path / "ckpt"))
+    with open(os.path.join(ckpt, "config.json")) as f:
+        config = json.load(f)
+    assert (config["model_type"], config["num_key_value_layers"], config["key_value_group_size"],
+            config["swiftkv"]) == ("llama_swiftkv", 2, 2, True)
+    with open(os.path.join(ckpt, "model.safetensors.index.json")) as f:
+        names = set(json.load(f)["weight_map"])
+    assert {"model.norm_swiftkv.weight", "model.layers.2.self_attn.k_proj_swiftkv.weight",
+            "model.layers.4.self_attn.v_proj_swiftkv.weight", "model.layers.5.self_attn.q_proj_swiftkv.weight"} <= names
+    assert "model.layers.3.self_attn.k_proj_swiftkv.weight" not in names  # AcrossKV: the group's first layer only
+    prompts = [{"prompt_token_ids": p} for p in prompts_with_shared_prefixes()]
+    loaded = LLM(model=ckpt, dtype="float32", block_size=4)  # the config's swiftkv: true turns it on
+    applied = LLM(model=model_dir, swiftkv_params=path, dtype="float32", block_size=4,
+                  cache_dir=str(tmp_path / "cache"))
+    assert loaded.engine.arch.swiftkv
+    got = [o.outputs[0].token_ids for o in loaded.generate(prompts, GREEDY)]
+    assert got == [o.outputs[0].token_ids for o in applied.generate(prompts, GREEDY)]
+    assert got == dense_reference(model_dir, params, prompts_with_shared_prefixes(), GREEDY.max_tokens)
+
+
+def test_across_kv_cuts_kv_bytes_per_token_and_fits_more_tokens(smollm2_path, tmp_path):
+    from dataclasses import replace
+
+    from cluster.config import CacheConfig
+
+    arch = ModelArch.from_dir(smollm2_path)
+    single = replace(arch, num_key_value_layers=15, key_value_group_size=1, swiftkv=True)
+    across = replace(arch, num_key_value_layers=15, key_value_group_size=2, swiftkv=True)
+    assert (arch.num_cache_layers, single.num_cache_layers, across.num_cache_layers) == (30, 30, 23)
+    assert across.kv_bytes_per_token(2) / arch.kv_bytes_per_token(2) == pytest.approx(23 / 30)
+    budget = CacheConfig(kv_cache_memory_bytes=64 << 20)
+    plain_blocks = num_blocks_for(budget, arch, torch.bfloat16, 1)
+    across_blocks = num_blocks_for(budget, across, torch.bfloat16, 1)
+    assert block_bytes(across, 32, torch.bfloat16, 1) * 30 == block_bytes(arch, 32, torch.bfloat16, 1) * 23
+    assert across_blocks == (64 << 20) // block_bytes(across, 32, torch.bfloat16, 1) > plain_blocks * 1.29
+    # The engine sizes its cache the same way, and AcrossKV outputs still match the reference.
+    model_dir = smollm2_path
+    dense = from_checkpoint(model_dir, 15, 2)
+    path = str(tmp_path / "p.safetensors")
+    save_params(path, SwiftKVParams(15, 2, dense.published_tensors(), {}), dtype=torch.float32)
+    llm = LLM(model=model_dir, swiftkv_params=path, dtype="float32", kv_cache_memory_bytes=64 << 20,
+              cache_dir=str(tmp_path / "cache"))
+    assert llm.engine.num_blocks == num_blocks_for(budget, across, torch.float32, 1)
+    assert llm.engine.num_blocks > num_blocks_for(budget, arch, torch.float32, 1) * 1.29
+    prompt = [1, 504, 3575, 282, 4649, 314]
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=6, temperature=0.0))
+    assert out[0].outputs[0].token_ids == dense.greedy(prompt, 6)
+
+
+def test_distillation_runs_checkpoints_resumes_and_the_loss_falls(tiny_llama_dir, tmp_path):
+    from cluster.swiftkv.distill import run_distill
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"word{i % 37} and thing{i % 11}." for i in range(2000)))
+    out = str(tmp_path / "distilled.safetensors")
+    args = Namespace(model=tiny_llama_dir("llama_deep"), num_key_value_layers=2, key_value_group_size=2, out=out,
+                     work_dir=str(tmp_path / "work"), steps=30, batch_size=4, seq_len=32, lr=3e-3, temperature=2.0,
+                     hidden_loss_weight=1.0, checkpoint_every=10, prompts=None, max_prompts=4, samples_per_prompt=1,
+                     heldout_prompts=os.path.join(os.path.dirname(__file__), "..", "..", "cluster", "swiftkv", "data",
+                                                  "heldout_prompts.txt"),
+                     teacher_max_tokens=16, corpus=str(corpus), eval_corpus=str(corpus), eval_rows=8, threads=None,
+                     cache_dir=str(tmp_path / "cache"), seed=0, argv=[])
+    assert run_distill(Namespace(**{**vars(args), "steps": 20})) == 0  # stops at 20, checkpointed
+    assert run_distill(args) == 0  # resumes at 20, runs to 30
+    with open(tmp_path / "work" / "report.json") as f:
+        report = json.load(f)
+    losses = [h["loss"] for h in report["history"]]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    params = load_params(out)
+    assert (params.num_key_value_layers, params.key_value_group_size) == (2, 2)
+    assert params.info["eval_after"] and params.info["eval_before"]
+    assert "model.layers.2.self_attn.k_proj_swiftkv.weight" in params.tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 4])
+def test_swiftkv_under_tensor_parallelism_matches_the_reference(local_ray, tiny_llama_dir, tmp_path, tp):
+    """Ray workers each hold their heads of q_proj_swiftkv and of the groups' K/V (replicated at tp=4)."""
+    model_dir = tiny_llama_dir("llama_deep")
+    params = perturbed_params(model_dir, 2, 2, seed=5)
+    path = str(tmp_path / "p.safetensors")
+    save_params(path, params, dtype=torch.float32)
+    llm = LLM(model=model_dir, swiftkv_params=path, dtype="float32", block_size=4, max_num_batched_tokens=16,
+              tensor_parallel_size=tp, cache_dir=str(tmp_path / "cache"))
+    try:
+        prompts = prompts_with_shared_prefixes()
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)]
+    finally:
+        llm.engine.shutdown()
+    assert got == dense_reference(model_dir, params, prompts, GREEDY.max_tokens)
