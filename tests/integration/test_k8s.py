@@ -31,10 +31,11 @@ K8S_VERSION = "1.32"
 GRPC_PORT, HTTP_PORT = 9000, 8000
 
 # Every optional part switched the other way: token auth and TLS from existing Secrets, a hostPath
-# model volume, a fixed replica count, no liveness probe, no PDB.
+# model volume, a fixed replica count, no liveness probe, no PDB, SwiftKV on.
 OPTIONS = ["auth.enabled=true", "auth.existingSecret=ray-token", "tls.enabled=true", "tls.existingSecret=ray-tls",
            "model.volume.type=hostPath", "serve.autoscaling.enabled=false", "serve.numReplicas=2",
-           "probes.liveness.enabled=false", "podDisruptionBudget.enabled=false", "gpu.product=NVIDIA-L4"]
+           "probes.liveness.enabled=false", "podDisruptionBudget.enabled=false", "gpu.product=NVIDIA-L4",
+           "serve.engine.swiftkv=true"]
 
 # What each rendering is called in test ids, and the helm arguments that produce it (None: kustomize).
 SOURCES = {
@@ -301,6 +302,7 @@ def test_optional_parts(helm):
     assert "hostPath" in {v["name"]: v for v in worker_group(docs)["template"]["spec"]["volumes"]}["models"]
     (app,) = serve_config(docs)["applications"]
     assert app["args"]["num_replicas"] == 2 and "deployments" not in app
+    assert app["args"]["swiftkv"] is True
 
 
 # ---- bad values -----------------------------------------------------------------------------

@@ -196,3 +196,20 @@ def test_swiftkv_under_tensor_parallelism_matches_the_reference(local_ray, tiny_
     finally:
         llm.engine.shutdown()
     assert got == dense_reference(model_dir, params, prompts, GREEDY.max_tokens)
+
+
+def test_the_shipped_smollm2_swiftkv_parameters_work_out_of_the_box():
+    """`LLM(model="smollm2-135m", swiftkv=True)`: the distilled parameter file shipped in the package."""
+    from cluster.swiftkv.checkpoint import bundled_params
+
+    path = bundled_params("smollm2-135m")
+    assert path is not None and os.path.getsize(path) < 20 << 20
+    params = load_params(path)
+    assert (params.num_key_value_layers, params.key_value_group_size) == (15, 1)
+    assert params.info["command"].startswith("llm-cluster swiftkv distill")
+    for name, after in params.info["eval_after"].items():  # distillation beat the undistilled cut
+        assert after["agreement"] > params.info["eval_before"][name]["agreement"], name
+    llm = LLM(model="smollm2-135m", swiftkv=True)
+    assert llm.engine.arch.swiftkv and llm.engine.arch.num_key_value_layers == 15
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0))
+    assert len(out[0].outputs[0].token_ids) == 8

@@ -127,6 +127,9 @@ applications:
       {{- if not (kindIs "invalid" $e.enablePrefixCaching) }}
       enable_prefix_caching: {{ $e.enablePrefixCaching }}
       {{- end }}
+      {{- if not (kindIs "invalid" $e.swiftkv) }}
+      swiftkv: {{ $e.swiftkv }}
+      {{- end }}
       {{- if $s.autoscaling.enabled }}
       autoscaling:
         min_replicas: {{ int $s.autoscaling.minReplicas }}
