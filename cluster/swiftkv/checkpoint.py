@@ -134,8 +134,12 @@ def resolve(model_dir: str, model_name: str, swiftkv: bool | None, params_path: 
     """The directory the engine loads: ``model_dir`` itself, or it with SwiftKV parameters applied
     (an explicit ``swiftkv_params`` file, or with ``swiftkv=True`` on a plain checkpoint the
     parameters shipped for that model)."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        is_swiftkv = json.load(f).get("model_type") == "llama_swiftkv"
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read {model_dir!r}/config.json: {err}") from err
+    is_swiftkv = isinstance(config, dict) and config.get("model_type") == "llama_swiftkv"
     if params_path is None and (swiftkv is not True or is_swiftkv):
         return model_dir
     if params_path is None:
