@@ -37,7 +37,8 @@ class ModelArch:
     # stream entering that layer; groups of key_value_group_size such layers share one K/V (AcrossKV).
     num_key_value_layers: int | None = None  # None: every layer has its own K/V (a plain checkpoint)
     key_value_group_size: int = 1
-    swiftkv: bool = False  # serve with SwiftKV (prefill skipping + shared caches); needs the weights
+    swiftkv: bool = False  # serve with SwiftKV (prefill skipping + shared caches); a llama_swiftkv config
+    # turns it on unless it says `swiftkv: false`; the engine option `swiftkv` overrides either way
 
     @property
     def swiftkv_layer(self) -> int:
@@ -142,13 +143,15 @@ def _swiftkv_fields(cfg: dict, model_type: str) -> dict:
     if model_type != "llama_swiftkv":
         return {}
     layers = cfg["num_hidden_layers"]
-    split = cfg.get("num_key_value_layers") or layers
-    group = cfg.get("key_value_group_size") or 1
+    split = cfg.get("num_key_value_layers")
+    split = layers if split is None else split
+    group = cfg.get("key_value_group_size")
+    group = 1 if group is None else group
     if not (isinstance(split, int) and 1 <= split <= layers):
         raise ValueError(f"num_key_value_layers={split!r} (must be in [1, {layers}])")
     if not (isinstance(group, int) and group >= 1):
         raise ValueError(f"key_value_group_size={group!r} (must be an integer >= 1)")
-    return {"num_key_value_layers": split, "key_value_group_size": group, "swiftkv": bool(cfg.get("swiftkv", False))}
+    return {"num_key_value_layers": split, "key_value_group_size": group, "swiftkv": bool(cfg.get("swiftkv", True))}
 
 
 def _context_limit(cfg: dict) -> int:
