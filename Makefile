@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench bench-tp generate serve protos clean
+.PHONY: install test test-fast bench bench-tp bench-swiftkv generate serve protos clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ bench: install
 
 bench-tp: install
 	$(VENV)/bin/llm-cluster bench-tp
+
+bench-swiftkv: install
+	$(VENV)/bin/llm-cluster swiftkv bench
 
 # The main job: a local Ray cluster serving SmolLM2 over gRPC (:9000) and OpenAI HTTP (:8000).
 serve: install
