@@ -46,6 +46,11 @@ class ModelArch:
         return self.num_key_value_layers if self.swiftkv else self.num_layers
 
     @property
+    def skips_prefill(self) -> bool:
+        """SwiftKV is on and some layers lie past the split (their K/V come from it)."""
+        return self.swiftkv_layer < self.num_layers
+
+    @property
     def num_cache_layers(self) -> int:
         """KV caches the model writes: one per full layer, one per AcrossKV group after."""
         l = self.swiftkv_layer

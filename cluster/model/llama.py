@@ -99,7 +99,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, dtype, swiftkv=i >= split)
                                     for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        if split < arch.num_layers:
+        if arch.skips_prefill:
             self.norm_swiftkv = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
             self.kv_proj_swiftkv = SwiftKVProjection(arch.hidden_size, arch.head_dim, arch.num_kv_heads,
                                                      arch.num_cache_layers - split, arch.qkv_bias, tp, dtype)
@@ -112,7 +112,7 @@ class LlamaModel(nn.Module):
         split = self.arch.swiftkv_layer
         for layer, kv_cache in zip(self.layers[:split], kv_caches):
             hidden = layer(cos_sin, hidden, kv_cache, meta)
-        if split == self.arch.num_layers:
+        if not self.arch.skips_prefill:
             return self.norm(hidden)
         self._write_swiftkv_cache(cos_sin, hidden, kv_caches[split:], meta)
         hidden = hidden[tail.rows]

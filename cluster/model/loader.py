@@ -52,7 +52,7 @@ def finalize_weights(model: torch.nn.Module, kernels=None) -> None:
             module.finalize_weights()
 
 
-def _weight_files(path: str) -> list[str]:
+def weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -67,7 +67,7 @@ def _load_weights(model: LlamaForCausalLM, path: str) -> set[str]:
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     with torch.no_grad():
-        for file in _weight_files(path):
+        for file in weight_files(path):
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
                     target = _target(model, name, params)
@@ -119,7 +119,7 @@ def _swiftkv_target(arch: ModelArch, name: str) -> tuple[str, object] | tuple[()
     model's q/k/v there are unused) and each AcrossKV group's first layer supplies the group's K/V;
     with it off, the SwiftKV tensors are skipped.
     """
-    split, on = arch.swiftkv_layer, arch.swiftkv_layer < arch.num_layers
+    split, on = arch.swiftkv_layer, arch.skips_prefill
     if name == "model.norm_swiftkv.weight":
         return (name, None) if on else ()
     match = _SWIFTKV_PROJ.match(name)

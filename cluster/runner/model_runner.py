@@ -28,7 +28,7 @@ class ModelRunner:
         self.kernels = _load_cpu_kernels() if spec.use_native_kernels and on_cpu else None
         finalize_weights(self.model, self.kernels)  # after the move: packing is device-specific
         self.spec = spec
-        self.swiftkv = spec.arch.swiftkv_layer < spec.arch.num_layers
+        self.swiftkv = spec.arch.skips_prefill
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request

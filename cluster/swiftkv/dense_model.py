@@ -9,22 +9,20 @@ frozen float32 tensors; only the SwiftKV parameters are ``nn.Parameter``s (what 
 
 from __future__ import annotations
 
-import glob
-import os
-
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
 from cluster.model.arch import ModelArch
+from cluster.model.loader import weight_files
 from cluster.model.layers.rotary import RotaryEmbedding
 from cluster.swiftkv.checkpoint import SwiftKVParams
 
 
 def load_base_tensors(model_dir: str) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+    for file in weight_files(model_dir):
         with safe_open(file, framework="pt") as f:
             tensors.update({k: f.get_tensor(k).float() for k in f.keys()})
     return tensors

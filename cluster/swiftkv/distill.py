@@ -159,13 +159,10 @@ def run_distill(args) -> int:
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
+        step, history, before = state["step"], state["history"], state.get("before")
         print(f"resuming from step {step} ({state_path})")
-    before = None
     if step == 0:
         before = {name: evaluate(model, rows) for name, rows in eval_sets.items()}
-    else:
-        before = state.get("before")
 
     def lr_at(s: int) -> float:
         warm = max(1, args.steps // 20)
