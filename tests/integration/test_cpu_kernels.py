@@ -17,10 +17,14 @@ def kernel():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("num_heads,num_kv_heads,block_size", [(9, 3, 32), (4, 4, 16), (8, 2, 8)])
-def test_kernel_matches_torch_path(kernel, dtype, tol, num_heads, num_kv_heads, block_size):
+@pytest.mark.parametrize("num_heads,num_kv_heads,block_size,head_dim", [
+    (9, 3, 32, 64), (4, 4, 16, 64), (8, 2, 8, 64),  # SmolLM2's shape; MHA; small blocks
+    (28, 4, 32, 128), (16, 1, 16, 128),  # Qwen2.5-7B's group of 7 at head size 128; MQA
+    (6, 2, 32, 48),  # a head size without a specialised loop
+])
+def test_kernel_matches_torch_path(kernel, dtype, tol, num_heads, num_kv_heads, block_size, head_dim):
     gen = torch.Generator().manual_seed(0)
-    num_blocks, head_dim, num_seqs = 200, 64, 7
+    num_blocks, num_seqs = 200, 7
     cache = torch.randn(2, num_kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
     lens = torch.tensor(sorted(torch.randint(1, 20 * block_size, (num_seqs,), generator=gen).tolist()))
     max_blocks = -(-int(lens.max()) // block_size)
