@@ -154,15 +154,21 @@ def run_distill(args) -> int:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     state_path = os.path.join(args.work_dir, "state.pt")
-    step, history = 0, []
+    step, history, segments = 0, [], []
     if os.path.isfile(state_path):
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         step, history, before = state["step"], state["history"], state.get("before")
+        segments = state.get("segments", [])
         print(f"resuming from step {step} ({state_path})")
     if step == 0:
         before = {name: evaluate(model, rows) for name, rows in eval_sets.items()}
+    command = "llm-cluster swiftkv distill " + " ".join(getattr(args, "argv", []))
+    # Each invocation is one segment; a run extended with a larger --steps restarts its cosine
+    # schedule at that step's point on the longer horizon, so the recipe lists every segment.
+    if step < args.steps and (not segments or segments[-1]["command"] != command):
+        segments.append({"command": command, "from_step": step, "to_step": args.steps})
 
     def lr_at(s: int) -> float:
         warm = max(1, args.steps // 20)
@@ -172,7 +178,7 @@ def run_distill(args) -> int:
 
     def save_state() -> None:
         torch.save({"model": {k: v for k, v in model.state_dict().items()}, "optimizer": optimizer.state_dict(),
-                    "step": step, "history": history, "before": before}, state_path + ".tmp")
+                    "step": step, "history": history, "before": before, "segments": segments}, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
 
     order = torch.Generator().manual_seed(args.seed)
@@ -206,7 +212,7 @@ def run_distill(args) -> int:
               "seq_len": args.seq_len, "lr": args.lr, "temperature": args.temperature,
               "hidden_loss_weight": args.hidden_loss_weight, "seed": args.seed, "train_data": train_source,
               "train_tokens_seen": step * args.batch_size * args.seq_len, "eval_before": before, "eval_after": after,
-              "command": "llm-cluster swiftkv distill " + " ".join(getattr(args, "argv", []))}
+              "command": command, "segments": segments}
     save_params(args.out, SwiftKVParams(args.num_key_value_layers, args.key_value_group_size,
                                         model.published_tensors(), recipe))
     with open(os.path.join(args.work_dir, "report.json"), "w") as f:

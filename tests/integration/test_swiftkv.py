@@ -167,8 +167,8 @@ def test_distillation_runs_checkpoints_resumes_and_the_loss_falls(tiny_llama_dir
                                                   "heldout_prompts.txt"),
                      teacher_max_tokens=16, corpus=str(corpus), eval_corpus=str(corpus), eval_rows=8, threads=None,
                      cache_dir=str(tmp_path / "cache"), seed=0, argv=[])
-    assert run_distill(Namespace(**{**vars(args), "steps": 20})) == 0  # stops at 20, checkpointed
-    assert run_distill(args) == 0  # resumes at 20, runs to 30
+    assert run_distill(Namespace(**{**vars(args), "steps": 20, "argv": ["--steps", "20"]})) == 0  # checkpointed
+    assert run_distill(Namespace(**{**vars(args), "argv": ["--steps", "30"]})) == 0  # resumes at 20, runs to 30
     with open(tmp_path / "work" / "report.json") as f:
         report = json.load(f)
     losses = [h["loss"] for h in report["history"]]
@@ -177,6 +177,9 @@ def test_distillation_runs_checkpoints_resumes_and_the_loss_falls(tiny_llama_dir
     params = load_params(out)
     assert (params.num_key_value_layers, params.key_value_group_size) == (2, 2)
     assert params.info["eval_after"] and params.info["eval_before"]
+    # The recipe names both invocations, since the second restarted the schedule on a longer horizon.
+    assert [(seg["from_step"], seg["to_step"], seg["command"].split()[-1]) for seg in params.info["segments"]] == [
+        (0, 20, "20"), (20, 30, "30")]
     assert "model.layers.2.self_attn.k_proj_swiftkv.weight" in params.tensors
 
 
