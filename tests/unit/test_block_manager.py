@@ -171,12 +171,33 @@ def test_eviction_in_lru_order_drops_hashes():
     b = make_seq("b", range(100, 109))
     bm.allocate_prefix(b)
     bm.append(b, 9)
-    assert b.block_ids == [3, 2, 1]  # LRU head first; a's tail block 1 is evicted before its head
+    # The LRU head {3, 2, 1} is taken (a's tail block 1 is evicted before its head block 0),
+    # handed out in ascending order.
+    assert b.block_ids == [1, 2, 3]
     assert bm.cached_block_id(h1) is None and bm.blocks[1].block_hash is None
     assert bm.cached_block_id(h0) == 0
     c = make_seq("c", range(9))
     assert bm.allocate_prefix(c) == 4
     assert c.block_ids == [0] and bm.num_free_blocks == 0
+    bm.check_invariants()
+
+
+def test_reused_blocks_are_handed_out_in_ascending_order():
+    # Release is tail-first, so a freed sequence's blocks sit in the free queue in descending
+    # order; one allocation must still lay its tokens out front to back (the CPU decode kernel
+    # streams ascending runs of blocks about twice as fast as descending or scattered ones).
+    bm = BlockManager(num_blocks=16, block_size=BLOCK_SIZE)
+    a = make_seq("a", range(4 * 8))
+    bm.allocate_prefix(a)
+    bm.append(a, a.num_tokens)
+    assert a.block_ids == list(range(8))
+    bm.free(a)
+    assert bm.free_block_ids()[8:] == list(range(7, -1, -1))
+    b, c = make_seq("b", range(100, 100 + 4 * 8)), make_seq("c", range(200, 200 + 4 * 8))
+    for seq in (b, c):
+        bm.allocate_prefix(seq)
+        bm.append(seq, seq.num_tokens)
+    assert b.block_ids == list(range(8, 16)) and c.block_ids == list(range(8))
     bm.check_invariants()
 
 

@@ -152,7 +152,7 @@ def test_preemption_requeues_newest_at_front_and_recomputes():
     assert a.is_finished and a.finish_reason is FinishReason.LENGTH
     out = step(sched)
     # b hits its own first block (2, still cached); block 3 was evicted, so recompute from 4.
-    assert summary(out) == [("b", 4, 5, [2, 3, 1], True, True), ("c", 0, 3, [0], True, True)]
+    assert summary(out) == [("b", 4, 5, [2, 1, 3], True, True), ("c", 0, 3, [0], True, True)]
     assert out.sequences[0].token_ids == [104, 105, 106, 1007, 1008]
     assert b.num_cached_tokens == 4 and b.output_token_ids == [1007, 1008, 1009]
     assert b.is_finished and out.finished_request_ids == ["a"]
@@ -168,7 +168,7 @@ def test_preemption_without_prefix_cache_recomputes_from_zero():
     sched.finish("a", FinishReason.STOP)
     assert sched.block_manager.free_block_ids() == [2, 3, 1, 0]
     out = step(sched)
-    assert summary(out) == [("b", 0, 9, [2, 3, 1], True, True)]
+    assert summary(out) == [("b", 0, 9, [1, 2, 3], True, True)]  # new blocks ascend
     assert b.num_preemptions == 1 and b.num_computed_tokens == 9
 
 
