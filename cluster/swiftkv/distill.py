@@ -155,14 +155,17 @@ def run_distill(args) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     state_path = os.path.join(args.work_dir, "state.pt")
     step, history, segments = 0, [], []
+    before: dict = {}
     if os.path.isfile(state_path):
         state = torch.load(state_path, weights_only=False)
+        step, history, before = state["step"], state["history"], state.get("before") or {}
+        segments = state.get("segments", [])
+        # An evaluation set added on resume gets its "before" from the undistilled weights too.
+        before.update({name: evaluate(model, rows) for name, rows in eval_sets.items() if name not in before})
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
-        step, history, before = state["step"], state["history"], state.get("before")
-        segments = state.get("segments", [])
         print(f"resuming from step {step} ({state_path})")
-    if step == 0:
+    else:
         before = {name: evaluate(model, rows) for name, rows in eval_sets.items()}
     command = "llm-cluster swiftkv distill " + " ".join(getattr(args, "argv", []))
     # Each invocation is one segment; a run extended with a larger --steps restarts its cosine
@@ -231,7 +234,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--hidden-loss-weight", type=float, default=1.0)
     p.add_argument("--checkpoint-every", type=int, default=25)

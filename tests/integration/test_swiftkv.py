@@ -167,7 +167,9 @@ def test_distillation_runs_checkpoints_resumes_and_the_loss_falls(tiny_llama_dir
                                                   "heldout_prompts.txt"),
                      teacher_max_tokens=16, corpus=str(corpus), eval_corpus=str(corpus), eval_rows=8, threads=None,
                      cache_dir=str(tmp_path / "cache"), seed=0, argv=[])
-    assert run_distill(Namespace(**{**vars(args), "steps": 20, "argv": ["--steps", "20"]})) == 0  # checkpointed
+    # The first invocation evaluates on the held-out teacher text only; the resumed one adds the corpus.
+    first = Namespace(**{**vars(args), "steps": 20, "eval_corpus": None, "argv": ["--steps", "20"]})
+    assert run_distill(first) == 0  # checkpointed
     assert run_distill(Namespace(**{**vars(args), "argv": ["--steps", "30"]})) == 0  # resumes at 20, runs to 30
     with open(tmp_path / "work" / "report.json") as f:
         report = json.load(f)
@@ -176,7 +178,15 @@ def test_distillation_runs_checkpoints_resumes_and_the_loss_falls(tiny_llama_dir
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
     params = load_params(out)
     assert (params.num_key_value_layers, params.key_value_group_size) == (2, 2)
-    assert params.info["eval_after"] and params.info["eval_before"]
+    assert params.info["eval_after"].keys() == params.info["eval_before"].keys()
+    assert len(params.info["eval_before"]) == 2
+    # The set added on resume was evaluated "before" on the undistilled weights.
+    from cluster.swiftkv.distill import evaluate, from_checkpoint, pack, text_corpus
+
+    fresh = from_checkpoint(args.model, 2, 2)
+    fresh.init_from_base()
+    rows = pack(text_corpus(args.model, str(corpus)), args.seq_len, (fresh.arch.eos_token_ids or (0,))[0])
+    assert params.info["eval_before"][f"local text {corpus}"] == evaluate(fresh, rows[: args.eval_rows])
     # The recipe names both invocations, since the second restarted the schedule on a longer horizon.
     assert [(seg["from_step"], seg["to_step"], seg["command"].split()[-1]) for seg in params.info["segments"]] == [
         (0, 20, "20"), (20, 30, "30")]
