@@ -155,7 +155,6 @@ def run_distill(args) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     state_path = os.path.join(args.work_dir, "state.pt")
     step, history, segments = 0, [], []
-    before: dict = {}
     if os.path.isfile(state_path):
         state = torch.load(state_path, weights_only=False)
         step, history, before = state["step"], state["history"], state.get("before") or {}
