@@ -139,8 +139,8 @@ constexpr int64_t kMaxGroup = 16;
 // Prefetch: where the next block is the physically next one, the hardware prefetcher streams
 // it and explicit prefetching only slowed decode (74-84 vs 59 ms per step). Where the table
 // jumps (a reused cache: blocks freed tail-first come back in descending order, or scattered),
-// the next block's rows are prefetched one per token of the current block; without that, a
-// decode step over a reused cache took 99 ms instead of 60.
+// the next block's rows are prefetched one per token of the current block: 30 layers of
+// 16 x 2,100 tokens over a descending table took 66 ms without it, 50 with it (24 ascending).
 template <int kHeadDim>
 static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const uint16_t* v_head,
                                const int64_t* table, int64_t context, int64_t block_size, int64_t group,
