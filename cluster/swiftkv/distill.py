@@ -83,17 +83,53 @@ def pack(sequences: list[list[int]], seq_len: int, separator: int) -> torch.Tens
 
 # ---- loss and evaluation -----------------------------------------------------------------------
 
-def distillation_loss(model: DenseSwiftKVModel, ids: torch.Tensor, temperature: float,
-                      hidden_weight: float) -> tuple[torch.Tensor, dict]:
+@torch.no_grad()
+def teacher_side(model: DenseSwiftKVModel, ids: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream entering the split (shared by teacher and student) and the teacher's final
+    normed hidden state, for a batch of rows."""
+    split_state = model.base_layers(model.embed(ids), 0, model.split, cos_sin)
+    teacher_hidden = model.final_norm(model.base_layers(split_state, model.split, model.arch.num_layers, cos_sin))
+    return split_state, teacher_hidden
+
+
+class TeacherCache:
+    """Each training row's ``teacher_side``, kept after its first use, so that later epochs run
+    only the student; at most ``max_bytes`` of it (rows past that are recomputed each time).
+    Caching changes nothing but speed: the frozen teacher gives the same tensors every epoch."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, model: DenseSwiftKVModel, rows: torch.Tensor, ids: torch.Tensor, cos_sin
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = rows.tolist()
+        if all(k in self.rows for k in keys):
+            return tuple(torch.stack(parts) for parts in zip(*(self.rows[k] for k in keys)))
+        split_state, teacher_hidden = teacher_side(model, ids, cos_sin)
+        for i, k in enumerate(keys):
+            size = (split_state[i].numel() * split_state.element_size()
+                    + teacher_hidden[i].numel() * teacher_hidden.element_size())
+            if k not in self.rows and self.bytes + size <= self.max_bytes:
+                self.rows[k] = (split_state[i].clone(), teacher_hidden[i].clone())
+                self.bytes += size
+        return split_state, teacher_hidden
+
+
+def distillation_loss(model: DenseSwiftKVModel, ids: torch.Tensor, temperature: float, hidden_weight: float,
+                      teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+    """KL(teacher || student) at ``temperature`` (times its square) + ``hidden_weight`` x MSE of the
+    final hidden states. ``teacher`` is ``teacher_side(model, ids)`` when the caller has it."""
     cos_sin = model.rotary(ids.shape[1], torch.float32)
+    split_state, teacher_hidden = teacher if teacher is not None else teacher_side(model, ids, cos_sin)
     with torch.no_grad():
-        split_state = model.base_layers(model.embed(ids), 0, model.split, cos_sin)
-        teacher_hidden = model.final_norm(model.base_layers(split_state, model.split, model.arch.num_layers, cos_sin))
-        teacher_logits = model.logits(teacher_hidden).float()
+        teacher_logits = model.logits(teacher_hidden)
     student_hidden = model.final_norm(model.swiftkv_layers(split_state, cos_sin))
-    student_logits = model.logits(student_hidden).float()
+    student_logits = model.logits(student_hidden)
     t = temperature
-    kl = F.kl_div(F.log_softmax(student_logits / t, -1).flatten(0, 1), F.log_softmax(teacher_logits / t, -1).flatten(0, 1),
+    # log_softmax in float32 straight from the (bf16) logits: no float copy of the [B, T, vocab] tensors.
+    kl = F.kl_div(F.log_softmax(student_logits / t, -1, dtype=torch.float32).flatten(0, 1),
+                  F.log_softmax(teacher_logits / t, -1, dtype=torch.float32).flatten(0, 1),
                   log_target=True, reduction="batchmean") * t * t
     mse = F.mse_loss(student_hidden.float(), teacher_hidden.float())
     agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
@@ -185,6 +221,8 @@ def run_distill(args) -> int:
 
     order = torch.Generator().manual_seed(args.seed)
     epoch_perm = torch.randperm(train_rows.shape[0], generator=order)
+    cache = TeacherCache(int(args.teacher_cache_gb * (1 << 30)))
+    cos_sin = model.rotary(args.seq_len, torch.float32)
     bar = tqdm(total=args.steps, initial=step, desc="distilling SwiftKV", unit="step")
     started = time.monotonic()
     while step < args.steps:
@@ -192,11 +230,13 @@ def run_distill(args) -> int:
         if index + args.batch_size > train_rows.shape[0]:  # next epoch: a fresh order
             epoch_perm = torch.randperm(train_rows.shape[0], generator=order)
             index = 0
-        ids = train_rows[epoch_perm[index:index + args.batch_size]]
+        batch_rows = epoch_perm[index:index + args.batch_size]
+        ids = train_rows[batch_rows]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, parts = distillation_loss(model, ids, args.temperature, args.hidden_loss_weight)
+            teacher = cache.get(model, batch_rows, ids, cos_sin)
+            loss, parts = distillation_loss(model, ids, args.temperature, args.hidden_loss_weight, teacher)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -245,6 +285,8 @@ def add_parser(sub) -> None:
     p.add_argument("--corpus", default=None, help="train on this local text file instead of teacher text")
     p.add_argument("--eval-corpus", default=None, help="also evaluate on this local text file")
     p.add_argument("--eval-rows", type=int, default=32)
+    p.add_argument("--teacher-cache-gb", type=float, default=4.0,
+                   help="memory for the teacher's outputs per training row, reused in later epochs")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)

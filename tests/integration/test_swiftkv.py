@@ -166,6 +166,7 @@ def test_distillation_runs_checkpoints_resumes_and_the_loss_falls(tiny_llama_dir
                      heldout_prompts=os.path.join(os.path.dirname(__file__), "..", "..", "cluster", "swiftkv", "data",
                                                   "heldout_prompts.txt"),
                      teacher_max_tokens=16, corpus=str(corpus), eval_corpus=str(corpus), eval_rows=8, threads=None,
+                     teacher_cache_gb=1.0,
                      cache_dir=str(tmp_path / "cache"), seed=0, argv=[])
     # The first invocation evaluates on the held-out teacher text only; the resumed one adds the corpus.
     first = Namespace(**{**vars(args), "steps": 20, "eval_corpus": None, "argv": ["--steps", "20"]})
@@ -191,6 +192,30 @@ def test_distillation_runs_checkpoints_resumes_and_the_loss_falls(tiny_llama_dir
     assert [(seg["from_step"], seg["to_step"], seg["command"].split()[-1]) for seg in params.info["segments"]] == [
         (0, 20, "20"), (20, 30, "30")]
     assert "model.layers.2.self_attn.k_proj_swiftkv.weight" in params.tensors
+
+
+def test_the_teacher_cache_gives_the_teachers_own_outputs_within_its_budget(tiny_llama_dir):
+    from cluster.swiftkv.distill import TeacherCache, distillation_loss, from_checkpoint, teacher_side
+
+    model = from_checkpoint(tiny_llama_dir("llama_deep"), 2, 2)
+    ids = torch.randint(0, model.arch.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    cos_sin = model.rotary(16, torch.float32)
+    split_state, teacher_hidden = teacher_side(model, ids, cos_sin)
+    row_bytes = (split_state[0].numel() + teacher_hidden[0].numel()) * split_state.element_size()
+    cache = TeacherCache(max_bytes=3 * row_bytes)
+    got = cache.get(model, torch.tensor([4, 0, 1, 2]), ids[[4, 0, 1, 2]], cos_sin)  # computes; keeps 3 rows
+    assert sorted(cache.rows) == [0, 1, 4] and cache.bytes == 3 * row_bytes
+    torch.testing.assert_close(got[1], teacher_hidden[[4, 0, 1, 2]])
+    for batch in ([1, 4, 0], [2, 1]):  # served from the cache, then a row it had no room for
+        got = cache.get(model, torch.tensor(batch), ids[batch], cos_sin)
+        torch.testing.assert_close(got[0], split_state[batch])
+        torch.testing.assert_close(got[1], teacher_hidden[batch])
+    assert sorted(cache.rows) == [0, 1, 4]
+    # The loss on cached teacher outputs is the loss computed from scratch.
+    cached, _ = distillation_loss(model, ids[[1, 4]], 2.0, 1.0, cache.get(model, torch.tensor([1, 4]), ids[[1, 4]],
+                                                                         cos_sin))
+    fresh, _ = distillation_loss(model, ids[[1, 4]], 2.0, 1.0)
+    torch.testing.assert_close(cached, fresh)
 
 
 @pytest.mark.slow
