@@ -116,6 +116,45 @@ class TeacherCache:
         return split_state, teacher_hidden
 
 
+class _TemperedKL(torch.autograd.Function):
+    """Sum over rows of KL(softmax(teacher / t) || softmax(student / t)), and the number of rows
+    where the two argmaxes agree. Forward and backward share one pass over the logits, a few rows
+    at a time, so each chunk's float32 temporaries stay in cache instead of streaming
+    [tokens, vocab] tensors through memory five times; the student's gradient,
+    (softmax(student / t) - softmax(teacher / t)) / t, is kept from that pass."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, t: float, chunk: int):
+        s, q = student.detach().flatten(0, -2), teacher.detach().flatten(0, -2)
+        grad = torch.empty_like(s)
+        total, agree = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+        for i in range(0, s.shape[0], chunk):
+            log_s = F.log_softmax(s[i:i + chunk].float() / t, -1)
+            log_q = F.log_softmax(q[i:i + chunk].float() / t, -1)
+            p_q = log_q.exp()
+            total += torch.vdot(p_q.flatten(), (log_q - log_s).flatten()).double()
+            agree += (log_s.argmax(-1) == log_q.argmax(-1)).sum()
+            grad[i:i + chunk] = log_s.exp_().sub_(p_q).div_(t)
+        ctx.save_for_backward(grad)
+        ctx.shape = student.shape
+        ctx.mark_non_differentiable(agree)
+        return total.to(torch.float32), agree
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_agree):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total.to(grad.dtype)).view(ctx.shape), None, None, None
+
+
+def tempered_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over tokens of KL(teacher || student) at ``temperature``, times its square (the
+    distillation loss), and the fraction of tokens whose argmax agrees."""
+    total, agree = _TemperedKL.apply(student_logits, teacher_logits, temperature, chunk)
+    tokens = student_logits.shape[:-1].numel()
+    return total * (temperature * temperature / tokens), agree.float() / tokens
+
+
 def distillation_loss(model: DenseSwiftKVModel, ids: torch.Tensor, temperature: float, hidden_weight: float,
                       teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """KL(teacher || student) at ``temperature`` (times its square) + ``hidden_weight`` x MSE of the
@@ -125,14 +164,8 @@ def distillation_loss(model: DenseSwiftKVModel, ids: torch.Tensor, temperature: 
     with torch.no_grad():
         teacher_logits = model.logits(teacher_hidden)
     student_hidden = model.final_norm(model.swiftkv_layers(split_state, cos_sin))
-    student_logits = model.logits(student_hidden)
-    t = temperature
-    # log_softmax in float32 straight from the (bf16) logits: no float copy of the [B, T, vocab] tensors.
-    kl = F.kl_div(F.log_softmax(student_logits / t, -1, dtype=torch.float32).flatten(0, 1),
-                  F.log_softmax(teacher_logits / t, -1, dtype=torch.float32).flatten(0, 1),
-                  log_target=True, reduction="batchmean") * t * t
+    kl, agree = tempered_kl(model.logits(student_hidden), teacher_logits, temperature)
     mse = F.mse_loss(student_hidden.float(), teacher_hidden.float())
-    agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
     return kl + hidden_weight * mse, {"kl": kl.item(), "mse": mse.item(), "agree": agree.item()}
 
 
