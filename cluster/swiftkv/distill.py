@@ -104,16 +104,19 @@ class TeacherCache:
     def get(self, model: DenseSwiftKVModel, rows: torch.Tensor, ids: torch.Tensor, cos_sin
             ) -> tuple[torch.Tensor, torch.Tensor]:
         keys = rows.tolist()
-        if all(k in self.rows for k in keys):
-            return tuple(torch.stack(parts) for parts in zip(*(self.rows[k] for k in keys)))
-        split_state, teacher_hidden = teacher_side(model, ids, cos_sin)
-        for i, k in enumerate(keys):
-            size = (split_state[i].numel() * split_state.element_size()
-                    + teacher_hidden[i].numel() * teacher_hidden.element_size())
-            if k not in self.rows and self.bytes + size <= self.max_bytes:
-                self.rows[k] = (split_state[i].clone(), teacher_hidden[i].clone())
-                self.bytes += size
-        return split_state, teacher_hidden
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        missing = [i for i, k in enumerate(keys) if k not in self.rows]
+        if missing:  # the teacher runs only for the rows not kept yet
+            split_state, teacher_hidden = teacher_side(model, ids[missing], cos_sin)
+            for j, i in enumerate(missing):
+                fresh[keys[i]] = (split_state[j], teacher_hidden[j])
+                size = (split_state[j].numel() * split_state.element_size()
+                        + teacher_hidden[j].numel() * teacher_hidden.element_size())
+                if self.bytes + size <= self.max_bytes:
+                    self.rows[keys[i]] = (split_state[j].clone(), teacher_hidden[j].clone())
+                    self.bytes += size
+        parts = [self.rows.get(k) or fresh[k] for k in keys]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
 class _TemperedKL(torch.autograd.Function):

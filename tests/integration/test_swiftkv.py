@@ -206,7 +206,7 @@ def test_the_teacher_cache_gives_the_teachers_own_outputs_within_its_budget(tiny
     got = cache.get(model, torch.tensor([4, 0, 1, 2]), ids[[4, 0, 1, 2]], cos_sin)  # computes; keeps 3 rows
     assert sorted(cache.rows) == [0, 1, 4] and cache.bytes == 3 * row_bytes
     torch.testing.assert_close(got[1], teacher_hidden[[4, 0, 1, 2]])
-    for batch in ([1, 4, 0], [2, 1]):  # served from the cache, then a row it had no room for
+    for batch in ([1, 4, 0], [2, 1, 3]):  # served from the cache, then with rows it had no room for
         got = cache.get(model, torch.tensor(batch), ids[batch], cos_sin)
         torch.testing.assert_close(got[0], split_state[batch])
         torch.testing.assert_close(got[1], teacher_hidden[batch])
