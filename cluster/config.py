@@ -91,7 +91,7 @@ class SchedulerConfig:
 
     max_num_batched_tokens: int = 1024  # token budget per step (decodes + prefill chunks)
     max_num_seqs: int = 64  # running sequences at most
-    max_waiting_requests: int | None = None  # queue bound; None = unbounded (the server sets one)
+    max_waiting_requests: int | None = None  # requests queued beyond a full batch (max_num_seqs); None = unbounded
 
     def __post_init__(self) -> None:
         _require(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,

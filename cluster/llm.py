@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 from cluster.config import DEFAULT_MODEL, EngineConfig
 from cluster.engine.input_processor import PromptType
 from cluster.engine.llm_engine import LLMEngine
-from cluster.errors import InvalidRequestError
+from cluster.errors import EngineDeadError, InvalidRequestError
 from cluster.outputs import RequestOutput
 from cluster.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLM:
@@ -46,18 +49,31 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request has finished. A request the engine ended on a fault comes back
+        with finish_reason "error" (and ``error``); a fault no request could be blamed for rebuilds
+        the engine, so this LLM keeps working, and raises EngineDeadError."""
         pending = set(request_ids)
         finished: dict[str, RequestOutput] = {}
         progress = _progress(len(request_ids), use_tqdm)
-        while pending:
-            for out in self.engine.step():
-                if out.finished and out.request_id in pending:
-                    finished[out.request_id] = out
-                    pending.discard(out.request_id)
-                    progress.update(1) if progress else None
-        if progress:
-            progress.close()
+        try:
+            while pending:
+                for out in self._step():
+                    if out.finished and out.request_id in pending:
+                        finished[out.request_id] = out
+                        pending.discard(out.request_id)
+                        progress.update(1) if progress else None
+        finally:
+            if progress:
+                progress.close()
         return [finished[rid] for rid in request_ids]
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            return self.engine.step()
+        except Exception as err:
+            logger.error("engine fault; restarting the engine", exc_info=err)
+            self.engine.restart()
+            raise EngineDeadError(f"the engine failed and was restarted; this batch was lost: {err!r}") from err
 
 
 def _as_prompt_list(prompts) -> list:

@@ -14,7 +14,7 @@ class CompletionOutput:
     index: int  # which completion (always 0: n=1)
     text: str  # generated text so far; stop strings and a trailing partial stop string excluded
     token_ids: list[int]  # generated token ids so far (an EOS / stop token included)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
     logprobs: list[TokenLogprobs] | None = None  # per token, when the request asked for them
 
     @property
@@ -33,3 +33,4 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict = field(default_factory=dict)  # arrival / first-token / finish times (monotonic s)
+    error: str | None = None  # finish_reason "error": what failed (logged with its traceback)

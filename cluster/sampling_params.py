@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from cluster.errors import InvalidRequestError
+from cluster.request_limits import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SAMPLING_LIMITS,
+    TOKEN_ID_LIMIT,
+    check_text,
+    check_value,
+)
 
 _GREEDY_EPS = 1e-5
+_OPTIONAL = ("seed", "logprobs")  # None = not set
 
 
 @dataclass
@@ -38,8 +47,6 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
         self.validate()
 
     @property
@@ -47,50 +54,31 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     def validate(self) -> None:
-        """Raise InvalidRequestError naming the first field out of range."""
-        _check_int("n", self.n, lo=1, hi=1, allowed="exactly 1")
-        _check_float("temperature", self.temperature, lo=0.0, allowed=">= 0")
-        _check_float("top_p", self.top_p, allowed="in (0, 1]")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p}")
-        _check_int("top_k", self.top_k, allowed="-1 (disabled) or >= 1")
-        if self.top_k == 0 or self.top_k < -1:
-            raise InvalidRequestError("top_k", f"must be -1 (disabled) or >= 1, got {self.top_k}")
-        _check_float("min_p", self.min_p, lo=0.0, hi=1.0, allowed="in [0, 1]")
-        _check_float("repetition_penalty", self.repetition_penalty, allowed="> 0")
-        if self.repetition_penalty <= 0.0:
-            raise InvalidRequestError(
-                "repetition_penalty", f"must be > 0, got {self.repetition_penalty}"
-            )
-        _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0, allowed="in [-2, 2]")
-        _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0, allowed="in [-2, 2]")
-        if self.seed is not None:
-            _check_int("seed", self.seed, lo=0, hi=2**63 - 1, allowed="in [0, 2**63)")
-        _check_int("max_tokens", self.max_tokens, lo=1, allowed=">= 1")
-        _check_int("min_tokens", self.min_tokens, lo=0, allowed=">= 0")
+        """Raise InvalidRequestError naming the first field outside its range (``request_limits``).
+
+        Limits that depend on the model (top_k and stop ids within the vocabulary, max_tokens within
+        the context) are checked again by the engine, which knows them.
+        """
+        for name, limit in SAMPLING_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL:
+                check_value(name, value, limit)
         if self.min_tokens > self.max_tokens:
             raise InvalidRequestError(
                 "min_tokens",
                 f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
             )
+        self.stop = _as_list("stop", self.stop, MAX_STOP_STRINGS)
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise InvalidRequestError("stop", f"each stop string must be non-empty text, got {s!r}")
+            check_text("stop", s, max_chars=MAX_STOP_STRING_CHARS)
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS)
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, lo=0, allowed="token ids >= 0")
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, lo=0, hi=20, allowed="in [0, 20]")
+            check_value("stop_token_ids", t, TOKEN_ID_LIMIT)
 
 
-def _check_int(name: str, value, *, lo=None, hi=None, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(name, f"must be an integer {allowed}, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise InvalidRequestError(name, f"must be {allowed}, got {value}")
-
-
-def _check_float(name: str, value, *, lo=None, hi=None, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise InvalidRequestError(name, f"must be a number {allowed}, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise InvalidRequestError(name, f"must be {allowed}, got {value}")
+def _as_list(name: str, value, max_items: int) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequestError(name, f"must be a list, got {type(value).__name__}")
+    if len(value) > max_items:
+        raise InvalidRequestError(name, f"must hold at most {max_items} items, got {len(value)}")
+    return list(value)

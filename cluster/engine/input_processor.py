@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cluster.errors import InvalidRequestError
+from cluster.request_limits import CHAT_ROLES, check_model_limits, check_text
 from cluster.sampling_params import SamplingParams
 
 PromptType = str | dict | list
@@ -22,6 +23,7 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", f"must be a SamplingParams, got {type(params).__name__}")
         params.validate()  # fields may have been changed after construction
+        check_model_limits(params, self.vocab_size, self.max_model_len)
         text, token_ids = self._tokenize(prompt)
         self._check_length(token_ids)
         return text, token_ids
@@ -39,8 +41,7 @@ class InputProcessor:
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt", "must be non-empty text")
+            check_text("prompt", prompt)
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return None, self._check_ids(prompt["prompt_token_ids"])
@@ -53,6 +54,7 @@ class InputProcessor:
     def _check_ids(self, ids) -> list[int]:
         if not isinstance(ids, (list, tuple)) or not ids:
             raise InvalidRequestError("prompt_token_ids", "must be a non-empty list of token ids")
+        self._check_length(ids)  # before looking at every id of a list that may be huge
         for i in ids:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
                 raise InvalidRequestError(
@@ -64,11 +66,11 @@ class InputProcessor:
         if not token_ids:
             raise InvalidRequestError("prompt", "tokenizes to no tokens")
         limit = min(self.max_model_len, self.max_cache_tokens)
-        if len(token_ids) >= limit:
+        if len(token_ids) > limit:  # a prompt that fills the context exactly still yields one token
             what = "context length" if limit == self.max_model_len else "KV cache capacity"
             raise InvalidRequestError(
                 "prompt",
-                f"is {len(token_ids)} tokens; the model's {what} allows at most {limit - 1} prompt tokens",
+                f"is {len(token_ids)} tokens; the model's {what} allows at most {limit} prompt tokens",
             )
 
 
@@ -78,3 +80,7 @@ def _check_messages(messages) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise InvalidRequestError(f"messages[{i}]", "must be a dict with string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise InvalidRequestError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, "
+                                                             f"got {m['role'][:40]!r}")
+        check_text(f"messages[{i}].content", m["content"], allow_empty=True)

@@ -24,7 +24,8 @@ from cluster.engine.scheduler import Scheduler
 from cluster.engine.scheduler_output import NewRequest
 from cluster.engine.sequence import FinishReason, Sequence
 from cluster.engine.stop_checker import StopChecker, stop_holdback
-from cluster.errors import InvalidConfigError, InvalidRequestError, ModelLoadError, QueueFullError
+from cluster.engine.fault_isolation import isolate
+from cluster.errors import EngineDeadError, InvalidConfigError, InvalidRequestError, ModelLoadError, QueueFullError
 from cluster.model.arch import ModelArch
 from cluster.model.loader import torch_dtype
 from cluster.model.source import resolve_model
@@ -48,6 +49,7 @@ class _RequestState:
     logprobs: list[TokenLogprobs] | None
     final_text: str | None = None  # set once finished
     metrics: dict = field(default_factory=dict)
+    error: str | None = None  # why the request was ended by a fault (finish reason "error")
 
 
 class LLMEngine:
@@ -68,22 +70,40 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.arch.eos_token_ids) | _tokenizer_eos(self.tokenizer)
         dtype = torch_dtype(config.model.dtype)
         self.num_blocks = num_blocks_for(config.cache, self.arch, dtype, config.parallel.tensor_parallel_size)
-        self.block_manager = BlockManager(self.num_blocks, config.cache.block_size,
-                                          config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.input_processor = InputProcessor(self.tokenizer, self.arch.vocab_size, self.max_model_len,
                                               self.max_num_cached_tokens)
         # A sequence can never outgrow the whole cache: it would preempt itself forever.
         self.stop_checker = StopChecker(self.eos_token_ids, min(self.max_model_len, self.max_num_cached_tokens))
         self.arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
-        self.executor: Executor = (executor_factory or create_executor)(self.worker_spec(), config.parallel)
+        self._executor_factory = executor_factory or create_executor
+        self._seed_rng = random.Random(config.model.seed)
+        self._reset_requests()
+        self.executor: Executor = self._executor_factory(self.worker_spec(), config.parallel)
         logger.info("%s (%s): KV cache of %d blocks x %d tokens = %d tokens; context %d",
                     self.source.name, config.model.dtype, self.num_blocks, config.cache.block_size,
                     self.max_num_cached_tokens, self.max_model_len)
+
+    def _reset_requests(self) -> None:
+        """Empty scheduler, block manager and request table (at start and on a restart)."""
+        cache = self.config.cache
+        self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         self._requests: dict[str, _RequestState] = {}
         self._unsent: list[NewRequest] = []  # admitted but not yet shown to the workers
-        self._pending_outputs: list[RequestOutput] = []  # aborts to report on the next step
-        self._seed_rng = random.Random(config.model.seed)
+        self._pending_outputs: list[RequestOutput] = []  # aborts and failures to report on the next step
+
+    def restart(self) -> list[str]:
+        """Rebuild the executor (workers, weights, KV cache) and forget every request: the way back
+        from a fault no request can be blamed for. Returns the ids of the requests that were lost.
+        Raises (and may be called again) if the new executor cannot be built."""
+        lost = list(self._requests)
+        try:
+            self.executor.shutdown()
+        except Exception:  # noqa: BLE001 - the old executor is broken anyway
+            logger.exception("shutting down the failed executor")
+        self._reset_requests()
+        self.executor = self._executor_factory(self.worker_spec(), self.config.parallel)
+        return lost
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -133,9 +153,13 @@ class LLMEngine:
         rid = state.seq.request_id
         if rid in self._requests:
             raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
-        bound = self.config.scheduler.max_waiting_requests
-        if bound is not None and self.scheduler.num_waiting >= bound:
-            raise QueueFullError(f"{self.scheduler.num_waiting} requests are waiting (max_waiting_requests={bound})")
+        sched = self.config.scheduler
+        if sched.max_waiting_requests is not None:
+            # Requests not yet running wait in the queue: at most max_waiting_requests beyond a full batch.
+            capacity = sched.max_num_seqs + sched.max_waiting_requests
+            if len(self._requests) >= capacity:
+                raise QueueFullError(f"{len(self._requests)} requests are in the engine, the most it takes "
+                                     f"(max_num_seqs + max_waiting_requests = {capacity})")
         self._requests[rid] = state
         self.scheduler.add(state.seq)
         seed = state.seq.sampling_params.seed
@@ -169,10 +193,38 @@ class LLMEngine:
         if sched.is_empty and not sched.finished_request_ids:
             return outputs
         sched.new_requests, self._unsent = self._unsent, []
-        result = self.executor.execute(sched)
+        result, failed = self._execute(sched)
+        for request_id, error in failed.items():  # before update(): nothing of theirs is committed
+            outputs.append(self._fail(request_id, error))
         for seq in self.scheduler.update(sched, result.sampled_token_ids):
-            outputs.append(self._on_token(self._requests[seq.request_id], result))
+            state = self._requests[seq.request_id]
+            try:
+                outputs.append(self._on_token(state, result))
+            except Exception as err:  # noqa: BLE001 - detokenizing / stop checks of one request
+                outputs.append(self._fail(seq.request_id, err))
         return outputs
+
+    def _execute(self, sched) -> tuple[RunnerOutput, dict[str, BaseException]]:
+        """Run the step; if it raises, pin the fault on the requests that cause it (the others'
+        tokens are kept) or, where that is impossible, raise EngineDeadError."""
+        try:
+            return self.executor.execute(sched), {}
+        except Exception as err:
+            if isinstance(err, EngineDeadError) or not self.executor.can_rerun_steps:
+                raise EngineDeadError(f"a step failed and the executor cannot go on: {err!r}") from err
+            isolated = isolate(self.executor.execute, sched, err)
+            return isolated.output, isolated.failed
+
+    def _fail(self, request_id: str, error: BaseException) -> RequestOutput | None:
+        """End one request with an internal error (logged with its traceback); free its blocks."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return None
+        logger.error("request %r failed and was ended; the engine goes on", request_id, exc_info=error)
+        state.error = f"{type(error).__name__}: {error}"
+        state.final_text = state.detokenizer.text
+        self._finish(state, FinishReason.ERROR)
+        return self._output(state, finished=True)
 
     def _on_token(self, state: _RequestState, result: RunnerOutput) -> RequestOutput:
         seq = state.seq
@@ -206,7 +258,7 @@ class LLMEngine:
         completion = CompletionOutput(0, text, list(seq.output_token_ids), reason,
                                       list(state.logprobs) if state.logprobs is not None else None)
         return RequestOutput(seq.request_id, state.prompt, seq.prompt_token_ids, [completion], finished,
-                             seq.num_cached_tokens, dict(state.metrics))
+                             seq.num_cached_tokens, dict(state.metrics), state.error)
 
     # ---- introspection ----------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # aborted by the caller
+    ERROR = "error"  # ended by an internal fault pinned on this request (the others go on)
 
 
 @dataclass

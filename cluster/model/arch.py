@@ -33,6 +33,7 @@ class ModelArch:
     qkv_bias: bool  # Qwen2 and attention_bias=True Llamas
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    architecture: str | None = None  # config.json's architectures[0]: picks the model class (model/registry.py)
     # SwiftKV (model_type llama_swiftkv): layers >= num_key_value_layers take K/V from the residual
     # stream entering that layer; groups of key_value_group_size such layers share one K/V (AcrossKV).
     num_key_value_layers: int | None = None  # None: every layer has its own K/V (a plain checkpoint)
@@ -120,6 +121,7 @@ class ModelArch:
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
             bos_token_id=cfg.get("bos_token_id"),
+            architecture=_first_architecture(cfg),
             **_swiftkv_fields(cfg, model_type),
         )
 
@@ -173,6 +175,11 @@ def _context_limit(cfg: dict) -> int:
 def _sliding_window(cfg: dict) -> int | None:
     window = cfg.get("sliding_window")
     return int(window) if window and cfg.get("use_sliding_window", True) else None
+
+
+def _first_architecture(cfg: dict) -> str | None:
+    names = cfg.get("architectures")
+    return names[0] if isinstance(names, list) and names and isinstance(names[0], str) else None
 
 
 def _as_tuple(value) -> tuple[int, ...]:

@@ -115,6 +115,8 @@ class LlamaModel(nn.Module):
         if not self.arch.skips_prefill:
             return self.norm(hidden)
         self._write_swiftkv_cache(cos_sin, hidden, kv_caches[split:], meta)
+        if tail.rows.numel() == 0:  # nothing needs logits this step (a long prompt's earlier chunks)
+            return hidden[:0]
         hidden = hidden[tail.rows]
         cos_sin = tuple(t[tail.rows] for t in cos_sin)
         for i in range(split, self.arch.num_layers):

@@ -18,6 +18,7 @@ from cluster.errors import ModelLoadError
 from cluster.model.arch import ModelArch
 from cluster.model.layers.norm import RMSNorm
 from cluster.model.llama import LlamaForCausalLM
+from cluster.model.registry import model_class
 from cluster.parallel.tp_group import TPGroup
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,7 +31,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtype: str) -> LlamaForCausalLM:
     """Instantiate the model for this rank and load its shard of the weights."""
     try:
-        model = LlamaForCausalLM(arch, max_positions, tp, torch_dtype(dtype))
+        model = model_class(arch.architecture)(arch, max_positions, tp, torch_dtype(dtype))
     except ValueError as err:  # head counts the tensor-parallel size cannot split
         raise ModelLoadError(str(err), field="tensor_parallel_size") from err
     try:

@@ -34,6 +34,12 @@ class Executor(abc.ABC):
         """False once any worker has died; cheap and safe to call from any thread."""
         return True
 
+    @property
+    def can_rerun_steps(self) -> bool:
+        """Whether a step that raised can be run again (in parts) to find the request at fault.
+        False where a failed step leaves the group unusable (ranks stopped mid-collective)."""
+        return False
+
     def shutdown(self) -> None:
         """Release workers and their resources (idempotent)."""
 
@@ -53,6 +59,10 @@ class InProcessExecutor(Executor):
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute_step(self.encoder.encode(out))
+
+    @property
+    def can_rerun_steps(self) -> bool:
+        return self.worker is not None  # one rank, no collectives: a raised step leaves nothing half-done
 
     def collective_rpc(self, method: str, *args) -> Any:
         return self.worker.collective_rpc(method, *args)

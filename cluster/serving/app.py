@@ -16,8 +16,8 @@ from cluster.serving.ingress import Ingress
 from cluster.serving.model_server import ModelServer
 
 GRPC_SERVICER_FUNCTIONS = [
-    "cluster.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "cluster.serving.grpc_services.add_generation_service",
+    "cluster.serving.grpc_services.add_health_service",
 ]
 ROUTER_CLASS = "cluster.serving.router:PrefixAffinityRouter"
 
@@ -33,7 +33,7 @@ def model_server_options(config: ServingConfig) -> dict:
     options: dict = {
         "name": "ModelServer",
         "max_ongoing_requests": config.max_ongoing_requests, "max_queued_requests": config.max_queued_requests,
-        "health_check_period_s": min(10.0, config.health_probe_interval_s),
+        "health_check_period_s": config.health_check_period_s,
         "health_check_timeout_s": config.health_probe_timeout_s,
         "graceful_shutdown_timeout_s": 5,
     }

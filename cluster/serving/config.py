@@ -25,34 +25,51 @@ class ServingConfig:
     num_replicas: int = 1  # model-server replicas (each one engine and its TP group); fixed unless autoscaling
     autoscaling: AutoscalingOptions | dict | None = None  # replica autoscaling (cluster/serving/autoscaling.py)
     replica_num_cpus: float = 1.0  # CPUs the replica process itself reserves (tp=1: the engine's too)
-    max_ongoing_requests: int = 128  # requests one replica accepts at once (running + engine queue)
-    max_queued_requests: int = 256  # requests waiting for a replica at each caller; beyond -> 429
+    # Admission. Each replica's engine admits max_num_seqs running + max_waiting_requests queued requests
+    # and refuses more at once (429 with a retry hint). Serve's own bounds sit above that, so a burst
+    # reaches the replica and is refused there instead of waiting unseen at the caller.
+    max_ongoing_requests: int = 256  # requests Serve sends one replica at once (>= the engine's admission bound)
+    max_queued_requests: int = 64  # requests waiting for a replica at each caller; beyond -> 429
     router: str = "prefix_affinity"  # prefix_affinity | power_of_two (Serve's default)
     router_imbalance_threshold: int = 8  # requests of load difference before affinity yields to load
     routing_stats_period_s: float = 1.0  # how often replicas report queue length and KV usage
-    health_probe_interval_s: float = 10.0  # the replica generates one token this often when idle
-    health_probe_timeout_s: float = 30.0  # a probe slower than this marks the replica unhealthy
+    health_check_period_s: float = 2.0  # Serve asks each replica this often whether to replace it
+    health_probe_interval_s: float = 10.0  # an idle replica generates one token this often
+    health_probe_timeout_s: float = 30.0  # a probe slower than this (with no step finishing) restarts the engine
+    # Security. The API key is read where the ingress starts, from the file or the environment variable
+    # named here (never from this config, which Serve logs); no key configured = no authentication.
+    api_key_file: str | None = None  # a file holding the key (e.g. a mounted Kubernetes secret)
+    api_key_env: str | None = None  # or the name of an environment variable holding it
+    max_request_bytes: int = 4 << 20  # HTTP bodies and gRPC messages above this are refused
     chat_max_tokens: int = 512  # chat requests without max_tokens generate at most this many
     engine: dict = field(default_factory=dict)  # engine options (model, dtype, tensor_parallel_size, ...)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.app_name, str) and bool(self.app_name), "app_name", "must be a non-empty string")
         for name in ("num_replicas", "max_ongoing_requests", "max_queued_requests", "chat_max_tokens",
-                     "router_imbalance_threshold"):
+                     "router_imbalance_threshold", "max_request_bytes"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
         for name in ("replica_num_cpus", "routing_stats_period_s", "health_probe_interval_s",
-                     "health_probe_timeout_s"):
+                     "health_probe_timeout_s", "health_check_period_s"):
             value = getattr(self, name)
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
                      f"must be a number > 0, got {value!r}")
+        for name in ("api_key_file", "api_key_env"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, str) and bool(value)), name,
+                     f"must be a non-empty string or null, got {value!r}")
         self.autoscaling = AutoscalingOptions.from_value(self.autoscaling)
         _require(self.router in ROUTERS, "router", f"must be one of {ROUTERS}, got {self.router!r}")
         self.engine_config()  # validates every engine option now, naming the bad one
 
     def engine_config(self) -> EngineConfig:
-        options = {"dtype": "bfloat16", "max_waiting_requests": self.max_ongoing_requests, **self.engine}
-        return EngineConfig.from_kwargs(**options)
+        """The engine's config: bfloat16 by default, and a bounded queue (as deep as the running set)."""
+        options = {"dtype": "bfloat16", **self.engine}
+        config = EngineConfig.from_kwargs(**options)
+        if config.scheduler.max_waiting_requests is None:
+            config.scheduler.max_waiting_requests = config.scheduler.max_num_seqs
+        return config
 
     @classmethod
     def from_dict(cls, args: dict) -> "ServingConfig":

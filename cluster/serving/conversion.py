@@ -14,7 +14,15 @@ from typing import Any
 
 import grpc
 
-from cluster.errors import EngineDeadError, InvalidConfigError, InvalidRequestError, QueueFullError
+from cluster.errors import (
+    EngineDeadError,
+    InvalidConfigError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+    UnauthenticatedError,
+)
+from cluster.request_limits import CHAT_ROLES, MAX_REQUEST_ID_CHARS, check_text
 from cluster.sampling_params import SamplingParams
 from cluster.serving.engine_request import EngineRequest
 from cluster.serving.generation_chunk import GenerationChunk
@@ -43,24 +51,65 @@ def grpc_status(err: BaseException) -> tuple[grpc.StatusCode, str]:
     err = unwrap(err)
     if isinstance(err, (InvalidRequestError, InvalidConfigError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(err)
+    if isinstance(err, UnauthenticatedError):
+        return grpc.StatusCode.UNAUTHENTICATED, str(err)
     if isinstance(err, QueueFullError) or _is_backpressure(err):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy, retry later: {err}"
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy, retry in {retry_after_s(err):g} s: {err}"
     if _is_unavailable(err):
         return grpc.StatusCode.UNAVAILABLE, f"model unavailable: {err}"
+    if isinstance(err, RequestFailedError):
+        return grpc.StatusCode.INTERNAL, f"internal error in request {err.request_id}: {err.message}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
 
 
-_HTTP = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-         grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.INTERNAL: 500}
+def retry_after_s(err: BaseException) -> float:
+    """When a refused request may be retried (the replica's estimate, else one second)."""
+    hint = getattr(unwrap(err), "retry_after_s", None)  # Serve's BackPressureError has one, set to None
+    return float(hint) if isinstance(hint, (int, float)) and not isinstance(hint, bool) and hint > 0 else 1.0
+
+
+def grpc_trailers(err: BaseException) -> list[tuple[str, str]]:
+    """Trailing metadata for an error: a retry hint in milliseconds for RESOURCE_EXHAUSTED."""
+    code, _ = grpc_status(err)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return [("retry-after-ms", str(int(retry_after_s(err) * 1000)))]
+    return []
+
+
+_HTTP = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+         grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.INTERNAL: 500}
+_HTTP_KIND = {400: "invalid_request_error", 401: "authentication_error", 413: "invalid_request_error",
+              429: "rate_limit_error", 503: "service_unavailable"}
 
 
 def http_error(err: BaseException) -> tuple[int, dict]:
     """(status, OpenAI-style error body)."""
     code, message = grpc_status(err)
+    status = 413 if isinstance(unwrap(err), PayloadTooLargeError) else _HTTP[code]
     field = getattr(unwrap(err), "field", None)
-    kind = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}.get(
-        _HTTP[code], "internal_error")
-    return _HTTP[code], {"error": {"message": message, "type": kind, "param": field, "code": _HTTP[code]}}
+    return status, {"error": {"message": message, "type": _HTTP_KIND.get(status, "internal_error"),
+                              "param": field, "code": status}}
+
+
+def http_error_headers(err: BaseException) -> dict[str, str]:
+    """Headers that go with an error status: Retry-After for 429, WWW-Authenticate for 401."""
+    code, _ = grpc_status(err)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return {"Retry-After": str(max(1, round(retry_after_s(err))))}
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return {"WWW-Authenticate": "Bearer"}
+    return {}
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """A request body or message above ``max_request_bytes`` (HTTP 413, gRPC INVALID_ARGUMENT)."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__("body", f"is {size} bytes; this server takes at most {limit}")
+        self.size, self.limit = size, limit
+
+    def __reduce__(self):
+        return PayloadTooLargeError, (self.size, self.limit)
 
 
 # ---- gRPC in ------------------------------------------------------------------------------
@@ -85,23 +134,60 @@ def sampling_from_proto(sampling: pb.SamplingParameters, default_max_tokens: int
 
 
 def request_from_proto(request: pb.GenerateRequest, chat_max_tokens: int) -> EngineRequest:
+    check_decoded(request)
     kind = request.WhichOneof("input")
-    request_id = request.request_id or _new_id()
+    request_id = _checked_request_id(request.request_id or None)
     if kind is None:
         raise InvalidRequestError("input", "set one of prompt, token_ids or chat")
     if kind == "prompt":
-        return EngineRequest(request_id, prompt=request.prompt, params=sampling_from_proto(request.sampling))
+        return EngineRequest(request_id, prompt=check_text("prompt", request.prompt),
+                             params=sampling_from_proto(request.sampling))
     if kind == "token_ids":
         return EngineRequest(request_id, prompt_token_ids=list(request.token_ids.ids),
                              params=sampling_from_proto(request.sampling))
     messages = messages_from_proto(request.chat)
-    return EngineRequest(request_id, messages=messages, params=sampling_from_proto(request.sampling, chat_max_tokens))
+    defaulted = not request.sampling.HasField("max_tokens")
+    return EngineRequest(request_id, messages=messages, params=sampling_from_proto(request.sampling, chat_max_tokens),
+                         max_tokens_is_default=defaulted)
 
 
 def messages_from_proto(chat: pb.ChatMessages) -> list[dict]:
     if not chat.messages:
         raise InvalidRequestError("chat.messages", "must hold at least one message")
-    return [{"role": m.role, "content": m.content} for m in chat.messages]
+    return [_message(m.role, m.content, f"chat.messages[{i}]") for i, m in enumerate(chat.messages)]
+
+
+def _message(role: Any, content: Any, field: str) -> dict:
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        shown = repr(role[:40]) if isinstance(role, str) else type(role).__name__
+        raise InvalidRequestError(f"{field}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {shown}")
+    return {"role": role, "content": check_text(f"{field}.content", content, allow_empty=True)}
+
+
+class UndecodableMessage:
+    """What the gRPC server hands a method whose request bytes are not a valid message (bad wire
+    format, bad UTF-8 in a string field): the method refuses it as INVALID_ARGUMENT."""
+
+    def __init__(self, type_name: str, error: str):
+        self.type_name = type_name
+        self.error = error
+
+
+def safe_deserializer(message_class):
+    """A request deserializer that never raises: gRPC would answer UNKNOWN for a raised DecodeError."""
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as err:  # noqa: BLE001 - DecodeError, and whatever else bad bytes raise
+            return UndecodableMessage(message_class.DESCRIPTOR.full_name, f"{type(err).__name__}: {err}")
+
+    return deserialize
+
+
+def check_decoded(request: Any) -> None:
+    """Raise InvalidRequestError for a request the server could not decode."""
+    if isinstance(request, UndecodableMessage):
+        raise InvalidRequestError("request", f"is not a valid {request.type_name} message ({request.error})")
 
 
 # ---- gRPC out -----------------------------------------------------------------------------
@@ -153,6 +239,17 @@ _UNSUPPORTED = {"logit_bias", "best_of", "echo", "suffix", "tools", "tool_choice
                 "response_format", "parallel_tool_calls", "audio", "modalities", "prediction"}
 
 
+def parse_json_body(data: bytes) -> Any:
+    """The request body as JSON, or InvalidRequestError("body") (never a 500: not for bad UTF-8,
+    numbers of thousands of digits or arrays nested thousands deep)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise InvalidRequestError("body", "is nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise InvalidRequestError("body", f"must be valid JSON: {str(err)[:200]}") from None
+
+
 def _check_keys(body: Any, allowed: set[str]) -> dict:
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
@@ -160,7 +257,10 @@ def _check_keys(body: Any, allowed: set[str]) -> dict:
         if key in _UNSUPPORTED:
             raise InvalidRequestError(key, "is not supported by this server")
         if key not in allowed:
-            raise InvalidRequestError(key, "unknown field")
+            raise InvalidRequestError(check_text("body", key, allow_empty=True)[:64], "unknown field")
+    for key in ("model", "user"):
+        if body.get(key) is not None:
+            check_text(key, body[key], allow_empty=True, max_chars=MAX_REQUEST_ID_CHARS)
     return body
 
 
@@ -185,7 +285,7 @@ def completion_request(body: Any) -> EngineRequest:
         prompt = prompt[0]  # one prompt in a list (batches of prompts are one request each here)
     rid = _request_id(body)
     if isinstance(prompt, str):
-        return EngineRequest(rid, prompt=prompt, params=params)
+        return EngineRequest(rid, prompt=check_text("prompt", prompt), params=params)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return EngineRequest(rid, prompt_token_ids=prompt, params=params)
     raise InvalidRequestError("prompt", "must be a string, a list of token ids, or a list holding one of those")
@@ -204,10 +304,13 @@ def chat_request(body: Any, chat_max_tokens: int) -> EngineRequest:
         raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
     turns = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        if not isinstance(m, dict):
             raise InvalidRequestError(f"messages[{i}]", "must be an object with a string role and content")
-        turns.append({"role": m["role"], "content": _message_text(m.get("content"), f"messages[{i}].content")})
-    return EngineRequest(_request_id(body), messages=turns, params=params)
+        turns.append(_message(m.get("role"), _message_text(m.get("content"), f"messages[{i}].content"),
+                              f"messages[{i}]"))
+    return EngineRequest(_request_id(body), messages=turns, params=params,
+                         max_tokens_is_default=body.get("max_tokens") is None
+                         and body.get("max_completion_tokens") is None)
 
 
 def _message_text(content: Any, field: str) -> str:
@@ -317,15 +420,16 @@ def _params(kwargs: dict, prefix: str = "") -> SamplingParams:
         return SamplingParams(**kwargs)
     except InvalidRequestError as err:
         raise InvalidRequestError(prefix + err.field, err.message) from None
-    except TypeError as err:  # a value of the wrong type that the dataclass could not take
-        raise InvalidRequestError(prefix + "sampling", str(err)) from None
 
 
 def _request_id(body: dict) -> str:
-    rid = body.get("request_id")
-    if rid is not None and (not isinstance(rid, str) or not rid):
-        raise InvalidRequestError("request_id", "must be a non-empty string")
-    return rid or _new_id()
+    return _checked_request_id(body.get("request_id"))
+
+
+def _checked_request_id(rid: Any) -> str:
+    if rid is None:
+        return _new_id()
+    return check_text("request_id", rid, max_chars=MAX_REQUEST_ID_CHARS)
 
 
 def _new_id() -> str:

@@ -20,6 +20,7 @@ class EngineRequest:
     prompt_token_ids: list[int] | None = None  # or token ids
     messages: list[dict] | None = None  # or chat messages ({"role", "content"}), templated by the replica
     params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens_is_default: bool = False  # max_tokens is the server's default: cut to the context, never refused
 
     def routing_tokens(self) -> list[int] | str:
         """The prompt as the router hashes it: token ids when given, else text (chat: role-tagged turns)."""

@@ -9,6 +9,7 @@ the request and frees its KV blocks.
 """
 
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -19,22 +20,31 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.serving import conversion
+from cluster.serving.auth import ApiKeyAuth
 from cluster.serving.config import ServingConfig
 from cluster.serving.engine_request import EngineRequest
 from cluster.serving.generation_chunk import GenerationChunk
+from cluster.serving.router import ReplicaBoard
 from cluster.v1 import generation_pb2 as pb
+
+MODEL_SERVER = "ModelServer"  # the model-server deployment's name (cluster/serving/app.py)
+_HEALTH_CALL_TIMEOUT_S = 0.8  # health answers within 1 s even when it must ask a replica
+
 
 def _fail(grpc_context, err: BaseException):
     code, message = conversion.grpc_status(err)
     if grpc_context is not None:
         grpc_context.set_code(code)
         grpc_context.set_details(message)
+        trailers = conversion.grpc_trailers(err)
+        if trailers:
+            grpc_context.set_trailing_metadata(list(grpc_context.trailing_metadata() or []) + trailers)
     raise err
 
 
 def _http_error(err: BaseException) -> JSONResponse:
     status, body = conversion.http_error(err)
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=conversion.http_error_headers(err))
 
 
 http_app = FastAPI(title="llm-cluster", description="OpenAI-compatible completions over llm-cluster")
@@ -45,6 +55,7 @@ class Ingress:
     def __init__(self, model_server: DeploymentHandle, config: ServingConfig):
         self.server = model_server
         self.config = config
+        self.auth = ApiKeyAuth.from_sources(config.api_key_file, config.api_key_env)
         self._info: dict | None = None
 
     async def _model_info(self) -> dict:
@@ -58,10 +69,21 @@ class Ingress:
     async def _collect(self, request: EngineRequest) -> list[GenerationChunk]:
         return [chunk async for chunk in self._stream(request)]
 
+    def _grpc_request(self, request, grpc_context):
+        """Authenticate a gRPC call and check its message decoded and fits the size limit."""
+        if grpc_context is not None:
+            self.auth.check(grpc_context.invocation_metadata() or [])
+        conversion.check_decoded(request)
+        size = request.ByteSize()
+        if size > self.config.max_request_bytes:
+            raise conversion.PayloadTooLargeError(size, self.config.max_request_bytes)
+        return request
+
     # ---- gRPC: cluster.v1.GenerationService ----------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
+            self._grpc_request(request, grpc_context)
             engine_request = conversion.request_from_proto(request, self.config.chat_max_tokens)
             return conversion.unary_response(await self._collect(engine_request))
         except Exception as err:
@@ -69,6 +91,7 @@ class Ingress:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
         try:
+            self._grpc_request(request, grpc_context)
             engine_request = conversion.request_from_proto(request, self.config.chat_max_tokens)
             async for chunk in self._stream(engine_request):
                 yield conversion.stream_message(chunk)
@@ -77,19 +100,21 @@ class Ingress:
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         try:
+            self._grpc_request(request, grpc_context)
             kind = request.WhichOneof("input")
             if kind is None:
                 raise conversion.InvalidRequestError("input", "set one of prompt or chat")
             if kind == "chat":
                 ids = await self.server.tokenize.remote(messages=conversion.messages_from_proto(request.chat))
             else:
-                ids = await self.server.tokenize.remote(prompt=request.prompt)
+                ids = await self.server.tokenize.remote(prompt=conversion.check_text("prompt", request.prompt))
             return pb.TokenizeResponse(token_ids=ids, count=len(ids))
         except Exception as err:
             _fail(grpc_context, err)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context=None) -> pb.ModelInfo:
         try:
+            self._grpc_request(request, grpc_context)
             return conversion.model_info_message(await self._model_info())
         except Exception as err:
             _fail(grpc_context, err)
@@ -97,25 +122,36 @@ class Ingress:
     # ---- gRPC: grpc.health.v1.Health -------------------------------------------------------
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
-        """SERVING only while a model-server replica can generate (its probe and its workers say so)."""
-        status = health_pb2.HealthCheckResponse.NOT_SERVING
-        try:
-            if await self.server.healthy.remote():
-                status = health_pb2.HealthCheckResponse.SERVING
-        except Exception:  # noqa: BLE001 - no replica to answer: not serving
-            pass
+        """SERVING while some model-server replica is serving; answered at once, in every state."""
+        serving = await self._serving()
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
+
+    async def _serving(self) -> bool:
+        """From what the router last heard from the replicas (no call that could queue behind traffic
+        or wait for a replacement); before the router has heard anything, ask one replica, briefly."""
+        num = ReplicaBoard.num_serving(self.config.app_name, MODEL_SERVER)
+        if num is not None:
+            return num > 0
+        try:
+            return bool(await asyncio.wait_for(self.server.healthy.remote(), _HEALTH_CALL_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - no replica answers in time: not serving
+            return False
 
     # ---- HTTP: OpenAI-compatible -----------------------------------------------------------
 
     @http_app.get("/v1/models")
-    async def models(self):
-        info = await self._model_info()
+    async def models(self, request: Request):
+        try:
+            self.auth.check(request.headers.items())
+            info = await self._model_info()
+        except Exception as err:
+            return _http_error(err)
         return conversion.models_response(info["model"], info["max_model_len"])
 
     @http_app.get("/health")
     async def health(self):
-        healthy = await self.server.healthy.remote()
+        healthy = await self._serving()
         return JSONResponse({"healthy": healthy}, status_code=200 if healthy else 503)
 
     @http_app.post("/v1/completions")
@@ -126,12 +162,23 @@ class Ingress:
     async def chat_completions(self, request: Request):
         return await self._openai(request, chat=True)
 
+    async def _read_json(self, request: Request):
+        """The body, refused before it is all read when it is larger than ``max_request_bytes``."""
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise conversion.PayloadTooLargeError(int(declared), limit)
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > limit:
+                raise conversion.PayloadTooLargeError(len(data), limit)
+        return conversion.parse_json_body(bytes(data))
+
     async def _openai(self, request: Request, chat: bool):
         try:
-            body = await request.json()
-        except ValueError:
-            return _http_error(conversion.InvalidRequestError("body", "must be valid JSON"))
-        try:
+            self.auth.check(request.headers.items())
+            body = await self._read_json(request)
             engine_request = (conversion.chat_request(body, self.config.chat_max_tokens) if chat
                               else conversion.completion_request(body))
             stream, include_usage = conversion.wants_stream(body)
@@ -146,7 +193,6 @@ class Ingress:
                 conversion.completion_response(collected, model)
         except Exception as err:
             return _http_error(err)
-
     async def _sse(self, first: GenerationChunk, rest, model: str, chat: bool, include_usage: bool):
         created, last = int(time.time()), first
         try:

@@ -2,15 +2,20 @@
 
 At tp > 1 the deployment's placement group holds the replica's own bundle first and one
 bundle per worker after it; the engine's Ray executor finds that group and places its workers
-there, so nothing is reserved twice. The replica streams ``GenerationChunk``s (deltas only),
-reports queue length and KV usage for the router, and tells the truth about its health: a
-one-token probe through the engine every ``health_probe_interval_s`` plus the executor's
-worker health, which both Serve's ``check_health`` and the gRPC Health service read.
+there, so nothing is reserved twice. The replica streams ``GenerationChunk``s (deltas only) and
+reports queue length, KV usage and whether it is serving, for the router and the ingress's health.
+
+Health has two readers. Serve's ``check_health`` replaces the replica, so it fails only when the
+engine is beyond repair: stopped for good, or a step hung past ``step_timeout_s``. A busy engine
+is healthy: finished steps prove it alive, and the one-token probe runs only while the engine is
+idle, so it never waits behind user traffic. ``serving()`` (gRPC Health, HTTP /health, routing
+stats) is stricter: it is False while the engine rebuilds itself after a fault.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -20,7 +25,7 @@ from collections.abc import AsyncIterator
 
 from cluster.engine.async_engine import AsyncLLMEngine
 from cluster.engine.llm_engine import LLMEngine
-from cluster.errors import EngineDeadError, QueueFullError
+from cluster.errors import EngineDeadError
 from cluster.outputs import RequestOutput
 from cluster.sampling_params import SamplingParams
 from cluster.serving.config import ServingConfig
@@ -45,14 +50,14 @@ def _replica_id() -> str | None:
 class ModelServer:
     """One replica: an AsyncLLMEngine, its health, its routing stats."""
 
-    def __init__(self, config: ServingConfig):
+    def __init__(self, config: ServingConfig, engine: AsyncLLMEngine | None = None):
         self.config = config
         engine_config = config.engine_config()
-        self.engine = AsyncLLMEngine(LLMEngine(engine_config))
+        self.engine = engine or AsyncLLMEngine(LLMEngine(engine_config))
         self.model_name = config.model_name or os.path.basename(engine_config.model.model.rstrip("/"))
         self.metrics = ServerMetrics(self.model_name)
-        self._unhealthy: str | None = None
-        self._last_probe = 0.0
+        self.step_timeout_s = engine_config.parallel.step_timeout_s
+        self._last_probe_s = time.monotonic()
         self._stop = threading.Event()
         threading.Thread(target=self._probe_loop, name="health-probe", daemon=True).start()
 
@@ -63,8 +68,11 @@ class ModelServer:
         engine = self.engine.engine
         prompt = request.engine_prompt() if request.messages is None else \
             {"prompt_token_ids": engine.input_processor.chat_token_ids(request.messages)}
+        params = request.params
+        if request.max_tokens_is_default and params.max_tokens > engine.max_model_len:
+            params = dataclasses.replace(params, max_tokens=engine.max_model_len)
         text_len = num_tokens = num_logprobs = 0
-        async for out in self.engine.generate(prompt, request.params, request_id=request.request_id, coalesce=True):
+        async for out in self.engine.generate(prompt, params, request_id=request.request_id, coalesce=True):
             completion = out.outputs[0]
             chunk = GenerationChunk(
                 request_id=request.request_id, text=completion.text[text_len:],
@@ -101,65 +109,74 @@ class ModelServer:
         return {**self.engine.engine.stats(), "replica": _replica_id()}
 
     def record_routing_stats(self) -> dict:
-        """Called by Serve every routing_stats_period_s; read by the prefix-affinity router."""
+        """Called by Serve every routing_stats_period_s; read by the prefix-affinity router (load)
+        and, through it, by the ingress's health answers (``serving``)."""
         stats = self.engine.engine.stats()
         return {"num_running": stats["num_running"], "num_waiting": stats["num_waiting"],
-                "kv_cache_usage": stats["kv_cache_usage"]}
+                "kv_cache_usage": stats["kv_cache_usage"], "serving": self.serving()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Called by Serve on each replica; the engine-load autoscaling policy reads these."""
-        return {k: float(v) for k, v in self.record_routing_stats().items()}
+        return {k: float(v) for k, v in self.record_routing_stats().items() if k != "serving"}
 
     # ---- health ---------------------------------------------------------------------------
 
-    def healthy(self) -> bool:
-        return self._why_unhealthy() is None
+    def serving(self) -> bool:
+        """Whether a request sent now would be served (False while the engine rebuilds itself)."""
+        return self._why_unhealthy() is None and self.engine.is_serving
+
+    healthy = serving  # the handle method the ingress falls back on
 
     async def check_health(self) -> None:
-        """Serve's replica health check: raising makes Serve replace this replica."""
+        """Serve's replica health check: raising makes Serve replace this replica, so only an
+        engine beyond repair fails it (a busy or restarting one does not)."""
         reason = self._why_unhealthy()
         if reason is not None:
             raise EngineDeadError(f"replica unhealthy: {reason}")
 
     def _why_unhealthy(self) -> str | None:
-        if self._unhealthy is not None:
-            return self._unhealthy
         if not self.engine.is_running:
-            return "the engine loop stopped"
-        if not self.engine.engine.executor.is_healthy():
-            return "a tensor-parallel worker died"
+            return self.engine.why_not_serving or "the engine stopped"
+        running_for = self.engine.step_running_for_s()
+        if running_for > self.step_timeout_s:
+            return f"one engine step has run for {running_for:.0f} s (step_timeout_s={self.step_timeout_s:g})"
         return None
 
     def _probe_loop(self) -> None:
-        """Every second refresh the metrics gauges; every probe interval generate one token (queued like
-        real traffic) to prove the engine still works."""
-        interval, timeout = self.config.health_probe_interval_s, self.config.health_probe_timeout_s
-        next_probe = time.monotonic() + interval
-        while self._unhealthy is None and not self._stop.wait(min(1.0, interval)):
+        """Every second refresh the metrics gauges; when the engine has been idle for a probe interval,
+        generate one token to prove the model still works. A failed probe restarts the engine."""
+        while not self._stop.wait(min(1.0, self.config.health_probe_interval_s)):
             try:
                 self.metrics.on_stats(self.engine.engine.stats())
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 logger.exception("metrics update failed")
-            if time.monotonic() < next_probe:
-                continue
-            next_probe = time.monotonic() + interval
-            started = time.monotonic()
-            try:
-                asyncio.run(asyncio.wait_for(self._probe_once(), timeout))
-                self._last_probe = time.monotonic() - started
-            except QueueFullError:
-                pass  # saturated, not broken: the engine refused the probe like any request
-            except asyncio.TimeoutError:
-                self._unhealthy = f"a one-token probe took over {timeout:g} s"
-            except Exception as err:  # noqa: BLE001 - any failure to generate is ill health
-                self._unhealthy = f"a one-token probe failed: {err!r}"
-        if self._unhealthy is not None:
-            logger.error("model server unhealthy: %s", self._unhealthy)
+            if self._should_probe():
+                self._probe()
+
+    def _should_probe(self) -> bool:
+        now = time.monotonic()
+        idle = self.engine.num_in_flight == 0 and self.engine.is_serving
+        recent = max(self._last_probe_s, self.engine.last_step_end_s)
+        return idle and now - recent >= self.config.health_probe_interval_s
+
+    def _probe(self) -> None:
+        started = time.monotonic()
+        self._last_probe_s = started
+        try:
+            asyncio.run(asyncio.wait_for(self._probe_once(), self.config.health_probe_timeout_s))
+        except EngineDeadError:
+            return  # restarting already, or stopped: reported by serving() / check_health
+        except Exception as err:  # noqa: BLE001 - the model cannot generate: rebuild the engine
+            if isinstance(err, asyncio.TimeoutError) and self.engine.last_step_end_s > started:
+                return  # traffic arrived behind the probe and the engine is stepping: alive
+            logger.error("health probe failed (%r): restarting the engine", err)
+            self.engine.request_restart(f"a one-token health probe failed: {err!r}")
 
     async def _probe_once(self) -> RequestOutput | None:
         last = None
         async for last in self.engine.generate({"prompt_token_ids": [self._probe_token()]}, _PROBE,
-                                                request_id=f"health-probe-{uuid.uuid4().hex[:8]}"):
+                                                request_id=f"health-probe-{uuid.uuid4().hex[:8]}",
+                                                bypass_admission=True):
             pass
         return last
 

@@ -206,6 +206,35 @@ def replica_load(stats: Mapping[str, Any] | None, tracked_queue_len: int | None)
     return max(reported_load(stats), tracked_queue_len or 0)
 
 
+class ReplicaBoard:
+    """What the routers of this process last heard from each replica, per deployment.
+
+    Serve pushes every change of a replica's ``record_routing_stats()`` (and of the replica set) to
+    the routers of the handles in this process; they post it here. The ingress answers health checks
+    from it at once, without a call that could queue behind user traffic or wait for a replica
+    that is being replaced. A deployment no router here has seen yet is unknown (None).
+    """
+
+    _deployments: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
+
+    @classmethod
+    def post(cls, app_name: str, deployment: str, replicas: Iterable[RunningReplica]) -> None:
+        cls._deployments[(app_name, deployment)] = {r.replica_id.unique_id: dict(r.routing_stats or {})
+                                                    for r in replicas}
+
+    @classmethod
+    def drop(cls, app_name: str, deployment: str, replica_unique_id: str) -> None:
+        cls._deployments.get((app_name, deployment), {}).pop(replica_unique_id, None)
+
+    @classmethod
+    def num_serving(cls, app_name: str, deployment: str) -> int | None:
+        """Replicas whose last report says ``serving``; None if no router here knows the deployment."""
+        replicas = cls._deployments.get((app_name, deployment))
+        if replicas is None:
+            return None
+        return sum(1 for stats in replicas.values() if stats.get("serving"))
+
+
 def routing_tokens_of(pending_request: PendingRequest | None) -> RoutingTokens | None:
     """The prompt of a handle call whose first argument is an ``EngineRequest`` (duck-typed, so this
     module need not import ``cluster``); None for any other call, which is then routed by load."""
@@ -283,10 +312,13 @@ class PrefixAffinityRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self._policy.retain(r.replica_id for r in replicas)
+        deployment = self._deployment_id
+        ReplicaBoard.post(deployment.app_name, deployment.name, replicas)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._policy.forget(replica_id)
+        ReplicaBoard.drop(self._deployment_id.app_name, self._deployment_id.name, replica_id.unique_id)
 
 
 __all__ = [
@@ -294,6 +326,7 @@ __all__ = [
     "PrefixAffinityConfig",
     "PrefixAffinityPolicy",
     "PrefixAffinityRouter",
+    "ReplicaBoard",
     "chain_hashes",
     "replica_load",
     "reported_kv_usage",

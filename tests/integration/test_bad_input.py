@@ -38,9 +38,11 @@ def assert_engine_still_serves(llm: LLM) -> None:
 
 BAD_PROMPTS = [
     pytest.param("", "prompt", "non-empty", id="empty-text"),
-    pytest.param("word " * 200, "prompt", f"at most {MAX_MODEL_LEN - 1}", id="text-over-max_model_len"),
-    pytest.param({"prompt_token_ids": list(range(100, 100 + MAX_MODEL_LEN))}, "prompt",
-                 f"at most {MAX_MODEL_LEN - 1}", id="ids-at-max_model_len"),
+    pytest.param("word " * 200, "prompt", f"at most {MAX_MODEL_LEN}", id="text-over-max_model_len"),
+    pytest.param({"prompt_token_ids": list(range(100, 101 + MAX_MODEL_LEN))}, "prompt",
+                 f"at most {MAX_MODEL_LEN}", id="ids-one-past-max_model_len"),
+    pytest.param({"prompt_token_ids": [5] * 10**6}, "prompt", f"at most {MAX_MODEL_LEN}", id="ids-a-million"),
+    pytest.param("caf\ud800", "prompt", "lone surrogate", id="text-lone-surrogate"),
     pytest.param({"prompt_token_ids": [10**9]}, "prompt_token_ids", f"[0, {VOCAB_SIZE})", id="id-too-large"),
     pytest.param({"prompt_token_ids": [VOCAB_SIZE]}, "prompt_token_ids", f"[0, {VOCAB_SIZE})", id="id-vocab-size"),
     pytest.param({"prompt_token_ids": [5, -1]}, "prompt_token_ids", f"[0, {VOCAB_SIZE})", id="id-negative"),
@@ -66,6 +68,14 @@ def test_bad_prompt_is_refused_and_changes_nothing(llm, prompt, field, allowed):
     assert_engine_still_serves(llm)
 
 
+def test_prompt_at_exactly_max_model_len_is_served_with_one_token(llm):
+    ids = list(range(100, 100 + MAX_MODEL_LEN))
+    [out] = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    # The context is full: the last prompt position still yields one token, then the request ends.
+    assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"
+    assert_engine_still_serves(llm)
+
+
 def test_prompt_one_below_max_model_len_is_accepted(llm):
     ids = list(range(100, 100 + MAX_MODEL_LEN - 1))
     [out] = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
@@ -77,7 +87,7 @@ def test_prompt_one_below_max_model_len_is_accepted(llm):
 
 def test_output_stops_at_max_model_len(llm):
     ids = list(range(100, 140))
-    [out] = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    [out] = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0.0, max_tokens=MAX_MODEL_LEN, ignore_eos=True))
     assert len(ids) + len(out.outputs[0].token_ids) == MAX_MODEL_LEN
     assert out.outputs[0].finish_reason == "length"
     assert_no_leak(llm)
@@ -86,25 +96,67 @@ def test_output_stops_at_max_model_len(llm):
 # ---- bad sampling parameters ----------------------------------------------------------------------
 
 BAD_PARAMS = [
-    pytest.param({"max_tokens": 0}, "max_tokens", ">= 1", id="max_tokens-0"),
-    pytest.param({"max_tokens": -5}, "max_tokens", ">= 1", id="max_tokens-negative"),
-    pytest.param({"temperature": -1.0}, "temperature", ">= 0", id="temperature-negative"),
-    pytest.param({"temperature": math.nan}, "temperature", ">= 0", id="temperature-nan"),
+    pytest.param({"max_tokens": 0}, "max_tokens", "in [1, ", id="max_tokens-0"),
+    pytest.param({"max_tokens": -5}, "max_tokens", "in [1, ", id="max_tokens-negative"),
+    pytest.param({"max_tokens": 2**64}, "max_tokens", "the context length", id="max_tokens-2**64"),
+    pytest.param({"max_tokens": 1.0}, "max_tokens", "an integer", id="max_tokens-float"),
+    pytest.param({"temperature": -1.0}, "temperature", "[0, 100]", id="temperature-negative"),
+    pytest.param({"temperature": math.nan}, "temperature", "finite", id="temperature-nan"),
+    pytest.param({"temperature": math.inf}, "temperature", "finite", id="temperature-inf"),
+    pytest.param({"temperature": 10**400}, "temperature", "finite", id="temperature-huge-int"),
     pytest.param({"top_p": 0.0}, "top_p", "(0, 1]", id="top_p-0"),
     pytest.param({"top_p": 1.5}, "top_p", "(0, 1]", id="top_p-1.5"),
-    pytest.param({"top_k": 0}, "top_k", ">= 1", id="top_k-0"),
+    pytest.param({"top_k": 0}, "top_k", "-1 or in [1, ", id="top_k-0"),
     pytest.param({"top_k": -2}, "top_k", "-1", id="top_k-minus-2"),
+    pytest.param({"top_k": 2**63}, "top_k", "the vocabulary size", id="top_k-2**63"),
     pytest.param({"min_p": 1.5}, "min_p", "[0, 1]", id="min_p-1.5"),
-    pytest.param({"repetition_penalty": 0.0}, "repetition_penalty", "> 0", id="repetition_penalty-0"),
+    pytest.param({"repetition_penalty": 0.0}, "repetition_penalty", "[0.01, 100]", id="repetition_penalty-0"),
+    pytest.param({"repetition_penalty": math.inf}, "repetition_penalty", "finite", id="repetition_penalty-inf"),
     pytest.param({"presence_penalty": 3.0}, "presence_penalty", "[-2, 2]", id="presence_penalty-3"),
     pytest.param({"frequency_penalty": -2.5}, "frequency_penalty", "[-2, 2]", id="frequency_penalty--2.5"),
-    pytest.param({"seed": -1}, "seed", "[0, 2**63)", id="seed-negative"),
-    pytest.param({"n": 2}, "n", "exactly 1", id="n-2"),
+    pytest.param({"seed": -1}, "seed", "[0, 9223372036854775807]", id="seed-negative"),
+    pytest.param({"seed": 2**63}, "seed", "[0, 9223372036854775807]", id="seed-2**63"),
+    pytest.param({"n": 2}, "n", "[1, 1]", id="n-2"),
     pytest.param({"logprobs": 21}, "logprobs", "[0, 20]", id="logprobs-21"),
     pytest.param({"min_tokens": 5, "max_tokens": 4}, "min_tokens", "<= max_tokens", id="min_tokens-over-max"),
     pytest.param({"stop": [""]}, "stop", "non-empty", id="stop-empty-string"),
-    pytest.param({"stop_token_ids": [-3]}, "stop_token_ids", ">= 0", id="stop_token_ids-negative"),
+    pytest.param({"stop": ["x\ud800"]}, "stop", "lone surrogate", id="stop-lone-surrogate"),
+    pytest.param({"stop": ["a"] * 17}, "stop", "at most 16", id="stop-too-many"),
+    pytest.param({"stop": [["nested"]]}, "stop", "must be a string", id="stop-nested-list"),
+    pytest.param({"stop_token_ids": [-3]}, "stop_token_ids", "in [0, ", id="stop_token_ids-negative"),
+    pytest.param({"stop_token_ids": -1}, "stop_token_ids", "must be a list", id="stop_token_ids-not-a-list"),
+    pytest.param({"ignore_eos": "yes"}, "ignore_eos", "true or false", id="ignore_eos-string"),
+    pytest.param({"ignore_eos": 1}, "ignore_eos", "true or false", id="ignore_eos-int"),
+    pytest.param({"skip_special_tokens": "no"}, "skip_special_tokens", "true or false", id="skip_special_tokens-str"),
 ]
+
+# Within the table's static ranges, but beyond this model: refused by the engine, which knows the model.
+BAD_FOR_THE_MODEL = [
+    pytest.param({"top_k": VOCAB_SIZE + 1}, "top_k", f"in [1, {VOCAB_SIZE}]", id="top_k-above-vocab"),
+    pytest.param({"stop_token_ids": [VOCAB_SIZE]}, "stop_token_ids", f"in [0, {VOCAB_SIZE - 1}]",
+                 id="stop_token_id-vocab-size"),
+    pytest.param({"max_tokens": MAX_MODEL_LEN + 1}, "max_tokens", f"in [1, {MAX_MODEL_LEN}]",
+                 id="max_tokens-above-context"),
+    pytest.param({"min_tokens": MAX_MODEL_LEN + 1, "max_tokens": MAX_MODEL_LEN + 1}, "max_tokens",
+                 f"in [1, {MAX_MODEL_LEN}]", id="min_tokens-above-context"),
+]
+
+
+@pytest.mark.parametrize(("options", "field", "allowed"), BAD_FOR_THE_MODEL)
+def test_params_beyond_the_model_are_refused_by_the_engine(llm, options, field, allowed):
+    params = SamplingParams(**options)  # legal in general
+    with pytest.raises(InvalidRequestError) as err:
+        llm.generate(GOOD_PROMPT, params)
+    assert err.value.field == field and allowed in str(err.value), str(err.value)
+    assert_engine_still_serves(llm)
+
+
+def test_every_field_of_the_limits_table_has_a_refused_value():
+    """The table is the contract: each field in it is exercised by BAD_PARAMS or BAD_FOR_THE_MODEL."""
+    from cluster.request_limits import SAMPLING_LIMITS
+
+    covered = {p.values[1] for p in BAD_PARAMS + BAD_FOR_THE_MODEL}
+    assert set(SAMPLING_LIMITS) <= covered, set(SAMPLING_LIMITS) - covered
 
 
 @pytest.mark.parametrize(("options", "field", "allowed"), BAD_PARAMS)

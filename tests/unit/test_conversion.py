@@ -5,7 +5,13 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from cluster.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from cluster.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+    UnauthenticatedError,
+)
 from cluster.serving import conversion
 from cluster.serving.generation_chunk import GenerationChunk
 from cluster.v1 import generation_pb2 as pb
@@ -64,15 +70,48 @@ def test_chat_content_parts_other_than_text_are_refused():
     assert err.value.field == "messages[0].content"
 
 
+def _backpressure():
+    from ray.serve.exceptions import BackPressureError
+
+    return BackPressureError(num_queued_requests=32, max_queued_requests=32)  # its retry_after_s is None
+
+
 @pytest.mark.parametrize("error, code, status", [
     (InvalidRequestError("top_p", "bad"), grpc.StatusCode.INVALID_ARGUMENT, 400),
-    (QueueFullError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (QueueFullError("full", retry_after_s=7.4), grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (_backpressure(), grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (EngineDeadError("dead"), grpc.StatusCode.UNAVAILABLE, 503),
+    (RequestFailedError("req-7", "RuntimeError: boom"), grpc.StatusCode.INTERNAL, 500),
+    (UnauthenticatedError("no key"), grpc.StatusCode.UNAUTHENTICATED, 401),
+    (conversion.PayloadTooLargeError(10, 5), grpc.StatusCode.INVALID_ARGUMENT, 413),
     (RuntimeError("bug"), grpc.StatusCode.INTERNAL, 500),
 ])
 def test_error_mapping(error, code, status):
     assert conversion.grpc_status(error)[0] == code
     assert conversion.http_error(error)[0] == status
+    headers, trailers = conversion.http_error_headers(error), dict(conversion.grpc_trailers(error))
+    if status == 429:
+        assert int(headers["Retry-After"]) >= 1 and int(trailers["retry-after-ms"]) >= 1000
+    if isinstance(error, QueueFullError):
+        assert headers["Retry-After"] == "7" and trailers["retry-after-ms"] == "7400"
+    if isinstance(error, RequestFailedError):
+        assert "req-7" in conversion.grpc_status(error)[1]
+    if status == 401:
+        assert headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_undecodable_grpc_bytes_become_invalid_argument():
+    from cluster.v1 import generation_pb2 as pb
+
+    decode = conversion.safe_deserializer(pb.GenerateRequest)
+    good = pb.GenerateRequest(prompt="hi").SerializeToString()
+    assert decode(good).prompt == "hi"
+    bad_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (prompt), 2 bytes, not UTF-8
+    for data in (bad_utf8, b"\xff\xff\xff\xff", b"\x0a\x7f"):
+        undecodable = decode(data)
+        with pytest.raises(InvalidRequestError) as err:
+            conversion.request_from_proto(undecodable, 8)
+        assert err.value.field == "request" and "cluster.v1.GenerateRequest" in err.value.message
 
 
 def test_stream_messages_carry_usage_only_at_the_end():

@@ -89,8 +89,8 @@ http_options:
 grpc_options:
   port: {{ int $s.grpcPort }}
   grpc_servicer_functions:
-    - cluster.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server
-    - grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server
+    - cluster.serving.grpc_services.add_generation_service
+    - cluster.serving.grpc_services.add_health_service
 applications:
   - name: {{ $s.appName | quote }}
     route_prefix: /
