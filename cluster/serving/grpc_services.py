@@ -14,8 +14,11 @@ import grpc
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2
 
+from cluster.serving import serve_fixes
 from cluster.serving.conversion import safe_deserializer
 from cluster.v1 import generation_pb2
+
+serve_fixes.install()  # this module is imported in Serve's proxy process: fix its stream cancellation there
 
 
 def add_generation_service(servicer, server) -> None:
