@@ -89,6 +89,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default: all at tp=1)")
     p.add_argument("--router", default="prefix_affinity", choices=["prefix_affinity", "power_of_two"])
+    p.add_argument("--api-key-file", default=None, help="require this file's key on both APIs (Bearer token)")
+    p.add_argument("--api-key-env", default=None, help="or the key in this environment variable")
+    p.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM), with --tls-key")
+    p.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    p.add_argument("--max-request-bytes", type=int, default=None, help="largest HTTP body / gRPC message taken")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -102,8 +107,11 @@ def _cmd_serve(args) -> int:
         engine["num_threads"] = args.threads
     autoscaling = None if args.max_replicas is None else \
         {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+    security = {"api_key_file": args.api_key_file, "api_key_env": args.api_key_env}
+    if args.max_request_bytes is not None:
+        security["max_request_bytes"] = args.max_request_bytes
     config = ServingConfig(num_replicas=args.num_replicas, autoscaling=autoscaling, replica_num_cpus=cpus,
-                           router=args.router, engine=engine)
+                           router=args.router, engine=engine, **security)
     return serve_forever(args, config)
 
 

@@ -1,7 +1,9 @@
-"""A small gRPC client over the generated stubs: ``llm-cluster generate --server HOST:PORT``."""
+"""A small gRPC client over the generated stubs: ``llm-cluster generate --server HOST:PORT``.
+It sends ``LLM_CLUSTER_API_KEY`` from the environment, when set, as a Bearer token."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import grpc
@@ -20,10 +22,14 @@ def stream_generate(args) -> int:
                                      sampling=sampling)
     else:
         request = pb.GenerateRequest(prompt=args.prompt, sampling=sampling)
+    metadata = [("application", args.application)]
+    api_key = os.environ.get("LLM_CLUSTER_API_KEY")
+    if api_key:
+        metadata.append(("authorization", f"Bearer {api_key}"))
     with grpc.insecure_channel(args.server) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         try:
-            for message in stub.GenerateStream(request, metadata=(("application", args.application),)):
+            for message in stub.GenerateStream(request, metadata=metadata):
                 sys.stdout.write(message.text)
                 sys.stdout.flush()
                 if message.finish_reason:

@@ -10,6 +10,7 @@ the request and frees its KV blocks.
 
 
 import asyncio
+import importlib
 import time
 from collections.abc import AsyncIterator
 
@@ -19,16 +20,23 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cluster.errors import QueueFullError
 from cluster.serving import conversion
 from cluster.serving.auth import ApiKeyAuth
 from cluster.serving.config import ServingConfig
 from cluster.serving.engine_request import EngineRequest
 from cluster.serving.generation_chunk import GenerationChunk
-from cluster.serving.router import ReplicaBoard
 from cluster.v1 import generation_pb2 as pb
 
 MODEL_SERVER = "ModelServer"  # the model-server deployment's name (cluster/serving/app.py)
 _HEALTH_CALL_TIMEOUT_S = 0.8  # health answers within 1 s even when it must ask a replica
+
+
+def _num_serving(app_name: str) -> int | None:
+    """Serving model-server replicas, from the board the routers of this process keep. Looked up
+    in the imported module at call time: Serve ships this class to its replica by value, and a
+    board captured with it would be a copy the routers never write to."""
+    return importlib.import_module("cluster.serving.router").ReplicaBoard.num_serving(app_name, MODEL_SERVER)
 
 
 def _fail(grpc_context, err: BaseException):
@@ -56,6 +64,9 @@ class Ingress:
         self.server = model_server
         self.config = config
         self.auth = ApiKeyAuth.from_sources(config.api_key_file, config.api_key_env)
+        scheduler = config.engine_config().scheduler
+        self.replica_capacity = scheduler.max_num_seqs + scheduler.max_waiting_requests  # what one engine admits
+        self._in_flight = 0  # generate calls this ingress has open to the model servers
         self._info: dict | None = None
 
     async def _model_info(self) -> dict:
@@ -63,8 +74,25 @@ class Ingress:
             self._info = await self.server.model_info.remote()
         return self._info
 
-    def _stream(self, request: EngineRequest) -> AsyncIterator[GenerationChunk]:
-        return self.server.options(stream=True).generate.remote(request)
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[GenerationChunk]:
+        """The replica's chunks, admitted here first: when the serving replicas' engines are full
+        with this ingress's own calls alone, a new request is refused without a round trip (the
+        replica, which sees every caller, stays the authority)."""
+        self._admit()
+        self._in_flight += 1
+        try:
+            async for chunk in self.server.options(stream=True).generate.remote(request):
+                yield chunk
+        finally:
+            self._in_flight -= 1
+
+    def _admit(self) -> None:
+        serving = _num_serving(self.config.app_name)
+        if serving is None and self.config.autoscaling is None:  # no replica has reported yet
+            serving = self.config.num_replicas
+        if serving and self._in_flight >= serving * self.replica_capacity:
+            raise QueueFullError(f"{self._in_flight} requests are in flight to {serving} replica(s) taking "
+                                 f"{self.replica_capacity} each", retry_after_s=1.0)
 
     async def _collect(self, request: EngineRequest) -> list[GenerationChunk]:
         return [chunk async for chunk in self._stream(request)]
@@ -130,7 +158,7 @@ class Ingress:
     async def _serving(self) -> bool:
         """From what the router last heard from the replicas (no call that could queue behind traffic
         or wait for a replacement); before the router has heard anything, ask one replica, briefly."""
-        num = ReplicaBoard.num_serving(self.config.app_name, MODEL_SERVER)
+        num = _num_serving(self.config.app_name)
         if num is not None:
             return num > 0
         try:

@@ -19,12 +19,15 @@ from cluster.serving.config import ServingConfig
 def serve_forever(args, config: ServingConfig) -> int:
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.config import gRPCOptions
 
     from cluster.serving.app import GRPC_SERVICER_FUNCTIONS, build_app
 
     started = time.monotonic()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # so the `serve` CLI can talk to this cluster too
+    # Serve's gRPC proxy reads its message limit from the environment when it starts (inherited from
+    # this process by a local cluster); the ingress checks the same limit itself in every case.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.max_request_bytes))
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
@@ -33,7 +36,7 @@ def serve_forever(args, config: ServingConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options=HTTPOptions(host=args.host, port=args.http_port),
+        serve.start(http_options=http_options(args),
                     grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
         _print_endpoints(args, config, time.monotonic() - started)
@@ -47,9 +50,20 @@ def serve_forever(args, config: ServingConfig) -> int:
     return 0
 
 
+def http_options(args):
+    """Serve's HTTP proxy options: HTTPS when a certificate and key are given (Serve terminates TLS)."""
+    from ray.serve.config import HTTPOptions
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key} if args.tls_cert else {}
+    return HTTPOptions(host=args.host, port=args.http_port, **tls)
+
+
 def _print_endpoints(args, config: ServingConfig, seconds: float) -> None:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "127.0.0.1") else args.host
-    grpc_addr, http = f"{host}:{args.grpc_port}", f"http://{host}:{args.http_port}"
+    scheme = "https" if args.tls_cert else "http"
+    grpc_addr, http = f"{host}:{args.grpc_port}", f"{scheme}://{host}:{args.http_port}"
     engine = config.engine_config()
     scaling = config.autoscaling
     replicas = f"{config.num_replicas} replica(s)" if scaling is None else \

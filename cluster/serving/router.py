@@ -228,11 +228,11 @@ class ReplicaBoard:
 
     @classmethod
     def num_serving(cls, app_name: str, deployment: str) -> int | None:
-        """Replicas whose last report says ``serving``; None if no router here knows the deployment."""
-        replicas = cls._deployments.get((app_name, deployment))
-        if replicas is None:
-            return None
-        return sum(1 for stats in replicas.values() if stats.get("serving"))
+        """Replicas whose last report says ``serving``; None while no replica of the deployment has
+        reported to a router of this process (unknown, not "none")."""
+        reports = [stats["serving"] for stats in cls._deployments.get((app_name, deployment), {}).values()
+                   if "serving" in stats]
+        return sum(1 for serving in reports if serving) if reports else None
 
 
 def routing_tokens_of(pending_request: PendingRequest | None) -> RoutingTokens | None:
