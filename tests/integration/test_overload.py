@@ -65,8 +65,9 @@ def _engine_stats() -> dict:
 class HealthWatch:
     """Checks grpc.health.v1 every 0.2 s on a thread; records every status and how long each took."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, app: str = APP):
         self.address = address
+        self.metadata = (("application", app),)
         self.samples: list[tuple[int, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -85,7 +86,7 @@ class HealthWatch:
             while not self._stop.wait(0.2):
                 started = time.monotonic()
                 try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), metadata=METADATA, timeout=5).status
+                    status = stub.Check(health_pb2.HealthCheckRequest(), metadata=self.metadata, timeout=5).status
                 except grpc.RpcError as err:
                     status = -int(err.code().value[0])
                 self.samples.append((status, time.monotonic() - started))

@@ -15,6 +15,7 @@ import grpc
 import pytest
 import yaml
 
+from cluster import InvalidConfigError
 from cluster.v1 import generation_pb2 as pb
 from cluster.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import free_port
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.slow
 def test_config_validates_against_serves_schema_and_builds():
     from ray.serve.schema import ServeDeploySchema
 
-    from cluster.serving.app import GRPC_SERVICER_FUNCTIONS, app_builder
+    from cluster.serving.app import GRPC_SERVICER_FUNCTIONS, ROUTER_CLASS, app_builder
 
     with open(CONFIG) as f:
         raw = yaml.safe_load(f)
@@ -36,7 +37,20 @@ def test_config_validates_against_serves_schema_and_builds():
     assert list(schema.grpc_options.grpc_servicer_functions) == GRPC_SERVICER_FUNCTIONS
     (app,) = raw["applications"]
     assert app["import_path"] == "cluster.serving.app:app_builder"
-    assert app_builder(app["args"]) is not None  # every arg is a known serving or engine option
+    # Every arg lands where the file says: serving options on the ModelServer deployment, the rest
+    # in the engine config (a misspelt or unknown key is refused, not silently dropped).
+    ingress = app_builder(dict(app["args"]))._bound_deployment
+    assert ingress.name == "Ingress"
+    server_app, config = ingress.init_args
+    server = server_app._bound_deployment
+    assert server.name == "ModelServer" and server.init_args == (config,)
+    assert (server.num_replicas, server.max_ongoing_requests, server.max_queued_requests) == (1, 128, 256)
+    assert server.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0}
+    assert server._deployment_config.request_router_config.request_router_class == ROUTER_CLASS
+    assert config.engine == {"model": "smollm2-135m", "dtype": "bfloat16", "tensor_parallel_size": 1,
+                             "num_threads": 2}  # tp=1: the engine gets the replica's 2 CPUs as threads
+    with pytest.raises(InvalidConfigError, match="bogus_option"):
+        app_builder({**app["args"], "bogus_option": 1})
 
 
 def test_serve_run_answers_grpc_and_http(tmp_path, smollm2_path):

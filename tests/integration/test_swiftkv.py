@@ -236,8 +236,12 @@ def test_swiftkv_under_tensor_parallelism_matches_the_reference(local_ray, tiny_
     assert got == dense_reference(model_dir, params, prompts, GREEDY.max_tokens)
 
 
-def test_the_shipped_smollm2_swiftkv_parameters_work_out_of_the_box():
-    """`LLM(model="smollm2-135m", swiftkv=True)`: the distilled parameter file shipped in the package."""
+def test_the_shipped_smollm2_swiftkv_parameters_work_out_of_the_box(smollm2_path, smollm2_tokenizer):
+    """`LLM(model="smollm2-135m", swiftkv=True)`: the distilled parameter file shipped in the package.
+
+    The engine gives the dense SwiftKV reference's greedy tokens with exactly those parameters, and
+    the distilled model still answers like the base one (" Paris" to "The capital of France is").
+    """
     from cluster.swiftkv.checkpoint import bundled_params
 
     path = bundled_params("smollm2-135m")
@@ -249,5 +253,16 @@ def test_the_shipped_smollm2_swiftkv_parameters_work_out_of_the_box():
         assert after["agreement"] > params.info["eval_before"][name]["agreement"], name
     llm = LLM(model="smollm2-135m", swiftkv=True)
     assert llm.engine.arch.swiftkv and llm.engine.arch.num_key_value_layers == 15
-    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0))
-    assert len(out[0].outputs[0].token_ids) == 8
+    texts = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+    outs = llm.generate(texts, SamplingParams(max_tokens=8, temperature=0.0))
+    got = [o.outputs[0].token_ids for o in outs]
+    prompts = [smollm2_tokenizer.encode(t) for t in texts]
+    assert [o.prompt_token_ids for o in outs] == prompts
+    dense = from_checkpoint(smollm2_path, params.num_key_value_layers, params.key_value_group_size, params)
+    with torch.no_grad():  # one teacher-forced dense pass each: every token is the reference's argmax
+        for prompt, tokens in zip(prompts, got):
+            logits = dense(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
+            assert logits.argmax(-1).tolist() == tokens, smollm2_tokenizer.decode(tokens)
+        base_first = int(dense(torch.tensor([prompts[0]]), swiftkv=False)[0, -1].argmax())  # the base SmolLM2
+    assert smollm2_tokenizer.decode([base_first]) == " Paris"
+    assert got[0][0] == base_first, smollm2_tokenizer.decode(got[0])

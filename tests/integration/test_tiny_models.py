@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster import LLM, InvalidConfigError, ModelLoadError, SamplingParams
+from cluster import LLM, InvalidConfigError, InvalidRequestError, ModelLoadError, SamplingParams
 from tests.conftest import NUM_THREADS, assert_no_leak, copy_tokenizer, hf_greedy
 
 VARIANTS = ["llama_tied", "llama_untied", "llama3_rope", "qwen2", "mistral", "sharded"]
@@ -169,26 +169,35 @@ def test_checkpoint_with_a_foreign_tensor_is_refused(tmp_path, tiny_llama_dir):
         make_llm(path)
 
 
-def test_mistral_sliding_window_is_honoured_or_refused(tiny_llama_dir, hf_tiny_model):
-    """A checkpoint whose attention only sees the last ``sliding_window`` positions.
+def test_mistral_sliding_window_is_capped_to_the_window(tiny_llama_dir, hf_tiny_model):
+    """A checkpoint whose attention only sees the last ``sliding_window`` (16) positions.
 
-    The engine's attention is full-context, so it must either refuse such a checkpoint
-    (naming sliding_window) or cap the context to the window; silently attending to
-    everything gives different tokens from transformers once the context passes 16.
+    The engine's attention is full-context, which equals sliding-window attention only while
+    the context fits the window: so a max_model_len past the window is refused (naming the
+    field and why), the default context is the window, and within it the engine gives
+    transformers' tokens -- including a request cut short by the 16-token context.
     """
     path, window = tiny_llama_dir("mistral_sliding_window"), 16
-    try:
-        llm = make_llm(path)
-    except InvalidConfigError as err:
-        assert "sliding_window" in str(err)
-        return
-    if llm.engine.max_model_len <= window:
-        return
-    prompt = PROMPTS[2]  # 37 tokens, past the window
-    [out] = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=8))
-    assert out.outputs[0].token_ids == hf_greedy(hf_tiny_model("mistral_sliding_window"), prompt, 8), (
-        "sliding_window=16 was silently ignored: full attention differs from transformers"
-    )
+    for too_long in (512, window + 1):
+        with pytest.raises(InvalidConfigError, match="sliding_window") as err:
+            make_llm(path, max_model_len=too_long)
+        assert err.value.field == "max_model_len", f"blamed field {err.value.field!r}: {err.value}"
+
+    llm = make_llm(path, max_model_len=None)
+    assert llm.engine.max_model_len == window
+    hf = hf_tiny_model("mistral_sliding_window")
+    # (prompt, max_tokens): prompt + output fill the window exactly, or would pass it and are cut.
+    cases = [(PROMPTS[0], 15), (PROMPTS[2][:10], 6), (PROMPTS[1], 16)]
+    outputs = llm.generate([{"prompt_token_ids": p} for p, _ in cases],
+                           [SamplingParams(temperature=0.0, max_tokens=n) for _, n in cases])
+    for (prompt, max_tokens), out in zip(cases, outputs):
+        tokens = out.outputs[0].token_ids
+        assert len(prompt) + len(tokens) == window, f"prompt of {len(prompt)}, max_tokens={max_tokens}"
+        assert tokens == hf_greedy(hf, prompt, window - len(prompt)), f"prompt of {len(prompt)}"
+    assert outputs[2].outputs[0].finish_reason == "length"
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        llm.generate({"prompt_token_ids": PROMPTS[2]}, SamplingParams(temperature=0.0, max_tokens=1))
+    assert_no_leak(llm)
 
 
 def test_unsupported_rope_scaling_is_refused_naming_the_model(tiny_llama_dir):

@@ -57,12 +57,16 @@ def test_random_workload_round_trips_step_by_step(seed):
         preemptions += len(out.preempted_request_ids)
         delta = pickle.loads(pickle.dumps(encoder.encode(out)))
         _same_step(decoder.decode(delta), out)
+        # The workers mirror exactly the live requests: finished and aborted ones are dropped.
+        assert set(decoder._requests) == set(sched._requests), f"step {step}"
         for seq in sched.update(out, {s.request_id: rng.randrange(100) for s in out.sequences if s.needs_sample}):
             if seq.num_output_tokens >= seq.sampling_params.max_tokens:
                 sched.finish(seq.request_id, FinishReason.LENGTH)
     assert preemptions > 0 and aborts > 0, "the workload must exercise preemption and abort"
-    sched.schedule()  # flush the last finished ids
-    assert decoder.num_requests <= len(sched._requests) + 15
+    out = sched.schedule()  # flush the last finished ids
+    _same_step(decoder.decode(pickle.loads(pickle.dumps(encoder.encode(out)))), out)
+    assert decoder.num_requests == len(sched._requests)
+    assert set(decoder._requests) == set(sched._requests)
 
 
 def test_decode_steps_send_one_token_and_only_new_blocks():
@@ -89,3 +93,25 @@ def test_decode_steps_send_one_token_and_only_new_blocks():
         _same_step(decoder.decode(delta), out)
         sched.update(out, {"a": 501 + i})
     assert new_blocks == seq.block_ids[3:]  # 10 prompt tokens filled blocks 0..2
+
+
+def test_bytes_sent_per_decode_step_do_not_grow_with_context():
+    """A 300-token prompt decoding 300 more: each pickled StepDelta stays the same size (give or
+    take a new block id and an int's width), while the full SchedulerOutput grows with the table."""
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=4), BlockManager(256, BLOCK_SIZE))
+    encoder = StepEncoder()
+    prompt = [7] * 300
+    seq = Sequence("a", prompt, SamplingParams(max_tokens=400))
+    sched.add(seq)
+    out = sched.schedule()
+    out.new_requests = [NewRequest("a", prompt, seq.sampling_params, 0)]
+    assert len(pickle.dumps(encoder.encode(out))) > len(pickle.dumps(prompt))  # the prompt travels once
+    sched.update(out, {"a": 40000})
+    delta_sizes, full_sizes = [], []
+    for i in range(300):
+        out = sched.schedule()
+        delta_sizes.append(len(pickle.dumps(encoder.encode(out))))
+        full_sizes.append(len(pickle.dumps(out)))
+        sched.update(out, {"a": 40001 + i})
+    assert full_sizes[-1] - full_sizes[0] > 100, "guard: the full step must grow with the block table"
+    assert max(delta_sizes) - min(delta_sizes) <= 8, f"delta sizes {min(delta_sizes)}..{max(delta_sizes)} bytes"
