@@ -115,6 +115,30 @@ def _cmd_serve(args) -> int:
     return serve_forever(args, config)
 
 
+def _soak_parser(sub) -> None:
+    p = sub.add_parser("soak", help="hold N gRPC streams against a served app; check memory stays flat")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--sample-s", type=float, default=10.0, help="RSS sampling period")
+    p.add_argument("--max-growth", type=float, default=0.03, help="RSS growth after the first minute that fails")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server", default=None, metavar="HOST:PORT", help="soak a running server instead")
+    p.add_argument("--address", default=None, help="with --server: its Ray cluster (for nothing but pids)")
+    p.add_argument("--application", default="llm-cluster", help="with --server: the Serve application")
+    p.add_argument("--grpc-port", type=int, default=9100)
+    p.add_argument("--http-port", type=int, default=8100)
+    p.set_defaults(func=_cmd_soak)
+
+
+def _cmd_soak(args) -> int:
+    from cluster.soak import run_soak
+
+    return run_soak(args)
+
+
 def _tp_parser(sub) -> None:
     p = sub.add_parser("bench-tp", help="Ray executor dispatch overhead; decode tokens/s at tp=1 vs tp=N")
     p.add_argument("--model", default="smollm2-135m")
@@ -235,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     _micro_parser(sub)
     _tp_parser(sub)
     _serve_parser(sub)
+    _soak_parser(sub)
     _serve_bench_parser(sub)
     _swiftkv_parser(sub)
     args = parser.parse_args(argv)

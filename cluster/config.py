@@ -34,6 +34,7 @@ class ModelConfig:
     use_native_kernels: bool = True  # C++ paged decode attention on CPU, built on first use (torch fallback)
     swiftkv: bool | None = None  # SwiftKV prefill skipping; None = the checkpoint's own `swiftkv` setting
     swiftkv_params: str | None = None  # SwiftKV parameter file to apply (default for built-ins: the shipped one)
+    onednn_cache_capacity: int | None = 64  # CPU: entries in oneDNN's shape-keyed caches (bounds memory); None = 1024
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -47,6 +48,9 @@ class ModelConfig:
         _require(self.swiftkv_params is None or (isinstance(self.swiftkv_params, str) and bool(self.swiftkv_params)),
                  "swiftkv_params", "must be a path to a SwiftKV parameter file")
         _require(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        if self.onednn_cache_capacity is not None:
+            _require(_is_int(self.onednn_cache_capacity) and self.onednn_cache_capacity >= 1, "onednn_cache_capacity",
+                     f"must be an integer >= 1 or null, got {self.onednn_cache_capacity!r}")
         if self.dtype == "float16":
             _require(self.resolved_device() == "cuda", "dtype",
                      "float16 needs a GPU; on CPU use bfloat16 or float32")

@@ -115,6 +115,7 @@ class LLMEngine:
             block_size=self.config.cache.block_size, tp_size=self.config.parallel.tensor_parallel_size,
             eos_token_ids=self.eos_token_ids, device=self.config.model.resolved_device(),
             num_threads=self.config.parallel.num_threads, use_native_kernels=self.config.model.use_native_kernels,
+            onednn_cache_capacity=self.config.model.onednn_cache_capacity,
         )
 
     def _max_model_len(self) -> int:

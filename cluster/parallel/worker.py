@@ -55,6 +55,8 @@ class Worker:
             torch.cuda.set_device(0)
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
+        if spec.device == "cpu" and spec.onednn_cache_capacity is not None:
+            bound_onednn_caches(spec.onednn_cache_capacity)
         self.steps_done.append("init_device")
         return {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
                 "ip": _node_ip(), "threads": torch.get_num_threads(), "device": spec.device}
@@ -182,6 +184,16 @@ class Worker:
     def score(self, token_ids: list[int]):
         """Logits for every position of ``token_ids`` (rank 0; None elsewhere). A collective."""
         return self.runner.score(token_ids)
+
+
+def bound_onednn_caches(capacity: int) -> None:
+    """Cap oneDNN's primitive cache and ideep's computation cache, keyed by input shape: with a new
+    batch shape nearly every step, their default 1,024 entries each grew a replica's memory by
+    about 0.3 MB per request for hundreds of requests (docs/reliability.md). They read these
+    variables once, at their first use in the process, which is after this (before the weights are
+    packed); a value the operator set is kept."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(capacity))
 
 
 def _node_ip() -> str:

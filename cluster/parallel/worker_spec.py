@@ -20,3 +20,4 @@ class WorkerSpec:
     device: str = "cpu"  # cpu | cuda
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     use_native_kernels: bool = True  # compile and use cluster/kernels on CPU (falls back to torch)
+    onednn_cache_capacity: int | None = 64  # oneDNN's primitive caches, in entries (CPU); None = its default
