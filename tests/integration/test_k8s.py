@@ -5,6 +5,8 @@
   (kubernetes-validate, strict: unknown fields fail), and so are the RayService's pod templates;
 - the RayService against KubeRay v1.7's CRD schema (shared/k8s/crds), made strict the same way;
 - its serveConfigV2 against Ray's ServeDeploySchema, and the app it names builds from its args;
+- the client-facing security options (API key and HTTPS from Secrets, the request size limit, a gRPC
+  TLS Ingress) render consistently, and the defaults have none of them;
 - bad values (negative replicas, TP size != GPUs per worker, unknown keys) fail, naming the value.
 
 helm and kubectl (for `kubectl kustomize`, which works offline) come from `make tools/helm` and
@@ -32,11 +34,17 @@ K8S_VERSION = "1.32"
 GRPC_PORT, HTTP_PORT = 9000, 8000
 
 # Every optional part switched the other way: token auth and TLS from existing Secrets, a hostPath
-# model volume, a fixed replica count, no liveness probe, no PDB, SwiftKV on.
+# model volume, a fixed replica count, no liveness probe, no PDB, SwiftKV on; and the client-facing
+# security: an API key and HTTPS from Secrets, a smaller request limit, a gRPC TLS Ingress.
 OPTIONS = ["auth.enabled=true", "auth.existingSecret=ray-token", "tls.enabled=true", "tls.existingSecret=ray-tls",
            "model.volume.type=hostPath", "serve.autoscaling.enabled=false", "serve.numReplicas=2",
            "probes.liveness.enabled=false", "podDisruptionBudget.enabled=false", "gpu.product=NVIDIA-L4",
-           "serve.engine.swiftkv=true"]
+           "serve.engine.swiftkv=true",
+           "serve.apiKey.enabled=true", "serve.apiKey.existingSecret=llm-api-key", "serve.apiKey.secretKey=token",
+           "serve.https.enabled=true", "serve.https.existingSecret=llm-https",
+           "serve.maxRequestBytes=1048576", "serve.healthCheckPeriodS=5",
+           "grpcIngress.enabled=true", "grpcIngress.host=llm.example.com", "grpcIngress.tlsSecretName=llm-grpc-tls",
+           "grpcIngress.annotations.cert-manager\\.io/cluster-issuer=letsencrypt"]
 
 # What each rendering is called in test ids, and the helm arguments that produce it (None: kustomize).
 SOURCES = {
@@ -113,6 +121,31 @@ def serve_config(docs: list[dict]) -> dict:
 def worker_group(docs: list[dict]) -> dict:
     (group,) = ray_service(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     return group
+
+
+def ray_templates(docs: list[dict]) -> list[dict]:
+    """The head's and every worker group's pod template."""
+    cluster = ray_service(docs)["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+def mounted_secret(template: dict, path: str) -> tuple[str, str] | None:
+    """(Secret name, key) of the file at ``path`` in the template's Ray container, if a Secret volume puts it
+    there (read-only), else None."""
+    (container,) = template["spec"]["containers"]
+    volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None or not path.startswith(prefix):
+            continue
+        assert mount.get("readOnly") is True, f"{mount['mountPath']} holds a secret: mount it read-only"
+        name = path[len(prefix):]
+        items = {item["path"]: item["key"] for item in secret.get("items", [])}
+        if items:
+            return (secret["secretName"], items[name]) if name in items else None
+        return secret["secretName"], name
+    return None
 
 
 # ---- helm lint ------------------------------------------------------------------------------
@@ -314,6 +347,136 @@ def test_optional_parts(helm):
     assert app["args"]["swiftkv"] is True
 
 
+# ---- client-facing security (API key, HTTPS, request limit, gRPC TLS at an Ingress) ----------
+
+
+def test_security_settings_are_consistent(rendered):
+    check_security_settings(rendered)
+
+
+def check_security_settings(rendered: list[dict]) -> None:
+    """Whatever the source: the files the app and Serve's proxies are told to read are Secret files
+    mounted into every Ray container (the Ingress replica and the proxies may run on any node), Serve's
+    gRPC proxy gets the app's own request limit, and an Ingress fronts the gRPC Service with TLS."""
+    raw = serve_config(rendered)
+    (app,) = raw["applications"]
+    args = app["args"]
+    http = raw["http_options"]
+    assert ("ssl_certfile" in http) == ("ssl_keyfile" in http)
+    for template in ray_templates(rendered):
+        (container,) = template["spec"]["containers"]
+        env = {item["name"]: item.get("value") for item in container.get("env", [])}
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(args["max_request_bytes"])
+        if "api_key_file" in args:
+            assert mounted_secret(template, args["api_key_file"]), f"{args['api_key_file']} is not mounted"
+        if "ssl_certfile" in http:
+            assert mounted_secret(template, http["ssl_certfile"])[1] == "tls.crt"
+            assert mounted_secret(template, http["ssl_keyfile"])[1] == "tls.key"
+    (http_service,) = [s for s in only(rendered, "Service") if s["spec"]["ports"][0]["targetPort"] == "serve"]
+    (port,) = http_service["spec"]["ports"]
+    assert port["appProtocol"] == ("https" if "ssl_certfile" in http else "http")
+    grpc_services = {s["metadata"]["name"]: s for s in only(rendered, "Service")
+                     if s["spec"]["ports"][0]["targetPort"] == "grpc"}
+    for ingress in only(rendered, "Ingress"):
+        (rule,) = ingress["spec"]["rules"]
+        (path,) = rule["http"]["paths"]
+        backend = path["backend"]["service"]
+        assert backend["name"] in grpc_services, "the Ingress fronts the gRPC Service"
+        assert backend["port"]["name"] in {p["name"] for p in grpc_services[backend["name"]]["spec"]["ports"]}
+        annotations = ingress["metadata"]["annotations"]
+        assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+        # nginx takes one message plus its 5-byte gRPC frame header: no less than the app does.
+        assert int(annotations["nginx.ingress.kubernetes.io/proxy-body-size"]) == args["max_request_bytes"] + 5
+        (tls,) = ingress["spec"]["tls"]
+        assert tls["hosts"] == [rule["host"]] and tls["secretName"]
+
+
+@pytest.mark.parametrize("name", ["chart-default", "kustomize"])
+def test_defaults_have_no_client_auth_or_tls(helm, kubectl, name):
+    """Out of the box: no API key, plain HTTP, no Ingress, no Ray auth/TLS; the limits are the app's own
+    defaults (ServingConfig), not a second copy that drifts from them."""
+    from cluster.serving.config import ServingConfig
+
+    docs = render(name, helm if SOURCES[name] is not None else kubectl)
+    raw = serve_config(docs)
+    (app,) = raw["applications"]
+    args = app["args"]
+    assert not {"api_key_file", "api_key_env"} & set(args)
+    assert not {key for key in raw["http_options"] if key.startswith("ssl_")}
+    assert not only(docs, "Ingress")
+    assert "authOptions" not in ray_service(docs)["spec"]["rayClusterConfig"]
+    for template in ray_templates(docs):
+        assert not [v for v in template["spec"]["volumes"] if "secret" in v], "no Secret volumes by default"
+        (container,) = template["spec"]["containers"]
+        assert "RAY_USE_TLS" not in {item["name"] for item in container.get("env", [])}
+    defaults = ServingConfig()
+    for key in ("max_ongoing_requests", "max_queued_requests", "health_check_period_s", "max_request_bytes"):
+        assert args[key] == getattr(defaults, key), key
+    assert args["max_ongoing_requests"] == 256 and args["max_queued_requests"] == 64
+
+
+def test_security_options_render(helm):
+    docs = render("chart-options", helm)
+    raw = serve_config(docs)
+    (app,) = raw["applications"]
+    args = app["args"]
+    assert args["api_key_file"] == "/etc/llm-cluster/api-key/token"
+    assert args["max_request_bytes"] == 1048576 and args["health_check_period_s"] == 5
+    assert raw["http_options"]["ssl_certfile"] == "/etc/llm-cluster/https/tls.crt"
+    assert raw["http_options"]["ssl_keyfile"] == "/etc/llm-cluster/https/tls.key"
+    for template in ray_templates(docs):  # the head too: a proxy and maybe the Ingress replica run there
+        assert mounted_secret(template, args["api_key_file"]) == ("llm-api-key", "token")
+        assert mounted_secret(template, raw["http_options"]["ssl_certfile"]) == ("llm-https", "tls.crt")
+        assert mounted_secret(template, raw["http_options"]["ssl_keyfile"]) == ("llm-https", "tls.key")
+        (container,) = template["spec"]["containers"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == "1048576"
+        assert env["RAY_USE_TLS"] == "1", "Ray's own TLS is a separate setting and stays on"
+    # HTTPS leaves the probes on the gRPC port (no HTTP probe to switch to HTTPS).
+    (worker,) = worker_group(docs)["template"]["spec"]["containers"]
+    assert worker["readinessProbe"]["grpc"]["port"] == GRPC_PORT
+    assert not [key for key in ("httpGet", "exec") for probe in ("readinessProbe", "startupProbe", "livenessProbe")
+                if key in worker.get(probe, {})]
+    services = {s["metadata"]["name"]: s for s in only(docs, "Service")}
+    assert services["llm-llm-cluster-http"]["spec"]["ports"][0]["name"] == "https"
+    (ingress,) = only(docs, "Ingress")
+    assert ingress["apiVersion"] == "networking.k8s.io/v1"
+    assert ingress["metadata"]["name"] == "llm-llm-cluster-grpc"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["metadata"]["annotations"] == {
+        "nginx.ingress.kubernetes.io/backend-protocol": "GRPC",
+        "nginx.ingress.kubernetes.io/proxy-body-size": str(1048576 + 5),
+        "cert-manager.io/cluster-issuer": "letsencrypt"}
+    assert ingress["spec"]["tls"] == [{"hosts": ["llm.example.com"], "secretName": "llm-grpc-tls"}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "llm.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "llm-llm-cluster-grpc", "port": {"name": "grpc"}}
+
+
+def test_grpc_ingress_annotations_override_the_defaults(helm, tmp_path):
+    path = tmp_path / "values.yaml"
+    path.write_text("grpcIngress:\n  enabled: true\n  host: llm.example.com\n  tlsSecretName: t\n  className: ''\n"
+                    "  annotations:\n    nginx.ingress.kubernetes.io/proxy-body-size: 16m\n")
+    result = run_helm(helm, "template", "llm", CHART, "-f", str(path))
+    assert result.returncode == 0, result.stderr
+    (ingress,) = only(parse_documents(result.stdout), "Ingress")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"] == "16m"
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert "ingressClassName" not in ingress["spec"], "empty className: the cluster's default class"
+
+
+def test_manifests_grpc_ingress_is_valid_and_matches(kubectl):
+    """k8s/manifests/grpc-ingress.yaml is optional (commented out in kustomization.yaml): check it on its own."""
+    import kubernetes_validate
+
+    with open(os.path.join(MANIFESTS, "grpc-ingress.yaml")) as f:
+        (ingress,) = parse_documents(f.read())
+    kubernetes_validate.validate(ingress, K8S_VERSION, strict=True)
+    docs = render("kustomize", kubectl)
+    assert not only(docs, "Ingress"), "off until its host and Secret are set"
+    check_security_settings(docs + [ingress])
+
+
 # ---- bad values -----------------------------------------------------------------------------
 
 # name -> (values file, what the output must name, caught by the schema (else by a template `fail`))
@@ -330,6 +493,20 @@ BAD_VALUES = {
                                ["serve.tensorParallelSize (2)", "gpu.perWorker (1)"], False),
     "max-below-min": ("serve:\n  autoscaling:\n    minReplicas: 3\n    maxReplicas: 2\n",
                       ["serve.autoscaling.maxReplicas (2)", "serve.autoscaling.minReplicas (3)"], False),
+    "request-bytes-over-grpc-max": ("serve:\n  maxRequestBytes: 4294967296\n", ["serve.maxRequestBytes"], True),
+    "unknown-api-key-option": ("serve:\n  apiKey:\n    secretName: x\n", ["secretName"], True),
+    "bad-ingress-host": ("grpcIngress:\n  host: Not_A_Host\n", ["grpcIngress.host"], True),
+    "api-key-without-secret": ("serve:\n  apiKey:\n    enabled: true\n", ["serve.apiKey.existingSecret"], False),
+    "https-without-secret": ("serve:\n  https:\n    enabled: true\n", ["serve.https.existingSecret"], False),
+    "https-without-readiness-probe": ("serve:\n  https:\n    enabled: true\n    existingSecret: s\n"
+                                      "probes:\n  readiness:\n    enabled: false\n",
+                                      ["serve.https.enabled", "probes.readiness.enabled"], False),
+    "grpc-ingress-without-host": ("grpcIngress:\n  enabled: true\n  tlsSecretName: t\n", ["grpcIngress.host"], False),
+    "grpc-ingress-without-tls": ("grpcIngress:\n  enabled: true\n  host: llm.example.com\n",
+                                 ["grpcIngress.tlsSecretName"], False),
+    "secret-mount-clash": ("serve:\n  apiKey:\n    enabled: true\n    existingSecret: k\n    mountPath: /etc/x\n"
+                           "  https:\n    enabled: true\n    existingSecret: h\n    mountPath: /etc/x/\n",
+                           ["serve.apiKey.mountPath (/etc/x)", "serve.https.mountPath (/etc/x/)"], False),
 }
 
 

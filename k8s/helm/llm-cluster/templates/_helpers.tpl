@@ -70,6 +70,56 @@ Cross-field checks the JSON schema cannot express. Each failure names the values
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
 {{- fail "tls.existingSecret must name a Secret (tls.crt, tls.key, ca.crt) when tls.enabled is true" -}}
 {{- end -}}
+{{- $s := .Values.serve -}}
+{{- if and $s.apiKey.enabled (not $s.apiKey.existingSecret) -}}
+{{- fail "serve.apiKey.existingSecret must name a Secret holding the API key (under serve.apiKey.secretKey) when serve.apiKey.enabled is true" -}}
+{{- end -}}
+{{- if and $s.https.enabled (not $s.https.existingSecret) -}}
+{{- fail "serve.https.existingSecret must name a kubernetes.io/tls Secret (tls.crt, tls.key) when serve.https.enabled is true" -}}
+{{- end -}}
+{{- if and $s.https.enabled (not .Values.probes.readiness.enabled) -}}
+{{- fail "serve.https.enabled needs probes.readiness.enabled: without the chart's gRPC readiness probe KubeRay injects a plain-HTTP one on the serve port, which fails against HTTPS" -}}
+{{- end -}}
+{{- $gi := .Values.grpcIngress -}}
+{{- if $gi.enabled -}}
+{{- if not $gi.host -}}
+{{- fail "grpcIngress.host must be set when grpcIngress.enabled is true (the TLS certificate's host name)" -}}
+{{- end -}}
+{{- if not $gi.tlsSecretName -}}
+{{- fail "grpcIngress.tlsSecretName must name a kubernetes.io/tls Secret for grpcIngress.host when grpcIngress.enabled is true: the Ingress is there to terminate gRPC TLS" -}}
+{{- end -}}
+{{- end -}}
+{{- /* Volumes mounted into the same Ray container must not sit at, or inside, one another. */ -}}
+{{- $mounts := list (list "model.cacheDir" .Values.model.cacheDir) -}}
+{{- if ne .Values.model.volume.type "none" -}}
+{{- $mounts = append $mounts (list "model.volume.mountPath" .Values.model.volume.mountPath) -}}
+{{- end -}}
+{{- if .Values.tls.enabled -}}
+{{- $mounts = append $mounts (list "tls.mountPath" .Values.tls.mountPath) -}}
+{{- end -}}
+{{- if $s.apiKey.enabled -}}
+{{- $mounts = append $mounts (list "serve.apiKey.mountPath" $s.apiKey.mountPath) -}}
+{{- end -}}
+{{- if $s.https.enabled -}}
+{{- $mounts = append $mounts (list "serve.https.mountPath" $s.https.mountPath) -}}
+{{- end -}}
+{{- $mounts = append $mounts (list "/dev/shm (workers' shared memory)" "/dev/shm") -}}
+{{- range $i, $a := $mounts -}}
+{{- range $j, $b := $mounts -}}
+{{- if lt $i $j -}}
+{{- $pa := trimSuffix "/" (index $a 1) -}}
+{{- $pb := trimSuffix "/" (index $b 1) -}}
+{{- if or (eq $pa $pb) (hasPrefix (printf "%s/" $pa) $pb) (hasPrefix (printf "%s/" $pb) $pa) -}}
+{{- fail (printf "%s (%s) and %s (%s) overlap: each volume needs its own mount path" (index $a 0) (index $a 1) (index $b 0) (index $b 1)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the API key file and the HTTPS certificate and key are inside the Ray containers. */}}
+{{- define "llm-cluster.apiKeyFile" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.serve.apiKey.mountPath) .Values.serve.apiKey.secretKey -}}
 {{- end -}}
 
 {{/*
@@ -86,6 +136,10 @@ proxy_location: EveryNode
 http_options:
   host: 0.0.0.0
   port: {{ int $s.httpPort }}
+  {{- if $s.https.enabled }}
+  ssl_certfile: {{ printf "%s/tls.crt" (trimSuffix "/" $s.https.mountPath) | quote }}
+  ssl_keyfile: {{ printf "%s/tls.key" (trimSuffix "/" $s.https.mountPath) | quote }}
+  {{- end }}
 grpc_options:
   port: {{ int $s.grpcPort }}
   grpc_servicer_functions:
@@ -114,6 +168,11 @@ applications:
       replica_num_cpus: {{ $s.replicaNumCpus }}
       max_ongoing_requests: {{ int $s.maxOngoingRequests }}
       max_queued_requests: {{ int $s.maxQueuedRequests }}
+      health_check_period_s: {{ $s.healthCheckPeriodS }}
+      max_request_bytes: {{ int64 $s.maxRequestBytes }}
+      {{- if $s.apiKey.enabled }}
+      api_key_file: {{ include "llm-cluster.apiKeyFile" . | quote }}
+      {{- end }}
       router: {{ $s.router | quote }}
       {{- if not (kindIs "invalid" $e.kvCacheMemoryBytes) }}
       kv_cache_memory_bytes: {{ int64 $e.kvCacheMemoryBytes }}
@@ -145,7 +204,11 @@ applications:
       {{- end }}
 {{- end -}}
 
-{{/* Volumes every Ray pod has: the converted-checkpoint cache and, optionally, Ray's TLS files. */}}
+{{/*
+Volumes every Ray pod has: the converted-checkpoint cache and, optionally, Ray's TLS files, the
+API key and the HTTPS certificate. The last two go on every Ray pod too: a Serve proxy (HTTPS) runs
+on every node, and the app's Ingress replica (which reads the key) takes no CPU and may land on any.
+*/}}
 {{- define "llm-cluster.commonVolumes" -}}
 - name: model-cache
   emptyDir: {}
@@ -155,6 +218,28 @@ applications:
     secretName: {{ .Values.tls.existingSecret }}
     defaultMode: 0400
 {{- end }}
+{{- with .Values.serve.apiKey }}
+{{- if .enabled }}
+- name: serve-api-key
+  secret:
+    secretName: {{ .existingSecret }}
+    items:
+      - key: {{ .secretKey | quote }}
+        path: {{ .secretKey | quote }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- with .Values.serve.https }}
+{{- if .enabled }}
+- name: serve-https
+  secret:
+    secretName: {{ .existingSecret }}
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "llm-cluster.commonVolumeMounts" -}}
@@ -163,6 +248,16 @@ applications:
 {{- if .Values.tls.enabled }}
 - name: ray-tls
   mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if .Values.serve.apiKey.enabled }}
+- name: serve-api-key
+  mountPath: {{ .Values.serve.apiKey.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if .Values.serve.https.enabled }}
+- name: serve-https
+  mountPath: {{ .Values.serve.https.mountPath }}
   readOnly: true
 {{- end }}
 {{- end -}}
@@ -191,7 +286,13 @@ applications:
 {{- end }}
 {{- end -}}
 
+{{/*
+Env of every Ray container. Serve's gRPC proxy (one per node) reads its message-size limit from
+RAY_SERVE_GRPC_MAX_MESSAGE_SIZE when it starts; the app checks the same limit (max_request_bytes).
+*/}}
 {{- define "llm-cluster.commonEnv" -}}
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: {{ int64 .Values.serve.maxRequestBytes | quote }}
 {{- if .Values.tls.enabled }}
 - name: RAY_USE_TLS
   value: "1"
