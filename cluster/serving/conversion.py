@@ -32,9 +32,11 @@ from cluster.v1 import generation_pb2 as pb
 
 def unwrap(err: BaseException) -> BaseException:
     """The user-facing error inside Ray's wrappers (a replica's exception arrives wrapped)."""
-    seen = 0
-    while seen < 5 and getattr(err, "cause", None) is not None and err.cause is not err:
-        err, seen = err.cause, seen + 1
+    for _ in range(5):
+        inner = getattr(err, "cause", None) or getattr(err, "original_exception", None)  # RayTaskError, gRPCStatusError
+        if inner is None or inner is err:
+            break
+        err = inner
     return err
 
 

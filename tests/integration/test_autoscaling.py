@@ -2,7 +2,8 @@
 
 The request-count target is set far above the load (100 ongoing requests per replica against
 6 clients), so Serve's default policy would keep one replica: the scale-up comes from the
-replicas' engine queues (``max_num_seqs=2`` leaves 4 of the 6 requests waiting), and the
+replicas' engine queues (``max_num_seqs=2`` leaves 4 of the 6 requests waiting; the replica
+admits up to 8 waiting, so none is refused), and the
 scale-down from the queues and KV cache emptying once the load stops.
 """
 
@@ -77,7 +78,7 @@ def test_replicas_scale_up_under_sustained_load_and_back_down_after(autoscaling_
                      "upscale_delay_s": 2, "downscale_delay_s": 4, "look_back_period_s": 2,
                      "target_waiting_requests": 1},
         engine={"model": tiny_llama_dir(), "dtype": "float32", "num_blocks": 256, "block_size": 16,
-                "max_num_seqs": 2})
+                "max_num_seqs": 2, "max_waiting_requests": 8})
     serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
     history: list = []
     assert running_replicas(APP) == 1

@@ -202,6 +202,33 @@ def test_a_busy_replica_stays_healthy_while_the_queue_is_full(app):
     _wait_idle()
 
 
+def test_health_answers_at_once_while_a_killed_replica_is_replaced(app):
+    """The replica process is SIGKILLed: health must keep answering within 1 s (NOT_SERVING while
+    there is no replica), and SERVING again once Serve has replaced it."""
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    [replica] = list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", f"ServeReplica:{APP}:ModelServer")],
+                            raise_on_missing_output=False)
+    with HealthWatch(app[0]) as health:
+        time.sleep(0.5)
+        os.kill(replica.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while _replica_actor_ids() in (set(), {replica.actor_id}) or \
+                health.samples[-1][0] != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+            time.sleep(0.2)
+        time.sleep(1.0)
+    statuses = [s for s, _ in health.samples]
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses
+    assert all(s in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)
+               for s in statuses), statuses
+    assert max(t for _, t in health.samples) < 1.0, max(t for _, t in health.samples)
+    _wait_idle()
+
+
 def test_cancelling_100_of_200_streams_aborts_them_at_once(app, tiny_llama_dir):
     """A separate app admits 200 long streams (64 running, the rest queued); every other one is
     cancelled: the engine drops all 100, queued or running, within about a second."""
