@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.bias import causal_lower_right
-
 from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
-from cluster.model.layers.attention import AttentionMetadata, DecodeGroup, PrefillChunk, TailBatch
+from cluster.model.layers.attention import (CPU_PREFILL_SHAPE_QUANTUM, AttentionMetadata, DecodeGroup,
+                                            PrefillChunk, TailBatch, prefill_chunk)
 
 # Decodes are grouped by context length so padding wastes little gather and attention work:
 # a group closes when its longest context would exceed this many times its shortest.
@@ -81,7 +80,7 @@ def _tail_batch(decodes, prefills, chunks: list[PrefillChunk], meta: AttentionMe
         end = chunk.token_start + seq.num_tokens
         ctx = seq.context_length
         table = torch.tensor(seq.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
-        tail_chunks.append(PrefillChunk(len(rows), kept, ctx - kept, table, causal_lower_right(kept, ctx)))
+        tail_chunks.append(prefill_chunk(len(rows), kept, ctx - kept, table, _quantum(device)))
         rows += range(end - kept, end)
     where = {row: i for i, row in enumerate(rows)}
     tail_meta = AttentionMetadata(slot_mapping=meta.slot_mapping[:0], decodes=meta.decodes, prefills=tail_chunks,
@@ -93,14 +92,15 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
+def _quantum(device) -> int:
+    return CPU_PREFILL_SHAPE_QUANTUM if torch.device(device).type == "cpu" else 1
+
+
 def _prefill_chunk(seq: ScheduledSequence, token_start: int, block_size: int, device) -> PrefillChunk:
-    if seq.start_position == 0:
-        return PrefillChunk(token_start, seq.num_tokens, 0, None, None)
-    ctx = seq.context_length
-    # Query i sits at position start + i and sees keys 0..start + i: causal, aligned bottom-right.
-    mask = causal_lower_right(seq.num_tokens, ctx)
-    table = torch.tensor(seq.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
-    return PrefillChunk(token_start, seq.num_tokens, seq.start_position, table, mask)
+    table = None
+    if seq.start_position:
+        table = torch.tensor(seq.block_ids[: -(-seq.context_length // block_size)], dtype=torch.long, device=device)
+    return prefill_chunk(token_start, seq.num_tokens, seq.start_position, table, _quantum(device))
 
 
 def _decode_groups(decodes: list[ScheduledSequence], block_size: int, device,

@@ -17,11 +17,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 # Below this many context tokens a lone decode uses torch's fused SDPA; above it (and for
 # batches) the explicit matmul path, which torch's CPU SDPA beats only for tiny contexts.
 _SDPA_DECODE_MAX_CONTEXT = 128
 _SMALL_GATHER_BLOCKS = 16  # up to this many blocks, one fancy-indexing op beats a per-head loop
+# torch's CPU flash attention compiles a brgemm kernel for every new (query tail, key tail) shape
+# and keeps it for the life of the process: with prompts of every length a served replica grew
+# ~10 MB a minute without end (395 MB after 1,200 random prefill shapes, measured). Prefill shapes
+# rounded up to a multiple of this bound that cache (17 MB after the same 1,200); the padded query
+# rows are dropped and the padded keys masked out.
+CPU_PREFILL_SHAPE_QUANTUM = 32
 
 
 @dataclass
@@ -32,7 +39,34 @@ class PrefillChunk:
     num_tokens: int  # tokens in the chunk
     start_position: int  # tokens already in the cache before it (0 = nothing cached)
     block_table: torch.Tensor | None  # [num_blocks] blocks holding the whole context; None if start 0
-    causal_mask: object | None  # causal, aligned to the last key (torch CausalBias); None if start 0
+    # Causal, aligned to the last real key: a torch CausalBias, or a bool [padded_tokens,
+    # padded_context] mask when the shapes are padded; None if start 0.
+    causal_mask: object | None
+    padded_tokens: int = 0  # queries as attention sees them (>= num_tokens; 0 = num_tokens)
+    padded_context: int = 0  # keys as attention sees them with a cached prefix (0 = no padding)
+
+
+def round_up(n: int, quantum: int) -> int:
+    return -(-n // quantum) * quantum
+
+
+def prefill_chunk(token_start: int, num_tokens: int, start_position: int, block_table: torch.Tensor | None,
+                  quantum: int = 1) -> PrefillChunk:
+    """A chunk's attention metadata; with ``quantum`` > 1 its shapes are rounded up to multiples
+    of it (see ``CPU_PREFILL_SHAPE_QUANTUM``). Without a block table the chunk attends within itself
+    (nothing cached before it); with one, to its context read from the cache."""
+    tokens = round_up(num_tokens, quantum)
+    if block_table is None:
+        return PrefillChunk(token_start, num_tokens, 0, None, None, tokens)
+    context = start_position + num_tokens
+    if quantum == 1:  # query i sits at position start + i and sees keys 0..start + i
+        return PrefillChunk(token_start, num_tokens, start_position, block_table,
+                            causal_lower_right(num_tokens, context), tokens, context)
+    keys = round_up(context, quantum)
+    device = block_table.device
+    mask = torch.arange(keys, device=device)[None, :] <= \
+        (start_position + torch.arange(tokens, device=device))[:, None]
+    return PrefillChunk(token_start, num_tokens, start_position, block_table, mask, tokens, keys)
 
 
 @dataclass
@@ -157,13 +191,35 @@ class PagedAttention(nn.Module):
         return out.view(heads, num_seqs, group, head_dim).transpose(0, 1).reshape(num_seqs, self.num_heads, head_dim)
 
     def _prefill(self, q, k, v, kv_cache, chunk: PrefillChunk) -> torch.Tensor:
-        if chunk.block_table is None:  # nothing cached before: attend within the chunk
-            keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True
+        pad = max(chunk.padded_tokens, chunk.num_tokens) - chunk.num_tokens
+        if chunk.block_table is None:  # nothing cached before: attend within the chunk (causal: the
+            # padded keys come after every real query, so they are never seen)
+            keys, values, mask, causal = _pad_rows(k, pad).transpose(0, 1), _pad_rows(v, pad).transpose(0, 1), None, True
         else:
             n = chunk.start_position + chunk.num_tokens
-            keys, values = gather_blocks(kv_cache, chunk.block_table[None])[:, :, 0, :n]  # [Hkv, ctx, hd]
+            keys, values = _context(kv_cache, chunk.block_table, n, max(n, chunk.padded_context))
             mask, causal = chunk.causal_mask, False
         # A leading batch dim keeps torch on its fused CPU kernel (3-D inputs take a slow path).
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+        out = F.scaled_dot_product_attention(_pad_rows(q, pad).transpose(0, 1)[None], keys[None], values[None],
                                              attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True)
-        return out[0].transpose(0, 1)
+        return out[0].transpose(0, 1)[: chunk.num_tokens]
+
+
+def _pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """x [T, H, D] with ``pad`` zero rows appended."""
+    return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+
+
+def _context(kv_cache: torch.Tensor, block_table: torch.Tensor, n: int, padded: int):
+    """One sequence's first ``n`` cached keys and values [Hkv, padded, hd], zeros past ``n``
+    (the gathered tensors are copies, so zeroing them leaves the cache alone; zeros, not whatever
+    stale blocks hold, so masked positions can never carry a NaN into the softmax)."""
+    keys, values = gather_blocks(kv_cache, block_table[None])[:, :, 0]  # [Hkv, blocks * block size, hd]
+    if padded <= keys.shape[1]:
+        keys, values = keys[:, :padded], values[:, :padded]
+        if padded > n:
+            keys[:, n:].zero_()
+            values[:, n:].zero_()
+        return keys, values
+    grow = (0, 0, 0, padded - n)
+    return F.pad(keys[:, :n], grow), F.pad(values[:, :n], grow)
