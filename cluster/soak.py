@@ -50,13 +50,14 @@ def _rss_mb(pid: int) -> float | None:
 
 def _process_pids(app: str) -> dict[str, int]:
     """The pids of the app's model-server replica, its ingress and the (first) proxy."""
+    import ray
     from ray.util.state import list_actors
 
     classes = {"model server": f"ServeReplica:{app}:ModelServer", "ingress": f"ServeReplica:{app}:Ingress",
                "proxy": "ProxyActor"}
     pids = {}
     for name, class_name in classes.items():
-        actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")],
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")],
                              raise_on_missing_output=False)
         if actors:
             pids[name] = actors[0].pid

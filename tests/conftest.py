@@ -250,11 +250,19 @@ def local_ray():
     ray.shutdown()
 
 
+def state_address() -> str:
+    """The connected cluster's address for Ray's state API, which otherwise discovers one and
+    fails when other Ray clusters run on the same machine."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def live_actor_ids(class_name: str) -> set[str]:
     """Ids of the ALIVE (or starting) actors of one class, from Ray's state API."""
     from ray.util.state import list_actors
 
-    return {a.actor_id for a in list_actors(filters=[("class_name", "=", class_name)], limit=1000,
+    return {a.actor_id for a in list_actors(address=state_address(), filters=[("class_name", "=", class_name)], limit=1000,
                                             raise_on_missing_output=False)
             if a.state != "DEAD"}
 
@@ -262,7 +270,7 @@ def live_actor_ids(class_name: str) -> set[str]:
 def placement_group_state(placement_group_id: str) -> str:
     from ray.util.state import list_placement_groups
 
-    groups = list_placement_groups(filters=[("placement_group_id", "=", placement_group_id)],
+    groups = list_placement_groups(address=state_address(), filters=[("placement_group_id", "=", placement_group_id)],
                                    raise_on_missing_output=False)
     return groups[0].state if groups else "UNKNOWN"
 

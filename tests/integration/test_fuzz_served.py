@@ -20,6 +20,7 @@ import pytest
 from cluster.serving.config import ServingConfig
 from cluster.v1 import generation_pb2 as pb
 from cluster.v1 import generation_pb2_grpc as pb_grpc
+from tests.conftest import state_address
 from tests.fuzz_requests import grpc_cases, http_cases
 from tests.integration.test_overload import HealthWatch
 
@@ -49,7 +50,7 @@ def app(serve_cluster, tiny_llama_dir):
 def _replica_ids() -> set[str]:
     from ray.util.state import list_actors
 
-    return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE"),
+    return {a.actor_id for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE"),
                                                      ("class_name", "=", f"ServeReplica:{APP}:ModelServer")],
                                             raise_on_missing_output=False)}
 

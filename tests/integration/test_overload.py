@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cluster.serving.config import ServingConfig
 from cluster.v1 import generation_pb2 as pb
 from cluster.v1 import generation_pb2_grpc as pb_grpc
+from tests.conftest import state_address
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +52,7 @@ def app(serve_cluster, tiny_llama_dir):
 def _replica_actor_ids() -> set[str]:
     from ray.util.state import list_actors
 
-    return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE"),
+    return {a.actor_id for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE"),
                                                      ("class_name", "=", f"ServeReplica:{APP}:ModelServer")],
                                             raise_on_missing_output=False)}
 
@@ -210,7 +211,7 @@ def test_health_answers_at_once_while_a_killed_replica_is_replaced(app):
 
     from ray.util.state import list_actors
 
-    [replica] = list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", f"ServeReplica:{APP}:ModelServer")],
+    [replica] = list_actors(address=state_address(), filters=[("state", "=", "ALIVE"), ("class_name", "=", f"ServeReplica:{APP}:ModelServer")],
                             raise_on_missing_output=False)
     with HealthWatch(app[0]) as health:
         time.sleep(0.5)

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cluster.serving.config import ServingConfig
 from cluster.v1 import generation_pb2 as pb
 from cluster.v1 import generation_pb2_grpc as pb_grpc
+from tests.conftest import state_address
 from tests.integration.test_serving import post_json
 
 pytestmark = pytest.mark.slow
@@ -121,7 +122,7 @@ def _wait_for_health(address: str, name: str, status: int, timeout_s: float) -> 
 def _replica_actor_ids(name: str) -> set[str]:
     from ray.util.state import list_actors
 
-    return {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE"),
+    return {a.actor_id for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE"),
                                                      ("class_name", "=", f"ServeReplica:{name}:ModelServer")],
                                             raise_on_missing_output=False)}
 
@@ -161,7 +162,7 @@ def test_killing_a_tp_worker_fails_streams_unavailable_and_the_replica_restarts_
             while _engine_stats(name)["num_running"] < 2:  # both are generating
                 assert time.monotonic() < deadline, "the HTTP request never started"
                 time.sleep(0.05)
-            workers = [a for a in list_actors(filters=[("class_name", "=", "_RayWorker"), ("state", "=", "ALIVE")],
+            workers = [a for a in list_actors(address=state_address(), filters=[("class_name", "=", "_RayWorker"), ("state", "=", "ALIVE")],
                                               raise_on_missing_output=False)]
             assert len(workers) == 2
             os.kill(workers[1].pid, signal.SIGKILL)  # as the OOM killer would
@@ -177,7 +178,7 @@ def test_killing_a_tp_worker_fails_streams_unavailable_and_the_replica_restarts_
             _wait_for_health(address, name, health_pb2.HealthCheckResponse.SERVING, 120)
             assert stub.Generate(short, metadata=metadata).text == expected
             assert _replica_actor_ids(name) == replicas  # the same replica process: Serve replaced nothing
-            alive = list_actors(filters=[("class_name", "=", "_RayWorker"), ("state", "=", "ALIVE")],
+            alive = list_actors(address=state_address(), filters=[("class_name", "=", "_RayWorker"), ("state", "=", "ALIVE")],
                                 raise_on_missing_output=False)
             assert len(alive) == 2 and {w.pid for w in alive}.isdisjoint({w.pid for w in workers})
     finally:

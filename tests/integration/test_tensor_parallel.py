@@ -18,7 +18,7 @@ from cluster.engine.async_engine import AsyncLLMEngine
 from cluster.errors import EngineDeadError, InvalidConfigError
 from cluster.llm import LLM
 from cluster.sampling_params import SamplingParams
-from tests.conftest import live_actor_ids, placement_group_state
+from tests.conftest import live_actor_ids, placement_group_state, state_address
 
 MAX_TOKENS = 64
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
@@ -112,7 +112,7 @@ def test_impossible_placement_fails_with_a_clear_error_and_no_leftovers(local_ra
     assert err.value.field == "tensor_parallel_size" and "could not reserve" in str(err.value)
     from ray.util.state import list_placement_groups
 
-    assert all(g.state == "REMOVED" for g in list_placement_groups(raise_on_missing_output=False))
+    assert all(g.state == "REMOVED" for g in list_placement_groups(address=state_address(), raise_on_missing_output=False))
 
 
 async def _stream_until_error(engine: AsyncLLMEngine, prompt: list[int], started: asyncio.Event):
@@ -265,12 +265,12 @@ def test_executor_inside_a_serve_replica_uses_the_deployments_bundles(local_ray,
     deployment = serve.deployment(ModelServer, ray_actor_options={"num_cpus": 1},
                                   placement_group_bundles=[{"CPU": 1}, {"CPU": 1}, {"CPU": 1}],
                                   placement_group_strategy="STRICT_PACK")
-    groups_before = {g.placement_group_id for g in list_placement_groups(raise_on_missing_output=False)}
+    groups_before = {g.placement_group_id for g in list_placement_groups(address=state_address(), raise_on_missing_output=False)}
     try:
         handle = serve.run(deployment.bind(), name="tp-in-serve", route_prefix=None)
         tokens, used_group, owns, healthy = handle.remote(prompts[:2]).result(timeout_s=120)
         assert tokens == expected[:2] and healthy and not owns
-        new_groups = {g.placement_group_id for g in list_placement_groups(raise_on_missing_output=False)
+        new_groups = {g.placement_group_id for g in list_placement_groups(address=state_address(), raise_on_missing_output=False)
                       if g.state == "CREATED"} - groups_before
         assert new_groups == {used_group}, "the replica's own group only: nothing reserved twice"
     finally:
