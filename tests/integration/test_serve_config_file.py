@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from cluster import InvalidConfigError
+from cluster.serving import malloc
 from cluster.v1 import generation_pb2 as pb
 from cluster.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import free_port
@@ -45,7 +46,8 @@ def test_config_validates_against_serves_schema_and_builds():
     server = server_app._bound_deployment
     assert server.name == "ModelServer" and server.init_args == (config,)
     assert (server.num_replicas, server.max_ongoing_requests, server.max_queued_requests) == (1, 128, 256)
-    assert server.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0}
+    preload = malloc.runtime_env("auto")  # jemalloc where installed (make install puts it in the venv)
+    assert server.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0, **({"runtime_env": preload} if preload else {})}
     assert server._deployment_config.request_router_config.request_router_class == ROUTER_CLASS
     assert config.engine == {"model": "smollm2-135m", "dtype": "bfloat16", "tensor_parallel_size": 1,
                              "num_threads": 2}  # tp=1: the engine gets the replica's 2 CPUs as threads
