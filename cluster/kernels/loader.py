@@ -7,10 +7,16 @@
 They are built with the machine's C++ compiler through torch.utils.cpp_extension on first
 use (about 30 s, cached under ~/.cache/torch_extensions); if that fails, ``load()`` returns
 None and the layers keep their pure-torch paths.
+
+torch guards a build with a plain ``lock`` file that a killed build leaves behind, after which
+every later load of the extension, by any process, waits on it forever (a test suite hung so).
+Builds here take an ``flock`` first (the OS releases it when its holder dies), so whoever holds it
+knows no live build owns torch's lock file and removes a stale one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -18,6 +24,7 @@ import threading
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {}
+_NAME = "llm_cluster_cpu_kernels"
 
 
 def load():
@@ -30,12 +37,28 @@ def load():
 
 def _build():
     try:
-        from torch.utils.cpp_extension import load as load_extension
+        from torch.utils import cpp_extension
 
         here = os.path.dirname(__file__)
         sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp")]
-        return load_extension(name="llm_cluster_cpu_kernels", sources=sources,
-                              extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], verbose=False)
+        build_dir = cpp_extension._get_build_directory(_NAME, verbose=False)
+        with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die
+            remove_stale_torch_lock(build_dir)
+            return cpp_extension.load(name=_NAME, sources=sources, build_directory=build_dir,
+                                      extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+                                      verbose=False)
     except Exception as err:  # no compiler, no headers: the torch path still works
         logger.warning("CPU kernels unavailable, using plain torch paths: %s", err)
         return None
+
+
+def remove_stale_torch_lock(build_dir: str) -> bool:
+    """Remove torch's build lock file; call only while holding the flock (no live build owns it)."""
+    stale = os.path.join(build_dir, "lock")
+    try:
+        os.remove(stale)
+    except FileNotFoundError:
+        return False
+    logger.warning("removed a stale torch build lock left by a killed build: %s", stale)
+    return True

@@ -1,0 +1,36 @@
+"""A build of the CPU kernels killed mid-way (torch's lock file left behind) must not hang every
+later load: the loader takes an flock and clears the stale lock."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from cluster.kernels import loader
+
+
+def test_a_stale_torch_lock_does_not_hang_the_next_load(tmp_path):
+    from torch.utils import cpp_extension
+
+    built = cpp_extension._get_build_directory("llm_cluster_cpu_kernels", verbose=False)
+    extensions = tmp_path / "ext"
+    if os.path.isfile(os.path.join(built, "llm_cluster_cpu_kernels.so")):  # reuse this machine's build
+        target = extensions / os.path.relpath(built, os.path.dirname(os.path.dirname(built)))
+        shutil.copytree(built, target, ignore=shutil.ignore_patterns("lock", "*.flock"))
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    script = ("import os; from torch.utils import cpp_extension; "
+              "d = cpp_extension._get_build_directory('llm_cluster_cpu_kernels', verbose=False); "
+              "open(os.path.join(d, 'lock'), 'w').close(); "  # what a killed build leaves
+              "from cluster.kernels import loader; m = loader.load(); "
+              "print('loaded' if m is not None else 'none', os.path.exists(os.path.join(d, 'lock')))")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["loaded", "False"], (out.stdout, out.stderr[-2000:])
+
+
+def test_removing_the_lock_reports_whether_there_was_one(tmp_path):
+    assert not loader.remove_stale_torch_lock(str(tmp_path))
+    (tmp_path / "lock").write_text("")
+    assert loader.remove_stale_torch_lock(str(tmp_path)) and not (tmp_path / "lock").exists()
