@@ -19,6 +19,11 @@ from cluster.model.source import resolve_model
 
 torch.set_num_threads(2)
 
+# Serve marks a proxy that is not ready within 5 s unhealthy and kills it, and `serve.start` then fails:
+# on a loaded 2-core CI box a proxy takes longer than that to import. Every local cluster a test starts
+# inherits this (the raylet, then the Serve controller, read it from the driver's environment).
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+
 NUM_THREADS = 2  # the CI box has 2 cores, shared
 SMOLLM2_EOS_ID = 2  # <|im_end|>
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")

@@ -28,6 +28,8 @@ def serve_forever(args, config: ServingConfig) -> int:
     # Serve's gRPC proxy reads its message limit from the environment when it starts (inherited from
     # this process by a local cluster); the ingress checks the same limit itself in every case.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.max_request_bytes))
+    # Serve kills a proxy not ready within 5 s; on a busy small machine it takes longer to import.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
