@@ -18,7 +18,7 @@ import time
 
 from cluster.config import EngineConfig
 from cluster.engine.llm_engine import LLMEngine
-from cluster.engine.scheduler_output import SchedulerOutput
+from cluster.contracts.scheduler_output import SchedulerOutput
 from cluster.sampling_params import SamplingParams
 
 PROMPT_LEN = 64

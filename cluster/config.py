@@ -140,6 +140,10 @@ class ParallelConfig:
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
                      f"must be a number > 0, got {value!r}")
 
+    def worker_bundle(self, device: str) -> dict[str, float]:
+        """Resources one worker reserves (the serving layer builds a deployment's bundles from it)."""
+        return {"GPU": 1.0} if device == "cuda" else {"CPU": float(self.worker_num_cpus)}
+
 
 @dataclass
 class EngineConfig:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from cluster.engine.runner_output import RunnerOutput
-from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from cluster.contracts.runner_output import RunnerOutput
+from cluster.contracts.scheduler_output import ScheduledSequence, SchedulerOutput
 from cluster.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from cluster.config import EngineConfig, ParallelConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.input_processor import InputProcessor, PromptType
-from cluster.engine.runner_output import RunnerOutput, TokenLogprobs
+from cluster.contracts.runner_output import RunnerOutput, TokenLogprobs
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.scheduler_output import NewRequest
+from cluster.contracts.scheduler_output import NewRequest
 from cluster.engine.sequence import FinishReason, Sequence
 from cluster.engine.stop_checker import StopChecker, stop_holdback
 from cluster.engine.fault_isolation import isolate
@@ -31,8 +31,9 @@ from cluster.model.loader import torch_dtype
 from cluster.model.source import resolve_model
 from cluster.swiftkv import checkpoint as swiftkv_checkpoint
 from cluster.outputs import CompletionOutput, RequestOutput
-from cluster.parallel.executor import Executor, create_executor
-from cluster.parallel.worker_spec import WorkerSpec
+from cluster.parallel.executor import Executor
+from cluster.parallel.executors import create_executor
+from cluster.runner.worker_spec import WorkerSpec
 from cluster.runner.kv_cache import num_blocks_for
 from cluster.sampling_params import SamplingParams
 

@@ -12,7 +12,7 @@ from collections import deque
 
 from cluster.config import SchedulerConfig
 from cluster.engine.block_manager import BlockManager
-from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from cluster.contracts.scheduler_output import ScheduledSequence, SchedulerOutput
 from cluster.engine.sequence import FinishReason, Sequence, SequenceStatus
 from cluster.errors import InvalidRequestError
 

@@ -27,7 +27,7 @@ from cluster.model.layers.linear import (
 )
 from cluster.model.layers.norm import RMSNorm
 from cluster.model.layers.rotary import RotaryEmbedding
-from cluster.parallel.tp_group import TPGroup
+from cluster.distributed.tp_group import TPGroup
 
 KVCache = torch.Tensor  # [2, kv_heads, num_blocks, block_size, head_dim]; see PagedAttention
 

@@ -19,7 +19,7 @@ from cluster.model.arch import ModelArch
 from cluster.model.layers.norm import RMSNorm
 from cluster.model.llama import LlamaForCausalLM
 from cluster.model.registry import model_class
-from cluster.parallel.tp_group import TPGroup
+from cluster.distributed.tp_group import TPGroup
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

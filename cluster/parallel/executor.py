@@ -1,9 +1,10 @@
-"""Executors run a scheduled step on the tensor-parallel group and return the driver's samples.
+"""The executor contract: run a scheduled step on the tensor-parallel group, return rank 0's samples.
 
-``InProcessExecutor`` runs the single rank of tp=1 in this process (tests, laptops);
-``RayExecutor`` (cluster/parallel/ray_executor.py) runs one worker actor per rank in a Ray
-placement group. Both send workers the same ``StepDelta`` messages and drive the same
-``Worker`` life cycle, so the in-process path exercises everything but the transport.
+``InProcessExecutor`` (in_process_executor.py) runs the single rank of tp=1 in this process;
+``RayExecutor`` (ray_executor.py) runs one worker actor per rank in a Ray placement group;
+``create_executor`` (executors.py) picks one. Both send workers the same ``StepDelta`` messages
+and drive the same ``Worker`` life cycle, so the in-process path exercises everything but the
+transport.
 """
 
 from __future__ import annotations
@@ -11,12 +12,8 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-from cluster.config import ParallelConfig
-from cluster.engine.runner_output import RunnerOutput
-from cluster.engine.scheduler_output import SchedulerOutput
-from cluster.parallel.step_delta import StepEncoder
-from cluster.parallel.worker import Worker
-from cluster.parallel.worker_spec import WorkerSpec
+from cluster.contracts.runner_output import RunnerOutput
+from cluster.contracts.scheduler_output import SchedulerOutput
 
 
 class Executor(abc.ABC):
@@ -42,44 +39,3 @@ class Executor(abc.ABC):
 
     def shutdown(self) -> None:
         """Release workers and their resources (idempotent)."""
-
-
-class InProcessExecutor(Executor):
-    """One rank, in this process."""
-
-    def __init__(self, spec: WorkerSpec, parallel: ParallelConfig | None = None):
-        if spec.tp_size != 1:
-            raise ValueError(f"the in-process executor runs tensor_parallel_size 1, got {spec.tp_size}")
-        self.encoder = StepEncoder()
-        self.worker = Worker(spec)
-        self.worker.init_device()
-        self.worker.init_process_group("127.0.0.1", 0, timeout_s=0, idle_timeout_s=0)  # a no-op at size 1
-        self.worker.load_model()
-        self.worker.init_kv_cache()
-
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        return self.worker.execute_step(self.encoder.encode(out))
-
-    @property
-    def can_rerun_steps(self) -> bool:
-        return self.worker is not None  # one rank, no collectives: a raised step leaves nothing half-done
-
-    def collective_rpc(self, method: str, *args) -> Any:
-        return self.worker.collective_rpc(method, *args)
-
-    def shutdown(self) -> None:
-        if self.worker is not None:
-            self.worker.runner = None
-            self.worker = None
-
-
-def create_executor(spec: WorkerSpec, parallel: ParallelConfig) -> Executor:
-    """The executor ``parallel.executor`` names ("auto": in-process at tp=1, Ray above)."""
-    kind = parallel.executor
-    if kind == "auto":
-        kind = "in_process" if spec.tp_size == 1 else "ray"
-    if kind == "in_process":
-        return InProcessExecutor(spec, parallel)
-    from cluster.parallel.ray_executor import RayExecutor
-
-    return RayExecutor(spec, parallel)

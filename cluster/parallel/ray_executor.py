@@ -36,14 +36,14 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ParallelConfig
-from cluster.engine.runner_output import RunnerOutput
-from cluster.engine.scheduler_output import SchedulerOutput
+from cluster.contracts.runner_output import RunnerOutput
+from cluster.contracts.scheduler_output import SchedulerOutput
 from cluster.errors import EngineDeadError, InvalidConfigError
 from cluster.parallel.executor import Executor
 from cluster.parallel.step_delta import StepDelta, StepEncoder
 from cluster.parallel.message_socket import ChannelClosed, MessageListener, MessageSocket
 from cluster.parallel.worker import STOP, Worker
-from cluster.parallel.worker_spec import WorkerSpec
+from cluster.runner.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,6 @@ KEEPALIVE_S = 30.0
 IDLE_TIMEOUT_S = 10 * KEEPALIVE_S
 _GRACE_S = 5.0  # how long shutdown waits for workers to leave their loops before killing them
 _POLL_S = 0.5  # while a step runs, how often the driver checks that every worker is still alive
-
-
-def worker_bundle(parallel: ParallelConfig, device: str) -> dict[str, float]:
-    """Resources one worker reserves (the serving layer builds a deployment's bundles from it)."""
-    return {"GPU": 1.0} if device == "cuda" else {"CPU": float(parallel.worker_num_cpus)}
 
 
 def ensure_ray(min_cpus: float = 0) -> None:
@@ -125,7 +120,7 @@ class RayExecutor(Executor):
 
     def _start(self, placement: PlacementGroup | None) -> None:
         tp, parallel = self.spec.tp_size, self.parallel
-        bundle = worker_bundle(parallel, self.spec.device)
+        bundle = parallel.worker_bundle(self.spec.device)
         placement = placement or get_current_placement_group()
         if placement is None:
             placement = placement_group([bundle] * tp, strategy=parallel.placement_strategy,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.engine.scheduler_output import NewRequest, ScheduledSequence, SchedulerOutput
+from cluster.contracts.scheduler_output import NewRequest, ScheduledSequence, SchedulerOutput
 
 
 @dataclass

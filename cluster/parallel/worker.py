@@ -21,11 +21,11 @@ from datetime import timedelta
 
 import torch
 
-from cluster.engine.runner_output import RunnerOutput
+from cluster.contracts.runner_output import RunnerOutput
 from cluster.parallel.step_channel import StepChannel
 from cluster.parallel.step_delta import StepDecoder, StepDelta
-from cluster.parallel.tp_group import TPGroup
-from cluster.parallel.worker_spec import WorkerSpec
+from cluster.distributed.tp_group import TPGroup
+from cluster.runner.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 

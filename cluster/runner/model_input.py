@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from cluster.contracts.scheduler_output import ScheduledSequence, SchedulerOutput
 from cluster.model.layers.attention import (CPU_PREFILL_SHAPE_QUANTUM, AttentionMetadata, DecodeGroup,
                                             PrefillChunk, TailBatch, prefill_chunk)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from cluster.engine.runner_output import RunnerOutput
-from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from cluster.contracts.runner_output import RunnerOutput
+from cluster.contracts.scheduler_output import ScheduledSequence, SchedulerOutput
 from cluster.model.loader import finalize_weights, load_model, torch_dtype
-from cluster.parallel.tp_group import TPGroup
-from cluster.parallel.worker_spec import WorkerSpec
+from cluster.distributed.tp_group import TPGroup
+from cluster.runner.worker_spec import WorkerSpec
 from cluster.runner.kv_cache import allocate_kv_cache
 from cluster.runner.model_input import build_model_input
 from cluster.sampling.sampler import Sampler, SamplingRequest, make_generator

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.engine.runner_output import TokenLogprobs
+from cluster.contracts.runner_output import TokenLogprobs
 from cluster.sampling_params import SamplingParams
 
 

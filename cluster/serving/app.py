@@ -25,8 +25,6 @@ ROUTER_CLASS = "cluster.serving.router:PrefixAffinityRouter"
 
 def model_server_options(config: ServingConfig) -> dict:
     """Deployment options of the model server: resources, placement, queue bounds, router."""
-    from cluster.parallel.ray_executor import worker_bundle
-
     engine = config.engine_config()
     parallel = engine.parallel
     device = engine.model.resolved_device()
@@ -45,7 +43,7 @@ def model_server_options(config: ServingConfig) -> dict:
     if parallel.tensor_parallel_size > 1:
         # The replica's own bundle first, then one per worker: the executor adopts the last tp.
         options["ray_actor_options"] = {"num_cpus": replica["CPU"]}
-        options["placement_group_bundles"] = [replica] + [worker_bundle(parallel, device)] * \
+        options["placement_group_bundles"] = [replica] + [parallel.worker_bundle(device)] * \
             parallel.tensor_parallel_size
         options["placement_group_strategy"] = parallel.placement_strategy
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.engine.runner_output import TokenLogprobs
+from cluster.contracts.runner_output import TokenLogprobs
 
 
 @dataclass

@@ -22,9 +22,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-from cluster.engine.async_engine import AsyncLLMEngine
-from cluster.engine.llm_engine import LLMEngine
 from cluster.errors import EngineDeadError
 from cluster.outputs import RequestOutput
 from cluster.sampling_params import SamplingParams
@@ -32,6 +31,9 @@ from cluster.serving.config import ServingConfig
 from cluster.serving.engine_request import EngineRequest
 from cluster.serving.generation_chunk import GenerationChunk
 from cluster.serving.metrics import ServerMetrics
+
+if TYPE_CHECKING:  # the engine (and torch) load in the replica, not where the app is built
+    from cluster.engine.async_engine import AsyncLLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,12 @@ class ModelServer:
     def __init__(self, config: ServingConfig, engine: AsyncLLMEngine | None = None):
         self.config = config
         engine_config = config.engine_config()
-        self.engine = engine or AsyncLLMEngine(LLMEngine(engine_config))
+        if engine is None:
+            from cluster.engine.async_engine import AsyncLLMEngine
+            from cluster.engine.llm_engine import LLMEngine
+
+            engine = AsyncLLMEngine(LLMEngine(engine_config))
+        self.engine = engine
         self.model_name = config.model_name or os.path.basename(engine_config.model.model.rstrip("/"))
         self.metrics = ServerMetrics(self.model_name)
         self.step_timeout_s = engine_config.parallel.step_timeout_s

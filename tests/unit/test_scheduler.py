@@ -7,7 +7,7 @@ import pytest
 from cluster.config import SchedulerConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from cluster.contracts.scheduler_output import ScheduledSequence, SchedulerOutput
 from cluster.engine.sequence import FinishReason, Sequence, SequenceStatus
 from cluster.errors import InvalidRequestError
 from cluster.sampling_params import SamplingParams

@@ -15,7 +15,7 @@ import pytest
 from cluster.config import SchedulerConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.scheduler_output import NewRequest, SchedulerOutput
+from cluster.contracts.scheduler_output import NewRequest, SchedulerOutput
 from cluster.engine.sequence import FinishReason, Sequence
 from cluster.parallel.step_delta import StepDecoder, StepEncoder
 from cluster.sampling_params import SamplingParams

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.model.layers.packed_weight import PackedWeight
-from cluster.parallel.tp_group import TPGroup
+from cluster.distributed.tp_group import TPGroup
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.model.layers.packed_weight import PackedWeight
-from cluster.parallel.tp_group import TPGroup, divide
+from cluster.distributed.tp_group import TPGroup, divide
 
 
 def _copy_rows(param: torch.Tensor, source, start: int, num_rows: int, dst_offset: int = 0) -> None:

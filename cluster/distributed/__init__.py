@@ -1,0 +1,1 @@
+"""The bottom floor: the tensor-parallel group and its collectives (imports nothing of ours)."""
