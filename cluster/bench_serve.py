@@ -191,6 +191,7 @@ def run_serve_bench(args) -> int:
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     from cluster.serving.app import GRPC_SERVICER_FUNCTIONS
+    from cluster.serving.serve_start import prepare_environment, start_serve
 
     cores = os.cpu_count() or 1
     # Every run gets prompts of its own seed: a served replica keeps its prefix cache between runs,
@@ -201,9 +202,10 @@ def run_serve_bench(args) -> int:
     print("phase 1: in-process engine, 32 streams", flush=True)
     inproc = [_in_process(args, prompts) for prompts in run_prompts]
 
+    prepare_environment()
     ray.init(address="local", num_cpus=max(cores, 4), log_to_driver=False)
     grpc_port = args.grpc_port
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=args.http_port),
+    start_serve(http_options=HTTPOptions(host="127.0.0.1", port=args.http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
     address = f"127.0.0.1:{grpc_port}"
     try:

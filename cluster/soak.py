@@ -138,6 +138,8 @@ def run_soak(args) -> int:
     import ray
     from ray import serve
 
+    from cluster.serving.serve_start import prepare_environment, start_serve
+
     if args.server:
         ray.init(address=args.address or "auto", log_to_driver=False)
         report = asyncio.run(_soak(args.server, args.application, args, _process_pids(args.application)))
@@ -148,9 +150,10 @@ def run_soak(args) -> int:
     from cluster.serving.config import ServingConfig
 
     cores = os.cpu_count() or 1
+    prepare_environment()
     ray.init(address="local", num_cpus=max(cores, 4), log_to_driver=False)
     try:
-        serve.start(http_options=HTTPOptions(host="127.0.0.1", port=args.http_port),
+        start_serve(http_options=HTTPOptions(host="127.0.0.1", port=args.http_port),
                     grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
         config = ServingConfig(app_name=APP, replica_num_cpus=cores,
                                engine={"model": args.model, "dtype": args.dtype})

@@ -16,13 +16,12 @@ import torch
 
 from cluster.config import ModelConfig
 from cluster.model.source import resolve_model
+from cluster.serving.serve_start import prepare_environment, start_serve
 
 torch.set_num_threads(2)
 
-# Serve marks a proxy that is not ready within 5 s unhealthy and kills it, and `serve.start` then fails:
-# on a loaded 2-core CI box a proxy takes longer than that to import. Every local cluster a test starts
-# inherits this (the raylet, then the Serve controller, read it from the driver's environment).
-os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+# Every local cluster a test starts inherits this environment: Serve's proxies get a minute to start.
+prepare_environment()
 
 NUM_THREADS = 2  # the CI box has 2 cores, shared
 SMOLLM2_EOS_ID = 2  # <|im_end|>
@@ -41,6 +40,7 @@ TINY_VARIANTS = {
     "llama_deep": ("LlamaConfig", dict(num_hidden_layers=6, tie_word_embeddings=True, max_position_embeddings=512),
                    {}),  # SwiftKV tests: room for a split and AcrossKV groups
     "llama_untied": ("LlamaConfig", dict(tie_word_embeddings=False, max_position_embeddings=512), {}),
+    "llama_long": ("LlamaConfig", dict(tie_word_embeddings=True, max_position_embeddings=4096), {}),  # long outputs
     "llama3_rope": ("LlamaConfig", dict(tie_word_embeddings=False, max_position_embeddings=1024,
                                         rope_scaling=_LLAMA3_ROPE), {}),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, max_position_embeddings=512,
@@ -303,7 +303,7 @@ def serve_cluster():
     ray.init(address="local", num_cpus=8, log_to_driver=False, _metrics_export_port=metrics_port)
     os.environ["LLM_CLUSTER_TEST_METRICS_PORT"] = str(metrics_port)  # read by the metrics test
     grpc_port, http_port = free_port(), free_port()
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+    start_serve(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
     yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
     serve.shutdown()

@@ -12,11 +12,16 @@ torch guards a build with a plain ``lock`` file that a killed build leaves behin
 every later load of the extension, by any process, waits on it forever (a test suite hung so).
 Builds here take an ``flock`` first (the OS releases it when its holder dies), so whoever holds it
 knows no live build owns torch's lock file and removes a stale one.
+
+Each checkout builds in its own subdirectory: ninja rebuilds whenever the source paths in its
+build file change, so two checkouts sharing one directory rebuilt (minutes each on a busy 2-core
+box) over each other's builds, and every process of the other waited.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -41,7 +46,7 @@ def _build():
 
         here = os.path.dirname(__file__)
         sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp")]
-        build_dir = cpp_extension._get_build_directory(_NAME, verbose=False)
+        build_dir = build_directory()
         with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die
             remove_stale_torch_lock(build_dir)
@@ -51,6 +56,17 @@ def _build():
     except Exception as err:  # no compiler, no headers: the torch path still works
         logger.warning("CPU kernels unavailable, using plain torch paths: %s", err)
         return None
+
+
+def build_directory() -> str:
+    """This checkout's build directory under torch's extensions directory (created if missing)."""
+    from torch.utils import cpp_extension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(cpp_extension._get_build_directory(_NAME, verbose=False),
+                        hashlib.sha256(here.encode()).hexdigest()[:12])
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def remove_stale_torch_lock(build_dir: str) -> bool:

@@ -22,14 +22,14 @@ def serve_forever(args, config: ServingConfig) -> int:
     from ray.serve.config import gRPCOptions
 
     from cluster.serving.app import GRPC_SERVICER_FUNCTIONS, build_app
+    from cluster.serving.serve_start import prepare_environment, start_serve
 
     started = time.monotonic()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # so the `serve` CLI can talk to this cluster too
     # Serve's gRPC proxy reads its message limit from the environment when it starts (inherited from
     # this process by a local cluster); the ingress checks the same limit itself in every case.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.max_request_bytes))
-    # Serve kills a proxy not ready within 5 s; on a busy small machine it takes longer to import.
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    prepare_environment()  # Serve's proxies get a minute to start on a busy machine
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
@@ -38,7 +38,7 @@ def serve_forever(args, config: ServingConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options=http_options(args),
+        start_serve(http_options=http_options(args),
                     grpc_options=gRPCOptions(port=args.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
         _print_endpoints(args, config, time.monotonic() - started)

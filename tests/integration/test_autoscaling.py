@@ -16,6 +16,7 @@ import time
 import pytest
 
 from cluster.serving.config import ServingConfig
+from cluster.serving.serve_start import start_serve
 from tests.conftest import free_port
 from tests.integration.test_serving import post_json
 
@@ -39,7 +40,7 @@ def autoscaling_cluster():
         ray.shutdown()
     ray.init(address="local", num_cpus=8, log_to_driver=False)
     http_port = free_port()
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port))
+    start_serve(http_options=HTTPOptions(host="127.0.0.1", port=http_port))
     try:
         yield f"http://127.0.0.1:{http_port}"
     finally:

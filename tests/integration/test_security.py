@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.serving.config import ServingConfig
+from cluster.serving.serve_start import start_serve
 from cluster.v1 import generation_pb2 as pb
 from cluster.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import free_port
@@ -56,7 +57,7 @@ def secure_app(tls_files, tiny_llama_dir, tmp_path_factory):
     ray.init(address="local", num_cpus=8, log_to_driver=False)
     grpc_port, http_port = free_port(), free_port()
     cert, key = tls_files
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port, ssl_certfile=cert, ssl_keyfile=key),
+    start_serve(http_options=HTTPOptions(host="127.0.0.1", port=http_port, ssl_certfile=cert, ssl_keyfile=key),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
     config = ServingConfig(app_name=APP, replica_num_cpus=1, api_key_file=str(key_file), max_request_bytes=MAX_BYTES,
                            engine={"model": tiny_llama_dir("llama_tied"), "dtype": "float32"})

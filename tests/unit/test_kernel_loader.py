@@ -14,16 +14,17 @@ from cluster.kernels import loader
 def test_a_stale_torch_lock_does_not_hang_the_next_load(tmp_path):
     from torch.utils import cpp_extension
 
-    built = cpp_extension._get_build_directory("llm_cluster_cpu_kernels", verbose=False)
+    built = loader.build_directory()
+    extensions_root = os.path.dirname(os.path.dirname(cpp_extension._get_build_directory(
+        "llm_cluster_cpu_kernels", verbose=False)))
     extensions = tmp_path / "ext"
     if os.path.isfile(os.path.join(built, "llm_cluster_cpu_kernels.so")):  # reuse this machine's build
-        target = extensions / os.path.relpath(built, os.path.dirname(os.path.dirname(built)))
-        shutil.copytree(built, target, ignore=shutil.ignore_patterns("lock", "*.flock"))
+        shutil.copytree(built, extensions / os.path.relpath(built, extensions_root),
+                        ignore=shutil.ignore_patterns("lock", "*.flock"))
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
-    script = ("import os; from torch.utils import cpp_extension; "
-              "d = cpp_extension._get_build_directory('llm_cluster_cpu_kernels', verbose=False); "
+    script = ("import os; from cluster.kernels import loader; d = loader.build_directory(); "
               "open(os.path.join(d, 'lock'), 'w').close(); "  # what a killed build leaves
-              "from cluster.kernels import loader; m = loader.load(); "
+              "m = loader.load(); "
               "print('loaded' if m is not None else 'none', os.path.exists(os.path.join(d, 'lock')))")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -34,3 +35,13 @@ def test_removing_the_lock_reports_whether_there_was_one(tmp_path):
     assert not loader.remove_stale_torch_lock(str(tmp_path))
     (tmp_path / "lock").write_text("")
     assert loader.remove_stale_torch_lock(str(tmp_path)) and not (tmp_path / "lock").exists()
+
+
+def test_each_checkout_builds_in_its_own_directory(tmp_path, monkeypatch):
+    """Two checkouts sharing one build directory rebuilt over each other (ninja sees new source paths)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = loader.build_directory()
+    monkeypatch.setattr(loader.os.path, "abspath", lambda p: "/elsewhere/cluster/kernels/loader.py")
+    elsewhere = loader.build_directory()
+    assert here != elsewhere and os.path.dirname(here) == os.path.dirname(elsewhere)
+    assert os.path.isdir(here) and os.path.isdir(elsewhere)

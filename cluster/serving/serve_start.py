@@ -1,0 +1,50 @@
+"""Starting Serve on a machine that may be busy.
+
+Serve's controller kills a proxy that is not ready within 5 s (then starts another with a
+deadline 5 s longer), and ``serve.start`` waits 60 s for the first one. On a loaded 2-core box a
+proxy takes longer than that just to import: the proxy was killed over and over and ``serve.start``
+raised. ``prepare_environment()`` (before ``ray.init``: the controller reads it from the
+environment it inherits) gives proxies a minute; ``start_serve`` then waits for the controller's
+own verdict, every proxy HEALTHY, within a generous bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+logger = logging.getLogger(__name__)
+
+PROXY_READY_TIMEOUT_S = 60
+
+
+def prepare_environment() -> None:
+    """Call before ``ray.init`` starts a local cluster (a cluster already running keeps its own)."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_TIMEOUT_S))
+
+
+def start_serve(timeout_s: float = 300.0, **options) -> None:
+    """``serve.start(**options)``, tolerating proxies that come up late; raises after ``timeout_s``."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.start(**options)
+        return
+    except (TimeoutError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+        logger.warning("Serve's proxies were not ready in time (%s); waiting for the controller to bring "
+                       "them up", type(err).__name__)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = {}
+        try:
+            statuses = {node: str(getattr(s, "value", s)) for node, s in serve.status().proxies.items()}
+        except Exception:  # noqa: BLE001 - the controller may still be starting
+            pass
+        if statuses and all(s == "HEALTHY" for s in statuses.values()):
+            serve.start(**options)  # connects to the running controller (options already applied)
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve's proxies were not healthy within {timeout_s:g} s: {statuses}")
+        time.sleep(1.0)
