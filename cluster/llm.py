@@ -9,7 +9,7 @@ from cluster.config import DEFAULT_MODEL, EngineConfig
 from cluster.engine.input_processor import PromptType
 from cluster.engine.llm_engine import LLMEngine
 from cluster.errors import EngineDeadError, InvalidRequestError
-from cluster.outputs import RequestOutput
+from cluster.outputs import RequestOutput, RequestOutputKind
 from cluster.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,10 +34,11 @@ class LLM:
         """
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        states = [self.engine.prepare_request(f"llm-{next(self._ids)}", p, sp) for p, sp in zip(prompts, params)]
+        states = [self.engine.prepare_request(f"llm-{next(self._ids)}", p, sp, RequestOutputKind.FINAL_ONLY)
+                  for p, sp in zip(prompts, params)]
         for state in states:
             self.engine.add_prepared(state)
-        return self._run([s.seq.request_id for s in states], use_tqdm)
+        return self._run([s.request_id for s in states], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,

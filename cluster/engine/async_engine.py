@@ -1,7 +1,7 @@
 """An asyncio front for LLMEngine: the engine steps on its own thread; callers await outputs.
 
-``generate()`` yields cumulative RequestOutputs and aborts the request (freeing its KV blocks)
-when the consumer stops iterating or is cancelled.
+``generate()`` yields RequestOutputs (cumulative by default; deltas for streaming servers) and
+aborts the request (freeing its KV blocks) when the consumer stops iterating or is cancelled.
 
 Faults are contained at two levels. A fault the engine can pin on requests ends only those
 (``RequestFailedError``, raised from their ``generate()``); everyone else goes on. A fault it
@@ -30,7 +30,7 @@ from cluster.config import EngineConfig
 from cluster.engine.input_processor import PromptType
 from cluster.engine.llm_engine import LLMEngine
 from cluster.errors import EngineDeadError, InvalidRequestError, QueueFullError, RequestFailedError
-from cluster.outputs import RequestOutput
+from cluster.outputs import RequestOutput, RequestOutputKind, merge_deltas
 from cluster.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -102,11 +102,12 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
                        request_id: str | None = None, coalesce: bool = False,
-                       bypass_admission: bool = False) -> AsyncIterator[RequestOutput]:
+                       bypass_admission: bool = False,
+                       kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; validation and admission errors raise before anything is queued.
 
-        With ``coalesce`` a consumer that fell behind gets only the newest output (outputs are
-        cumulative, so nothing is lost): fewer, larger messages when the server is busy.
+        With ``coalesce`` a consumer that fell behind gets what is queued as one output (the newest
+        cumulative one, or the deltas merged): fewer, larger messages when the server is busy.
         ``bypass_admission`` is for the health probe, which must not be refused as traffic.
         """
         self._check_serving()
@@ -115,7 +116,7 @@ class AsyncLLMEngine:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if not bypass_admission:
             self._admit()
-        state = self.engine.prepare_request(request_id, prompt, params)
+        state = self.engine.prepare_request(request_id, prompt, params, kind)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", state))
@@ -125,7 +126,11 @@ class AsyncLLMEngine:
             while not finished:
                 item = await stream.get()
                 while coalesce and not isinstance(item, BaseException) and not item.finished and not stream.empty():
-                    item = stream.get_nowait()
+                    newer = stream.get_nowait()
+                    if isinstance(newer, BaseException) or kind is not RequestOutputKind.DELTA:
+                        item = newer
+                    else:
+                        item = merge_deltas(item, newer)
                 if isinstance(item, BaseException):
                     finished = True  # the engine has dropped it already
                     raise item
@@ -237,7 +242,7 @@ class AsyncLLMEngine:
             return
         if kind == "restart":
             raise EngineDeadError(payload)
-        request_id = payload.seq.request_id
+        request_id = payload.request_id
         if request_id not in self._streams:  # the caller went away before the add landed
             return
         try:

@@ -168,10 +168,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self._block_size, len(seq.block_ids))
-        token_ids = seq.all_token_ids
-        for i in range(len(seq.block_hashes), num_full):
+        for i in range(len(seq.block_hashes), num_full):  # usually none: a block fills every block_size steps
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            block_hash = hash_block_tokens(parent, token_ids[i * self._block_size:(i + 1) * self._block_size])
+            block_hash = hash_block_tokens(parent, seq.token_ids_slice(i * self._block_size,
+                                                                       (i + 1) * self._block_size))
             seq.block_hashes.append(block_hash)
             self._register(seq.block_ids[i], block_hash)
 

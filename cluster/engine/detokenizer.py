@@ -26,7 +26,30 @@ class IncrementalDetokenizer:
         self._num_read = len(context_ids)  # read_offset - prefix_offset
         self._prefix_text = self._decode(context_ids)
         self.token_ids: list[int] = []  # every output token id added so far
-        self.text = ""  # output text emitted so far (the concatenated deltas)
+        self._pieces: list[str] = []  # the emitted deltas; joined only when the whole text is asked for
+        self.num_chars = 0  # length of the text emitted so far
+
+    @property
+    def text(self) -> str:
+        """The output text emitted so far (the concatenated deltas)."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def text_slice(self, start: int, end: int | None = None) -> str:
+        """``text[start:end]``, at a cost that grows with ``num_chars - start``, not with the text."""
+        end = self.num_chars if end is None else end
+        start = max(0, start)
+        if start >= end:
+            return ""
+        parts, pos = [], self.num_chars
+        for piece in reversed(self._pieces):
+            if pos <= start:
+                break
+            parts.append(piece)
+            pos -= len(piece)
+        joined = "".join(reversed(parts))
+        return joined[start - pos:end - pos]
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
@@ -57,5 +80,7 @@ class IncrementalDetokenizer:
         self._window_ids = self._window_ids[self._num_read:]
         self._num_read = len(self._window_ids)
         self._prefix_text = self._decode(self._window_ids)
-        self.text += delta
+        if delta:
+            self._pieces.append(delta)
+            self.num_chars += len(delta)
         return delta

@@ -1,40 +1,33 @@
-"""The synchronous engine: add_request / step / abort over scheduler + executor.
+"""The engine's frontend: text in, text out, over an ``EngineCore`` that steps token ids.
 
-One ``step()`` is schedule -> execute -> update: the scheduler picks this
-iteration's work, the executor runs it on the tensor-parallel group, and the
-engine turns sampled tokens into text, checks stop conditions and frees what
-finished.
+``add_request`` validates and tokenizes; ``step()`` runs one core step and turns each request's
+new tokens into text (incremental detokenizing), applies stop strings (aborting the request in
+the core when one matches) and builds what the caller asked for: cumulative outputs, deltas
+(streaming servers), or only the final output. The work per step is per new token: nothing here
+copies a request's whole output unless the caller asked for cumulative outputs.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import time
-from dataclasses import dataclass, field, replace
-
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from cluster.config import EngineConfig, ParallelConfig
-from cluster.engine.block_manager import BlockManager
+from cluster.contracts.core_output import CoreOutput
+from cluster.contracts.core_request import CoreRequest
+from cluster.contracts.runner_output import TokenLogprobs
+from cluster.engine.core import EngineCore
 from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.input_processor import InputProcessor, PromptType
-from cluster.contracts.runner_output import RunnerOutput, TokenLogprobs
-from cluster.engine.scheduler import Scheduler
-from cluster.contracts.scheduler_output import NewRequest
-from cluster.engine.sequence import FinishReason, Sequence
-from cluster.engine.stop_checker import StopChecker, stop_holdback
-from cluster.engine.fault_isolation import isolate
-from cluster.errors import EngineDeadError, InvalidConfigError, InvalidRequestError, ModelLoadError, QueueFullError
-from cluster.model.arch import ModelArch
-from cluster.model.loader import torch_dtype
-from cluster.model.source import resolve_model
-from cluster.swiftkv import checkpoint as swiftkv_checkpoint
-from cluster.outputs import CompletionOutput, RequestOutput
+from cluster.engine.plan import make_plan, resolve_source
+from cluster.engine.sequence import FinishReason
+from cluster.engine.stop_checker import find_stop_string, stop_holdback
+from cluster.errors import InvalidRequestError, ModelLoadError, QueueFullError
+from cluster.outputs import CompletionOutput, RequestOutput, RequestOutputKind
 from cluster.parallel.executor import Executor
-from cluster.parallel.executors import create_executor
 from cluster.runner.worker_spec import WorkerSpec
-from cluster.runner.kv_cache import num_blocks_for
 from cluster.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -42,117 +35,102 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _RequestState:
-    """Engine-side bookkeeping for one live request."""
+    """Frontend bookkeeping for one live request."""
 
-    seq: Sequence
+    request_id: str
     prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
     detokenizer: IncrementalDetokenizer
-    logprobs: list[TokenLogprobs] | None
-    final_text: str | None = None  # set once finished
+    kind: RequestOutputKind
+    arrival_time_s: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(default_factory=list)  # generated so far
+    logprobs: list[TokenLogprobs] | None = None
     metrics: dict = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None
+    final_text: str | None = None  # set once finished
     error: str | None = None  # why the request was ended by a fault (finish reason "error")
+    sent_tokens: int = 0  # DELTA: what earlier outputs carried
+    sent_chars: int = 0
+
+    def __post_init__(self) -> None:
+        self.metrics["arrival_time_s"] = self.arrival_time_s
 
 
 class LLMEngine:
-    """Continuous-batching engine for one model replica (driver side)."""
+    """Continuous-batching engine for one model replica: the frontend of an in-process core."""
 
     def __init__(self, config: EngineConfig,
                  executor_factory: Callable[[WorkerSpec, ParallelConfig], Executor] | None = None):
         self.config = config
-        self.source = resolve_model(config.model.model, config.model.resolved_cache_dir())
-        path = swiftkv_checkpoint.resolve(self.source.path, config.model.model, config.model.swiftkv,
-                                          config.model.swiftkv_params, config.model.resolved_cache_dir())
-        self.source = replace(self.source, path=path)
-        self.arch = ModelArch.from_dir(self.source.path)
-        if config.model.swiftkv is not None:
-            self.arch = self.arch.with_swiftkv(config.model.swiftkv)
+        self.source, self.arch = resolve_source(config)
         self.tokenizer = _load_tokenizer(self.source.path)
-        self.max_model_len = self._max_model_len()
-        self.eos_token_ids = frozenset(self.arch.eos_token_ids) | _tokenizer_eos(self.tokenizer)
-        dtype = torch_dtype(config.model.dtype)
-        self.num_blocks = num_blocks_for(config.cache, self.arch, dtype, config.parallel.tensor_parallel_size)
+        self.plan = make_plan(config, self.source, self.arch, _tokenizer_eos(self.tokenizer))
+        self.max_model_len = self.plan.max_model_len
+        self.eos_token_ids = self.plan.eos_token_ids
+        self.num_blocks = self.plan.num_blocks
         self.input_processor = InputProcessor(self.tokenizer, self.arch.vocab_size, self.max_model_len,
                                               self.max_num_cached_tokens)
-        # A sequence can never outgrow the whole cache: it would preempt itself forever.
-        self.stop_checker = StopChecker(self.eos_token_ids, min(self.max_model_len, self.max_num_cached_tokens))
-        self.arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
-        self._executor_factory = executor_factory or create_executor
-        self._seed_rng = random.Random(config.model.seed)
-        self._reset_requests()
-        self.executor: Executor = self._executor_factory(self.worker_spec(), config.parallel)
+        self._requests: dict[str, _RequestState] = {}
+        self._pending_outputs: list[RequestOutput] = []  # aborts to report on the next step
+        self.core = EngineCore(config, self.plan, executor_factory)
         logger.info("%s (%s): KV cache of %d blocks x %d tokens = %d tokens; context %d",
                     self.source.name, config.model.dtype, self.num_blocks, config.cache.block_size,
                     self.max_num_cached_tokens, self.max_model_len)
 
-    def _reset_requests(self) -> None:
-        """Empty scheduler, block manager and request table (at start and on a restart)."""
-        cache = self.config.cache
-        self.block_manager = BlockManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
-        self._requests: dict[str, _RequestState] = {}
-        self._unsent: list[NewRequest] = []  # admitted but not yet shown to the workers
-        self._pending_outputs: list[RequestOutput] = []  # aborts and failures to report on the next step
+    # The core's parts, for tests, benchmarks and introspection.
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def block_manager(self):
+        return self.core.block_manager
+
+    @property
+    def executor(self) -> Executor:
+        return self.core.executor
 
     def restart(self) -> list[str]:
-        """Rebuild the executor (workers, weights, KV cache) and forget every request: the way back
-        from a fault no request can be blamed for. Returns the ids of the requests that were lost.
+        """Rebuild the core's executor (workers, weights, KV cache) and forget every request: the way
+        back from a fault no request can be blamed for. Returns the ids of the requests that were lost.
         Raises (and may be called again) if the new executor cannot be built."""
         lost = list(self._requests)
-        try:
-            self.executor.shutdown()
-        except Exception:  # noqa: BLE001 - the old executor is broken anyway
-            logger.exception("shutting down the failed executor")
-        self._reset_requests()
-        self.executor = self._executor_factory(self.worker_spec(), self.config.parallel)
+        self._requests.clear()
+        self._pending_outputs.clear()
+        self.core.restart()
         return lost
-
-    # ---- set-up -----------------------------------------------------------------------------
 
     def worker_spec(self) -> WorkerSpec:
         """What each worker needs to build its rank."""
-        return WorkerSpec(
-            model_path=self.source.path, arch=self.arch, dtype=self.config.model.dtype,
-            max_model_len=self.max_model_len, num_blocks=self.num_blocks,
-            block_size=self.config.cache.block_size, tp_size=self.config.parallel.tensor_parallel_size,
-            eos_token_ids=self.eos_token_ids, device=self.config.model.resolved_device(),
-            num_threads=self.config.parallel.num_threads, use_native_kernels=self.config.model.use_native_kernels,
-            onednn_cache_capacity=self.config.model.onednn_cache_capacity,
-        )
-
-    def _max_model_len(self) -> int:
-        limit = self.arch.max_position_embeddings
-        asked = self.config.model.max_model_len
-        if asked is not None and asked > limit:
-            why = " (its sliding_window; full attention is exact only within it)" if self.arch.sliding_window else ""
-            raise InvalidConfigError("max_model_len", f"must be <= the model's {limit} positions{why}, got {asked}")
-        return asked or limit
+        return self.plan.worker_spec(self.config)
 
     @property
     def max_num_cached_tokens(self) -> int:
         """How many tokens the KV cache holds in all."""
-        return self.num_blocks * self.config.cache.block_size
+        return self.plan.max_num_cached_tokens
 
     @property
     def num_free_blocks(self) -> int:
-        return self.block_manager.num_free_blocks
+        return self.core.block_manager.num_free_blocks
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def prepare_request(self, request_id: str, prompt: PromptType,
-                        params: SamplingParams | None = None) -> _RequestState:
+    def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                        kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> _RequestState:
         """Validate and tokenize without touching engine state (safe off the engine thread)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id", "must be a non-empty string")
         text, token_ids = self.input_processor.process(prompt, params)
-        seq = Sequence(request_id, token_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-        logprobs = [] if params.logprobs is not None else None
-        return _RequestState(seq, text, detok, logprobs, metrics={"arrival_time_s": seq.arrival_time_s})
+        return _RequestState(request_id, text, token_ids, params, detok, kind,
+                             logprobs=[] if params.logprobs is not None else None)
 
     def add_prepared(self, state: _RequestState) -> None:
         """Queue a prepared request (engine thread only)."""
-        rid = state.seq.request_id
+        rid = state.request_id
         if rid in self._requests:
             raise InvalidRequestError("request_id", f"{rid!r} is already in flight")
         sched = self.config.scheduler
@@ -162,119 +140,128 @@ class LLMEngine:
             if len(self._requests) >= capacity:
                 raise QueueFullError(f"{len(self._requests)} requests are in the engine, the most it takes "
                                      f"(max_num_seqs + max_waiting_requests = {capacity})")
+        self.core.add(CoreRequest(rid, state.prompt_token_ids, state.params, state.arrival_time_s))
         self._requests[rid] = state
-        self.scheduler.add(state.seq)
-        seed = state.seq.sampling_params.seed
-        self._unsent.append(NewRequest(rid, state.seq.prompt_token_ids, state.seq.sampling_params,
-                                       seed if seed is not None else self._seed_rng.getrandbits(63)))
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
         """Validate, tokenize and queue a request."""
-        self.add_prepared(self.prepare_request(request_id, prompt, params))
+        self.add_prepared(self.prepare_request(request_id, prompt, params, kind))
 
     def abort(self, request_id: str) -> bool:
         """Abort a request in any state; its KV blocks are freed at once. False if unknown."""
         state = self._requests.pop(request_id, None)
         if state is None:
             return False
-        self.scheduler.abort(request_id)
-        self._unsent = [r for r in self._unsent if r.request_id != request_id]
+        self.core.abort(request_id)
         state.final_text = state.detokenizer.text
-        self._pending_outputs.append(self._output(state, finished=True))
+        state.finish_reason = FinishReason.ABORT.value
+        state.metrics["finish_time_s"] = time.monotonic()
+        self._pending_outputs.append(self._output(state))
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._pending_outputs)
+        return bool(self._requests) or bool(self._pending_outputs) or self.core.has_unfinished_requests()
 
     # ---- the step loop ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the outputs of every request that progressed or ended."""
+        """Run one core step; return the outputs of every request that progressed or ended
+        (FINAL_ONLY requests: only when they end)."""
         outputs, self._pending_outputs = self._pending_outputs, []
-        sched = self.scheduler.schedule()
-        if sched.is_empty and not sched.finished_request_ids:
-            return outputs
-        sched.new_requests, self._unsent = self._unsent, []
-        result, failed = self._execute(sched)
-        for request_id, error in failed.items():  # before update(): nothing of theirs is committed
-            outputs.append(self._fail(request_id, error))
-        for seq in self.scheduler.update(sched, result.sampled_token_ids):
-            state = self._requests[seq.request_id]
+        for core_out in self.core.step():
+            state = self._requests.get(core_out.request_id)
+            if state is None:  # stopped here already (a stop string, an abort): the core's token is late
+                continue
             try:
-                outputs.append(self._on_token(state, result))
+                out = self._on_core_output(state, core_out)
             except Exception as err:  # noqa: BLE001 - detokenizing / stop checks of one request
-                outputs.append(self._fail(seq.request_id, err))
+                out = self._fail(state, err)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _execute(self, sched) -> tuple[RunnerOutput, dict[str, BaseException]]:
-        """Run the step; if it raises, pin the fault on the requests that cause it (the others'
-        tokens are kept) or, where that is impossible, raise EngineDeadError."""
-        try:
-            return self.executor.execute(sched), {}
-        except Exception as err:
-            if isinstance(err, EngineDeadError) or not self.executor.can_rerun_steps:
-                raise EngineDeadError(f"a step failed and the executor cannot go on: {err!r}") from err
-            isolated = isolate(self.executor.execute, sched, err)
-            return isolated.output, isolated.failed
-
-    def _fail(self, request_id: str, error: BaseException) -> RequestOutput | None:
-        """End one request with an internal error (logged with its traceback); free its blocks."""
-        state = self._requests.get(request_id)
-        if state is None:
-            return None
-        logger.error("request %r failed and was ended; the engine goes on", request_id, exc_info=error)
-        state.error = f"{type(error).__name__}: {error}"
-        state.final_text = state.detokenizer.text
-        self._finish(state, FinishReason.ERROR)
-        return self._output(state, finished=True)
-
-    def _on_token(self, state: _RequestState, result: RunnerOutput) -> RequestOutput:
-        seq = state.seq
-        state.metrics.setdefault("first_token_time_s", time.monotonic())
-        if state.logprobs is not None and seq.request_id in result.logprobs:
-            state.logprobs.append(result.logprobs[seq.request_id])
-        delta = state.detokenizer.add_tokens(seq.output_token_ids[-1:])
-        reason, cut = self.stop_checker.check(seq, state.detokenizer.text, len(delta))
+    def _on_core_output(self, state: _RequestState, core_out: CoreOutput) -> RequestOutput | None:
+        state.num_cached_tokens = core_out.num_cached_tokens
+        if core_out.error is not None:
+            return self._finish(state, core_out.finish_reason, state.detokenizer.text, core_out.error)
+        if core_out.new_token_ids:
+            state.metrics.setdefault("first_token_time_s", time.monotonic())
+            state.token_ids.extend(core_out.new_token_ids)
+            if state.logprobs is not None and core_out.new_logprobs:
+                state.logprobs.extend(core_out.new_logprobs)
+        det = state.detokenizer
+        delta = det.add_tokens(core_out.new_token_ids)
+        params = state.params
+        reason, cut = core_out.finish_reason, None
+        if reason != FinishReason.STOP.value and params.stop and len(state.token_ids) >= params.min_tokens:
+            longest = max(len(s) for s in params.stop)
+            tail_start = det.num_chars - len(delta) - longest + 1
+            found = find_stop_string(det.text_slice(tail_start), len(delta), params.stop)
+            if found is not None:
+                reason, cut = FinishReason.STOP.value, max(0, tail_start) + found
+                self.core.abort(state.request_id, FinishReason.STOP)  # the core does not know stop strings
         if reason is None:
-            return self._output(state, finished=False)
-        text = state.detokenizer.text
-        if cut is None and seq.output_token_ids[-1] in seq.sampling_params.stop_token_ids:
-            cut = len(text) - len(delta)  # like a stop string, a stop token's text is left out
-        state.final_text = text[:cut] if cut is not None else text + state.detokenizer.flush()
-        self._finish(state, reason)
-        return self._output(state, finished=True)
+            return self._output(state) if state.kind is not RequestOutputKind.FINAL_ONLY else None
+        if cut is None and state.token_ids and state.token_ids[-1] in params.stop_token_ids:
+            cut = det.num_chars - len(delta)  # like a stop string, a stop token's text is left out
+        text = det.text[:cut] if cut is not None else det.text + det.flush()
+        return self._finish(state, reason, text)
 
-    def _finish(self, state: _RequestState, reason: FinishReason) -> None:
-        self.scheduler.finish(state.seq.request_id, reason)
+    def _fail(self, state: _RequestState, error: BaseException) -> RequestOutput:
+        """End one request on a frontend fault (logged with its traceback); the core drops it too."""
+        logger.error("request %r failed and was ended; the engine goes on", state.request_id, exc_info=error)
+        self.core.abort(state.request_id, FinishReason.ERROR)
+        return self._finish(state, FinishReason.ERROR.value, state.detokenizer.text,
+                            f"{type(error).__name__}: {error}")
+
+    def _finish(self, state: _RequestState, reason: str, text: str, error: str | None = None) -> RequestOutput:
+        state.finish_reason, state.final_text, state.error = reason, text, error
         state.metrics["finish_time_s"] = time.monotonic()
-        del self._requests[state.seq.request_id]
+        self._requests.pop(state.request_id, None)
+        return self._output(state)
 
-    def _output(self, state: _RequestState, finished: bool) -> RequestOutput:
-        seq = state.seq
-        if state.final_text is not None:
-            text = state.final_text
+    def _visible_text_len(self, state: _RequestState) -> int:
+        """How much of the text a caller may see now: a trailing partial stop string is held back."""
+        det = state.detokenizer
+        stops = state.params.stop
+        if not stops:
+            return det.num_chars
+        longest = max(len(s) for s in stops)
+        return det.num_chars - stop_holdback(det.text_slice(det.num_chars - longest), stops)
+
+    def _visible_text(self, state: _RequestState) -> str:
+        return state.detokenizer.text[: self._visible_text_len(state)]
+
+    def _output(self, state: _RequestState) -> RequestOutput:
+        finished = state.finish_reason is not None
+        if state.kind is RequestOutputKind.DELTA:
+            if finished:
+                text = state.final_text[state.sent_chars:]
+                state.sent_chars = len(state.final_text)
+            else:
+                end = self._visible_text_len(state)
+                text = state.detokenizer.text_slice(state.sent_chars, end)
+                state.sent_chars = max(state.sent_chars, end)
+            token_ids = state.token_ids[state.sent_tokens:]
+            logprobs = state.logprobs[state.sent_tokens:] if state.logprobs is not None else None
+            state.sent_tokens = len(state.token_ids)
         else:
-            text = state.detokenizer.text
-            text = text[: len(text) - stop_holdback(text, seq.sampling_params.stop)]
-        reason = seq.finish_reason.value if finished and seq.finish_reason else ("abort" if finished else None)
-        completion = CompletionOutput(0, text, list(seq.output_token_ids), reason,
-                                      list(state.logprobs) if state.logprobs is not None else None)
-        return RequestOutput(seq.request_id, state.prompt, seq.prompt_token_ids, [completion], finished,
-                             seq.num_cached_tokens, dict(state.metrics), state.error)
+            text = state.final_text if finished else self._visible_text(state)
+            token_ids = list(state.token_ids)
+            logprobs = list(state.logprobs) if state.logprobs is not None else None
+        completion = CompletionOutput(0, text, token_ids, state.finish_reason, logprobs, len(state.token_ids))
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, [completion], finished,
+                             state.num_cached_tokens, dict(state.metrics), state.error)
 
     # ---- introspection ----------------------------------------------------------------------
 
     def stats(self) -> dict:
         """Queue lengths, KV usage and prefix-cache counters (for routing and metrics)."""
-        bm = self.block_manager
-        return {
-            "num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
-            "kv_cache_usage": bm.usage, "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
-            "prefix_cache_queries": bm.prefix_cache_queries, "prefix_cache_hits": bm.prefix_cache_hits,
-        }
+        return self.core.stats()
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        self.core.shutdown()
 
 
 def _load_tokenizer(path: str):

@@ -69,4 +69,10 @@ class Sequence:
         return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
-        return self.all_token_ids[start:end]
+        """Tokens [start, end) of prompt + output, without joining the two (a decode step takes one)."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]

@@ -32,6 +32,17 @@ class StopChecker:
             return FinishReason.LENGTH, None
         return None, None
 
+    def check_token(self, seq: Sequence) -> FinishReason | None:
+        """The token-level part of ``check`` (the engine core's): stop tokens, then length limits.
+        The frontend then looks for stop strings, which outrank a length stop on the same token."""
+        params = seq.sampling_params
+        num_output = len(seq.output_token_ids)
+        if num_output >= params.min_tokens and self._is_stop_token(seq):
+            return FinishReason.STOP
+        if num_output >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
     def _is_stop_token(self, seq: Sequence) -> bool:
         if not seq.output_token_ids:
             return False

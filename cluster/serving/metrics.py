@@ -42,13 +42,14 @@ class ServerMetrics:
         arrival, first, finish = (times.get(k) for k in ("arrival_time_s", "first_token_time_s", "finish_time_s"))
         if arrival is not None and first is not None:
             self.ttft.observe(first - arrival, tags=self.tags)
-        if first is not None and finish is not None and len(completion.token_ids) > 1:
-            self.tpot.observe((finish - first) / (len(completion.token_ids) - 1), tags=self.tags)
+        num_tokens = completion.num_generated_tokens  # the outputs may be deltas
+        if first is not None and finish is not None and num_tokens > 1:
+            self.tpot.observe((finish - first) / (num_tokens - 1), tags=self.tags)
         if arrival is not None and finish is not None:
             self.e2e.observe(finish - arrival, tags=self.tags)
         self.prompt_tokens.inc(len(out.prompt_token_ids), tags=self.tags)
-        if completion.token_ids:
-            self.generation_tokens.inc(len(completion.token_ids), tags=self.tags)
+        if num_tokens:
+            self.generation_tokens.inc(num_tokens, tags=self.tags)
         self.success.inc(1, tags={**self.tags, "finished_reason": completion.finish_reason or "unknown"})
 
     def on_stats(self, stats: dict) -> None:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from cluster.errors import EngineDeadError
-from cluster.outputs import RequestOutput
+from cluster.outputs import RequestOutput, RequestOutputKind
 from cluster.sampling_params import SamplingParams
 from cluster.serving.config import ServingConfig
 from cluster.serving.engine_request import EngineRequest
@@ -78,23 +78,20 @@ class ModelServer:
         params = request.params
         if request.max_tokens_is_default and params.max_tokens > engine.max_model_len:
             params = dataclasses.replace(params, max_tokens=engine.max_model_len)
-        text_len = num_tokens = num_logprobs = 0
-        async for out in self.engine.generate(prompt, params, request_id=request.request_id, coalesce=True):
+        async for out in self.engine.generate(prompt, params, request_id=request.request_id, coalesce=True,
+                                              kind=RequestOutputKind.DELTA):
             completion = out.outputs[0]
             chunk = GenerationChunk(
-                request_id=request.request_id, text=completion.text[text_len:],
-                token_ids=completion.token_ids[num_tokens:],
-                logprobs=(completion.logprobs or [])[num_logprobs:],
+                request_id=request.request_id, text=completion.text, token_ids=completion.token_ids,
+                logprobs=completion.logprobs or [],
                 finish_reason=completion.finish_reason if out.finished else None,
-                prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(completion.token_ids),
+                prompt_tokens=len(out.prompt_token_ids), completion_tokens=completion.num_generated_tokens,
                 cached_prompt_tokens=out.num_cached_tokens)
             if chunk.logprobs:
                 ids = {i for lp in chunk.logprobs for i in (lp.token_id, *lp.top)}
                 chunk.token_texts = {i: engine.tokenizer.decode([i]) for i in ids}
             if out.finished:
                 self.metrics.on_finished(out)
-            text_len, num_tokens = len(completion.text), len(completion.token_ids)
-            num_logprobs = len(completion.logprobs or [])
             yield chunk
 
     def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:

@@ -29,7 +29,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("cluster.runner",),
     ("cluster.parallel",),
     ("cluster.engine.sequence", "cluster.engine.block_manager", "cluster.engine.scheduler",
-     "cluster.engine.fault_isolation"),
+     "cluster.engine.fault_isolation", "cluster.engine.stop_checker", "cluster.engine.plan", "cluster.engine.core"),
     ("cluster.engine", "cluster.outputs", "cluster.llm"),
     ("cluster.serving",),
     ("cluster.cli", "cluster.bench", "cluster.bench_micro", "cluster.bench_serve", "cluster.bench_tp",
