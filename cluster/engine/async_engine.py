@@ -181,8 +181,8 @@ class AsyncLLMEngine:
         while not self._stopping.is_set():
             try:
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
-                if not self.engine.executor.is_healthy():
-                    raise EngineDeadError("a tensor-parallel worker died")
+                if not self.engine.is_healthy():
+                    raise EngineDeadError("the engine core or a tensor-parallel worker died")
                 if self.engine.has_unfinished_requests():
                     self._step()
             except Exception as err:  # noqa: BLE001 - a fault no request could be blamed for

@@ -72,6 +72,9 @@ class EngineCore:
         self.executor = self._executor_factory(self.plan.worker_spec(self.config), self.config.parallel)
         return lost
 
+    def is_healthy(self) -> bool:
+        return self.executor.is_healthy()
+
     # ---- requests ---------------------------------------------------------------------------
 
     @property

@@ -62,7 +62,8 @@ class LLMEngine:
     """Continuous-batching engine for one model replica: the frontend of an in-process core."""
 
     def __init__(self, config: EngineConfig,
-                 executor_factory: Callable[[WorkerSpec, ParallelConfig], Executor] | None = None):
+                 executor_factory: Callable[[WorkerSpec, ParallelConfig], Executor] | None = None,
+                 core_process: bool = False):
         self.config = config
         self.source, self.arch = resolve_source(config)
         self.tokenizer = _load_tokenizer(self.source.path)
@@ -74,12 +75,21 @@ class LLMEngine:
                                               self.max_num_cached_tokens)
         self._requests: dict[str, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborts to report on the next step
-        self.core = EngineCore(config, self.plan, executor_factory)
+        if core_process:  # the core in a child process: a crash or hang there leaves this process up
+            from cluster.engine.core_client import CoreClient
+
+            self.core = CoreClient(config, self.plan)
+        else:
+            self.core = EngineCore(config, self.plan, executor_factory)
         logger.info("%s (%s): KV cache of %d blocks x %d tokens = %d tokens; context %d",
                     self.source.name, config.model.dtype, self.num_blocks, config.cache.block_size,
                     self.max_num_cached_tokens, self.max_model_len)
 
-    # The core's parts, for tests, benchmarks and introspection.
+    def is_healthy(self) -> bool:
+        """False once the core (its process, or a tensor-parallel worker) has died."""
+        return self.core.is_healthy()
+
+    # The in-process core's parts, for tests, benchmarks and introspection.
     @property
     def scheduler(self):
         return self.core.scheduler
@@ -113,7 +123,7 @@ class LLMEngine:
 
     @property
     def num_free_blocks(self) -> int:
-        return self.core.block_manager.num_free_blocks
+        return self.core.stats()["num_free_blocks"]
 
     # ---- requests ---------------------------------------------------------------------------
 

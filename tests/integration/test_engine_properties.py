@@ -394,7 +394,7 @@ def snapshot(engine) -> tuple:
     sched, bm = engine.scheduler, engine.block_manager
     return ([s.request_id for s in sched.waiting], [s.request_id for s in sched.running],
             bm.free_block_ids(), bm.prefix_cache_queries, bm.prefix_cache_hits, engine.has_unfinished_requests(),
-            [r.request_id for r in engine._unsent])
+            [r.request_id for r in engine.core._unsent])
 
 
 def worker_request_state(engine) -> tuple[int, int, int]:
@@ -514,8 +514,8 @@ def fresh_engine_state(engine) -> None:
     if engine.has_unfinished_requests() or worker_request_state(engine) != (0, 0, 0):
         engine.restart()  # an earlier example failed half-way
     else:
-        engine._reset_requests()
-    engine._seed_rng.seed(engine.config.model.seed)
+        engine.core._reset_requests()
+    engine.core._seed_rng.seed(engine.config.model.seed)
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS.values()), ids=list(CONFIGS))
