@@ -6,6 +6,12 @@ input, the residual stream entering that layer through ``norm_swiftkv``, project
 ``q_proj_swiftkv``. Every token's later-layer K/V are therefore known once the first layers have
 run: they are written to the cache in bulk, and only the tokens that need logits (a ``TailBatch``:
 decodes and each prompt's last token) run the remaining layers, reading K/V from the cache.
+
+Attention is a backend the layers are built with: ``PagedAttention`` (the paged KV cache, for
+serving) by default, ``DenseAttention`` (whole rows, no cache) for SwiftKV distillation and
+reference runs, which train and check this same layer code (``cluster/swiftkv/dense_model.py``).
+Under autograd the residual stream is updated out of place; serving (inference mode) updates it
+in place.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.model.arch import ModelArch
-from cluster.model.layers.attention import AttentionMetadata, PagedAttention, TailBatch, write_kv
+from cluster.model.layers.attention import AttentionMetadata, PagedAttention, TailBatch
 from cluster.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from cluster.model.layers.linear import (
     ColumnParallelLinear,
@@ -33,7 +39,8 @@ KVCache = torch.Tensor  # [2, kv_heads, num_blocks, block_size, head_dim]; see P
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, swiftkv: bool = False):
+    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, swiftkv: bool = False,
+                 attention: type[nn.Module] = PagedAttention):
         super().__init__()
         self.swiftkv = swiftkv
         if swiftkv:  # queries only: K/V come from the model's SwiftKV projection, already cached
@@ -47,7 +54,7 @@ class LlamaAttention(nn.Module):
             self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype)
         self.head_dim = arch.head_dim
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, arch.head_dim)
+        self.attn = attention(self.num_heads, self.num_kv_heads, arch.head_dim)
 
     def forward(self, cos_sin, x, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         if self.swiftkv:
@@ -73,16 +80,20 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, swiftkv: bool = False):
+    def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, swiftkv: bool = False,
+                 attention: type[nn.Module] = PagedAttention):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(arch, tp, dtype, swiftkv)
+        self.self_attn = LlamaAttention(arch, tp, dtype, swiftkv, attention)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(arch, tp, dtype)
 
     def forward(self, cos_sin, hidden, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        """``hidden`` is this layer's to update in place (the residual stream)."""
+        """``hidden`` is this layer's to update in place (the residual stream), except under autograd."""
         attn = self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, meta)
+        if torch.is_grad_enabled():  # training: the stream's old values are saved for the backward pass
+            hidden = hidden + attn
+            return hidden + self.mlp(self.post_attention_layernorm(hidden))
         normed = self.post_attention_layernorm(attn, residual=hidden)  # hidden += attn, fused
         return hidden.add_(self.mlp(normed))
 
@@ -90,13 +101,15 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding -> decoder layers -> final norm."""
 
-    def __init__(self, arch: ModelArch, max_positions: int, tp: TPGroup, dtype: torch.dtype):
+    def __init__(self, arch: ModelArch, max_positions: int, tp: TPGroup, dtype: torch.dtype,
+                 attention: type[nn.Module] = PagedAttention):
         super().__init__()
         self.arch = arch
+        self.attention = attention
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp, dtype)
         self.rope = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
         split = arch.swiftkv_layer
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, dtype, swiftkv=i >= split)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, dtype, i >= split, attention)
                                     for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         if arch.skips_prefill:
@@ -109,28 +122,36 @@ class LlamaModel(nn.Module):
         """Hidden states of every token, or with SwiftKV of the ``tail`` rows only."""
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rope.lookup(positions, hidden.dtype)
+        hidden = self.run_layers(0, self.arch.swiftkv_layer, cos_sin, hidden, kv_caches, meta)
+        if self.arch.skips_prefill:
+            hidden = self.swiftkv_layers(cos_sin, hidden, kv_caches, meta, tail)
+        return self.norm(hidden)
+
+    def run_layers(self, start: int, end: int, cos_sin, hidden, kv_caches: list, meta) -> torch.Tensor:
+        """Layers [start, end) over every token (below the SwiftKV split, or all of them without it)."""
+        for i in range(start, end):
+            hidden = self.layers[i](cos_sin, hidden, kv_caches[self.arch.cache_index(i)], meta)
+        return hidden
+
+    def swiftkv_layers(self, cos_sin, hidden, kv_caches: list, meta, tail: TailBatch) -> torch.Tensor:
+        """From the stream entering the split: every SwiftKV layer's K/V for every token into the
+        cache, then only the ``tail`` rows through the later layers (not yet normed)."""
         split = self.arch.swiftkv_layer
-        for layer, kv_cache in zip(self.layers[:split], kv_caches):
-            hidden = layer(cos_sin, hidden, kv_cache, meta)
-        if not self.arch.skips_prefill:
-            return self.norm(hidden)
         self._write_swiftkv_cache(cos_sin, hidden, kv_caches[split:], meta)
         if tail.rows.numel() == 0:  # nothing needs logits this step (a long prompt's earlier chunks)
             return hidden[:0]
         hidden = hidden[tail.rows]
         cos_sin = tuple(t[tail.rows] for t in cos_sin)
-        for i in range(split, self.arch.num_layers):
-            hidden = self.layers[i](cos_sin, hidden, kv_caches[self.arch.cache_index(i)], tail.meta)
-        return self.norm(hidden)
+        return self.run_layers(split, self.arch.num_layers, cos_sin, hidden, kv_caches, tail.meta)
 
-    def _write_swiftkv_cache(self, cos_sin, hidden, caches: list[KVCache], meta: AttentionMetadata) -> None:
+    def _write_swiftkv_cache(self, cos_sin, hidden, caches: list, meta) -> None:
         """K/V of every SwiftKV layer group, for every token, from the residual stream at the split."""
         proj = self.kv_proj_swiftkv
         kv = proj(self.norm_swiftkv(hidden)).view(hidden.shape[0], proj.num_groups, 2, proj.num_kv_heads, -1)
         keys = RotaryEmbedding.apply(cos_sin, kv[:, :, 0].reshape(hidden.shape[0], -1, kv.shape[-1]))
         keys = keys.view(kv[:, :, 0].shape)
         for group, cache in enumerate(caches):
-            write_kv(cache, keys[:, group], kv[:, group, 1], meta.slot_mapping)
+            self.attention.write(cache, keys[:, group], kv[:, group, 1], meta)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -142,10 +163,11 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, arch: ModelArch, max_positions: int, tp: TPGroup, dtype: torch.dtype):
+    def __init__(self, arch: ModelArch, max_positions: int, tp: TPGroup, dtype: torch.dtype,
+                 attention: type[nn.Module] = PagedAttention):
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, max_positions, tp, dtype)
+        self.model = LlamaModel(arch, max_positions, tp, dtype, attention)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, dtype)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

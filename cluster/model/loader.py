@@ -28,10 +28,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtype: str) -> LlamaForCausalLM:
-    """Instantiate the model for this rank and load its shard of the weights."""
+def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtype: str,
+               attention: type[torch.nn.Module] | None = None) -> LlamaForCausalLM:
+    """Instantiate the model for this rank and load its shard of the weights. ``attention`` is the
+    layers' attention backend (the paged one when None)."""
+    extra = {} if attention is None else {"attention": attention}
     try:
-        model = model_class(arch.architecture)(arch, max_positions, tp, torch_dtype(dtype))
+        model = model_class(arch.architecture)(arch, max_positions, tp, torch_dtype(dtype), **extra)
     except ValueError as err:  # head counts the tensor-parallel size cannot split
         raise ModelLoadError(str(err), field="tensor_parallel_size") from err
     try:

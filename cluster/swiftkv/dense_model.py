@@ -1,57 +1,54 @@
-"""A Llama with SwiftKV over whole sequences, in plain torch: the reference and the distillation model.
+"""SwiftKV over whole sequences, on the engine's own layers: the distillation model and the reference.
 
-Every layer runs for every token (no cache, no skipping), so it states the SwiftKV rule
-directly: layers ``>= split`` take K/V from the residual stream entering ``split`` through
-``norm_swiftkv`` and the group's ``k/v_proj_swiftkv``, and queries from ``q_proj_swiftkv``. The
-engine's paged, prefill-skipping forward must produce the same tokens. The base weights are
-frozen float32 tensors; only the SwiftKV parameters are ``nn.Parameter``s (what distillation trains).
+Two copies of the model's layer stack (``cluster/model/llama.py``) on the dense attention backend
+(``DenseAttention``: every row's tokens at once, no paged cache), in float32 at world size 1:
+
+* the *teacher*: the base model, every layer with its own q/k/v (SwiftKV off);
+* the *student*: the same checkpoint with SwiftKV on from layer ``split``: layers ``>= split``
+  take K/V from the residual stream entering ``split`` through ``norm_swiftkv`` and each AcrossKV
+  group's K/V projection, and queries from ``q_proj_swiftkv``.
+
+The student's base weights *are* the teacher's (shared tensors, frozen); only the SwiftKV
+parameters are trainable. Because both run the engine's layer code, what distillation trains is
+what the engine serves; what differs from serving is only the attention backend (and, serving,
+prefill skipping), which the engine's tests check against this model.
+
+Shapes here are ``[batch, seq_len, ...]``; the layers see the rows flattened, as the engine's batch is.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
+from cluster.distributed.tp_group import TPGroup
 from cluster.model.arch import ModelArch
-from cluster.model.loader import weight_files
-from cluster.model.layers.rotary import RotaryEmbedding
+from cluster.model.layers.attention import TailBatch
+from cluster.model.layers.dense_attention import DenseAttention, DenseKV, DenseMetadata
+from cluster.model.loader import load_model, weight_files
 from cluster.swiftkv.checkpoint import SwiftKVParams
 
 
-def load_base_tensors(model_dir: str) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in weight_files(model_dir):
-        with safe_open(file, framework="pt") as f:
-            tensors.update({k: f.get_tensor(k).float() for k in f.keys()})
-    return tensors
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
 class DenseSwiftKVModel(nn.Module):
-    def __init__(self, arch: ModelArch, base: dict[str, torch.Tensor], split: int, group_size: int,
-                 params: SwiftKVParams | None = None):
+    def __init__(self, model_dir: str, arch: ModelArch, split: int, group_size: int,
+                 params: SwiftKVParams | None = None, max_positions: int | None = None):
         super().__init__()
-        if arch.qkv_bias:
-            raise ValueError("the dense SwiftKV model covers bias-free Llama attention")
         if not 1 <= split <= arch.num_layers or group_size < 1:
             raise ValueError(f"split {split} / group size {group_size} do not fit {arch.num_layers} layers")
-        self.arch, self.split, self.group_size = arch, split, group_size
-        self.base = {k: v.requires_grad_(False) for k, v in base.items()}
-        self.rope = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
-        groups = -(-(arch.num_layers - split) // group_size)  # the last AcrossKV group may be shorter
-        h = arch.hidden_size
-        self.norm_swiftkv = nn.Parameter(torch.ones(h))
-        self.q_proj = nn.ParameterList(nn.Parameter(torch.empty(arch.num_heads * arch.head_dim, h))
-                                       for _ in range(split, arch.num_layers))
-        self.k_proj = nn.ParameterList(nn.Parameter(torch.empty(arch.num_kv_heads * arch.head_dim, h))
-                                       for _ in range(groups))
-        self.v_proj = nn.ParameterList(nn.Parameter(torch.empty(arch.num_kv_heads * arch.head_dim, h))
-                                       for _ in range(groups))
+        base = replace(arch, num_key_value_layers=split, key_value_group_size=group_size, swiftkv=False)
+        self.arch, self.split, self.group_size = base, split, group_size
+        positions = max_positions or arch.max_position_embeddings
+        tp = TPGroup()
+        self.teacher = load_model(model_dir, base, positions, tp, "float32", attention=DenseAttention)
+        self.student = type(self.teacher)(replace(base, swiftkv=True), positions, tp, torch.float32,
+                                          attention=DenseAttention)
+        _share_base_weights(self.student, self.teacher)
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)
+        self.q_rows = base.num_heads * base.head_dim
+        self.kv_rows = base.num_kv_heads * base.head_dim
         if params is None:
             self.init_from_base()
         else:
@@ -59,38 +56,83 @@ class DenseSwiftKVModel(nn.Module):
 
     # ---- parameters --------------------------------------------------------------------------
 
-    def _w(self, layer: int, name: str) -> torch.Tensor:
-        return self.base[f"model.layers.{layer}.{name}.weight"]
+    def _swiftkv_modules(self) -> dict[str, nn.Module]:
+        """The student's SwiftKV modules by role: ``norm``, ``kv`` and ``q{layer}``."""
+        model = self.student.model
+        out = {"norm": model.norm_swiftkv, "kv": model.kv_proj_swiftkv}
+        for layer in range(self.split, self.arch.num_layers):
+            out[f"q{layer}"] = model.layers[layer].self_attn.q_proj_swiftkv
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What distillation trains: ``norm_swiftkv`` and the SwiftKV projections, nothing else."""
+        return [p for module in self._swiftkv_modules().values() for p in module.parameters(recurse=False)]
+
+    def _teacher_attn(self, layer: int) -> nn.Module:
+        return self.teacher.model.layers[layer].self_attn.qkv_proj
+
+    def _group_layers(self, group: int) -> range:
+        first = self.split + group * self.group_size
+        return range(first, min(self.arch.num_layers, first + self.group_size))
+
+    def _kv_slice(self, group: int, which: str) -> slice:
+        start = (2 * group + (0 if which == "k" else 1)) * self.kv_rows
+        return slice(start, start + self.kv_rows)
+
+    def _base_slice(self, which: str) -> slice:
+        start = {"q": 0, "k": self.q_rows, "v": self.q_rows + self.kv_rows}[which]
+        return slice(start, start + (self.q_rows if which == "q" else self.kv_rows))
+
+    @property
+    def num_groups(self) -> int:
+        return self.student.model.kv_proj_swiftkv.num_groups
 
     @torch.no_grad()
     def init_from_base(self) -> None:
         """Start from the model's own projections: each later layer's q_proj copied, each AcrossKV
         group's k/v_proj averaged over the group. The layers' own input-norm gains are folded into
         those K/V weights, so ``norm_swiftkv`` starts at ones and layer ``split`` is reproduced exactly."""
-        self.norm_swiftkv.fill_(1.0)
-        for i, layer in enumerate(range(self.split, self.arch.num_layers)):
-            self.q_proj[i].copy_(self._w(layer, "self_attn.q_proj"))
-        for g in range(len(self.k_proj)):
-            layers = range(self.split + g * self.group_size,
-                           min(self.arch.num_layers, self.split + (g + 1) * self.group_size))
-            for which, target in (("k_proj", self.k_proj[g]), ("v_proj", self.v_proj[g])):
-                folded = [self._w(j, f"self_attn.{which}") * self._w(j, "input_layernorm")[None, :] for j in layers]
-                target.copy_(torch.stack(folded).mean(0))
+        modules = self._swiftkv_modules()
+        modules["norm"].weight.fill_(1.0)
+        for layer in range(self.split, self.arch.num_layers):
+            q, base = modules[f"q{layer}"], self._teacher_attn(layer)
+            q.weight.copy_(base.weight[self._base_slice("q")])
+            if q.bias is not None:
+                q.bias.copy_(base.bias[self._base_slice("q")])
+        kv = modules["kv"]
+        for g in range(self.num_groups):
+            layers = self._group_layers(g)
+            for which in ("k", "v"):
+                rows = self._base_slice(which)
+                gains = [self.teacher.model.layers[j].input_layernorm.weight for j in layers]
+                folded = [self._teacher_attn(j).weight[rows] * gain[None, :] for j, gain in zip(layers, gains)]
+                kv.weight[self._kv_slice(g, which)] = torch.stack(folded).mean(0)
+                if kv.bias is not None:
+                    kv.bias[self._kv_slice(g, which)] = torch.stack([self._teacher_attn(j).bias[rows]
+                                                                     for j in layers]).mean(0)
+
+    def _published_views(self) -> dict[str, torch.Tensor]:
+        """The published ``llama_swiftkv`` tensor names, each a view of the student's own parameter."""
+        modules = self._swiftkv_modules()
+        out = {"model.norm_swiftkv.weight": modules["norm"].weight}
+        for layer in range(self.split, self.arch.num_layers):
+            for suffix, tensor in modules[f"q{layer}"].named_parameters(recurse=False):
+                out[f"model.layers.{layer}.self_attn.q_proj_swiftkv.{suffix}"] = tensor
+        for g in range(self.num_groups):
+            layer = self.split + g * self.group_size
+            for suffix, tensor in modules["kv"].named_parameters(recurse=False):
+                for which in ("k", "v"):
+                    out[f"model.layers.{layer}.self_attn.{which}_proj_swiftkv.{suffix}"] = \
+                        tensor[self._kv_slice(g, which)]
+        return out
 
     def published_tensors(self) -> dict[str, torch.Tensor]:
         """The SwiftKV parameters under the names the published ``llama_swiftkv`` checkpoints use."""
-        out = {"model.norm_swiftkv.weight": self.norm_swiftkv.detach()}
-        for i, layer in enumerate(range(self.split, self.arch.num_layers)):
-            out[f"model.layers.{layer}.self_attn.q_proj_swiftkv.weight"] = self.q_proj[i].detach()
-        for g in range(len(self.k_proj)):
-            layer = self.split + g * self.group_size
-            out[f"model.layers.{layer}.self_attn.k_proj_swiftkv.weight"] = self.k_proj[g].detach()
-            out[f"model.layers.{layer}.self_attn.v_proj_swiftkv.weight"] = self.v_proj[g].detach()
-        return out
+        return {name: tensor.detach().clone() for name, tensor in self._published_views().items()}
 
     @torch.no_grad()
     def load_published(self, tensors: dict[str, torch.Tensor]) -> None:
-        own = self.published_tensors()
+        own = self._published_views()
         missing = sorted(set(own) - set(tensors))
         if missing:
             raise ValueError(f"SwiftKV parameters lack {len(missing)} tensors, e.g. {missing[:2]}")
@@ -100,56 +142,38 @@ class DenseSwiftKVModel(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.base["model.embed_tokens.weight"])
+        return self.teacher.model.embed_tokens(ids)
 
     def rotary(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rope.lookup(torch.arange(length), dtype)  # [T, 1, D] each
+        return self.teacher.model.rope.lookup(torch.arange(length), dtype)  # [T, 1, D] each
 
-    def _attend(self, q, k, v) -> torch.Tensor:
-        """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq * D], causal."""
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2).flatten(2)
-
-    def _mlp_and_residual(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        eps = self.arch.rms_norm_eps
-        h = h + F.linear(attn, self._w(layer, "self_attn.o_proj"))
-        x = _rms(h, self._w(layer, "post_attention_layernorm"), eps)
-        gate, up = F.linear(x, self._w(layer, "mlp.gate_proj")), F.linear(x, self._w(layer, "mlp.up_proj"))
-        return h + F.linear(F.silu(gate) * up, self._w(layer, "mlp.down_proj"))
+    @staticmethod
+    def _rows(h: torch.Tensor, cos_sin) -> tuple[torch.Tensor, tuple, DenseMetadata]:
+        """[B, T, H] -> the flattened rows (a copy: the layers update the stream in place when not
+        training), the rotary tables for every row, and the backend's metadata."""
+        batch, length = h.shape[:2]
+        flat_cos_sin = tuple(t.repeat(batch, 1, 1) for t in cos_sin)
+        return h.reshape(batch * length, -1).clone(), flat_cos_sin, DenseMetadata(batch, length)
 
     def base_layers(self, h: torch.Tensor, start: int, end: int, cos_sin) -> torch.Tensor:
         """Layers [start, end) as the base model runs them (its own q/k/v)."""
-        a, (B, T) = self.arch, h.shape[:2]
-        for layer in range(start, end):
-            x = _rms(h, self._w(layer, "input_layernorm"), a.rms_norm_eps)
-            q = F.linear(x, self._w(layer, "self_attn.q_proj")).view(B, T, a.num_heads, a.head_dim)
-            k = F.linear(x, self._w(layer, "self_attn.k_proj")).view(B, T, a.num_kv_heads, a.head_dim)
-            v = F.linear(x, self._w(layer, "self_attn.v_proj")).view(B, T, a.num_kv_heads, a.head_dim)
-            attn = self._attend(RotaryEmbedding.apply(cos_sin, q), RotaryEmbedding.apply(cos_sin, k), v)
-            h = self._mlp_and_residual(layer, h, attn)
-        return h
+        flat, flat_cos_sin, meta = self._rows(h, cos_sin)
+        out = self.teacher.model.run_layers(start, end, flat_cos_sin, flat, [None] * self.arch.num_layers, meta)
+        return out.view(h.shape)
 
     def swiftkv_layers(self, h: torch.Tensor, cos_sin) -> torch.Tensor:
         """Layers [split, L) with SwiftKV: K/V of every group from ``h`` (the stream entering split)."""
-        a, (B, T) = self.arch, h.shape[:2]
-        kv_in = _rms(h, self.norm_swiftkv, a.rms_norm_eps)
-        keys = [RotaryEmbedding.apply(cos_sin, F.linear(kv_in, w).view(B, T, a.num_kv_heads, a.head_dim))
-                for w in self.k_proj]
-        values = [F.linear(kv_in, w).view(B, T, a.num_kv_heads, a.head_dim) for w in self.v_proj]
-        for i, layer in enumerate(range(self.split, a.num_layers)):
-            g = i // self.group_size
-            x = _rms(h, self._w(layer, "input_layernorm"), a.rms_norm_eps)
-            q = RotaryEmbedding.apply(cos_sin, F.linear(x, self.q_proj[i]).view(B, T, a.num_heads, a.head_dim))
-            h = self._mlp_and_residual(layer, h, self._attend(q, keys[g], values[g]))
-        return h
+        flat, flat_cos_sin, meta = self._rows(h, cos_sin)
+        model = self.student.model
+        caches = [DenseKV() for _ in range(model.arch.num_cache_layers)]
+        tail = TailBatch(torch.arange(flat.shape[0]), meta)  # every token goes on: no prefill skipping here
+        return model.swiftkv_layers(flat_cos_sin, flat, caches, meta, tail).view(h.shape)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return _rms(h, self.base["model.norm.weight"], self.arch.rms_norm_eps)
+        return self.teacher.model.norm(h)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        head = self.base.get("lm_head.weight", self.base["model.embed_tokens.weight"])
-        return F.linear(normed, head)
+        return self.teacher.compute_logits(normed)
 
     def forward(self, ids: torch.Tensor, swiftkv: bool = True) -> torch.Tensor:
         """ids [B, T] -> logits [B, T, vocab], every layer for every token."""
@@ -168,16 +192,33 @@ class DenseSwiftKVModel(nn.Module):
         return ids[len(prompt):]
 
 
+def _share_base_weights(student: nn.Module, teacher: nn.Module) -> None:
+    """Point every student parameter the teacher also has at the teacher's tensor (one copy, frozen)."""
+    shared = dict(teacher.named_parameters(remove_duplicate=False))
+    for module_name, module in student.named_modules():
+        for name, _ in list(module.named_parameters(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            if full in shared:
+                setattr(module, name, shared[full])
+
+
+def load_published_tensors(model_dir: str) -> dict[str, torch.Tensor]:
+    """The SwiftKV tensors a ``llama_swiftkv`` checkpoint carries (empty for a plain one)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(model_dir):
+        with safe_open(file, framework="pt") as f:
+            tensors.update({k: f.get_tensor(k).float() for k in f.keys() if "_swiftkv" in k})
+    return tensors
+
+
 def from_checkpoint(model_dir: str, split: int, group_size: int, params: SwiftKVParams | None = None
                     ) -> DenseSwiftKVModel:
     """A dense SwiftKV model over a plain (or llama_swiftkv) checkpoint directory."""
-    from dataclasses import replace
-
     arch = ModelArch.from_dir(model_dir)
-    base = load_base_tensors(model_dir)
-    published = {k: v for k, v in base.items() if "_swiftkv" in k}
-    base = {k: v for k, v in base.items() if "_swiftkv" not in k}
-    if params is None and published:
-        params = SwiftKVParams(split, group_size, published, {})
-    arch = replace(arch, num_key_value_layers=split, key_value_group_size=group_size, swiftkv=False)
-    return DenseSwiftKVModel(arch, base, split, group_size, params)
+    if params is None:
+        published = load_published_tensors(model_dir)
+        if published:
+            params = SwiftKVParams(split, group_size, published, {})
+    return DenseSwiftKVModel(model_dir, arch, split, group_size, params)

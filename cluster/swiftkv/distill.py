@@ -223,7 +223,7 @@ def run_distill(args) -> int:
         eval_sets[f"local text {args.eval_corpus}"] = pack(text_corpus(model_dir, args.eval_corpus), args.seq_len,
                                                            separator)[: args.eval_rows]
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     state_path = os.path.join(args.work_dir, "state.pt")
     step, history, segments = 0, [], []
     if os.path.isfile(state_path):
@@ -232,7 +232,7 @@ def run_distill(args) -> int:
         segments = state.get("segments", [])
         # An evaluation set added on resume gets its "before" from the undistilled weights too.
         before.update({name: evaluate(model, rows) for name, rows in eval_sets.items() if name not in before})
-        model.load_state_dict(state["model"], strict=False)
+        model.load_published(state["swiftkv"])
         optimizer.load_state_dict(state["optimizer"])
         print(f"resuming from step {step} ({state_path})")
     else:
@@ -250,7 +250,7 @@ def run_distill(args) -> int:
         return args.lr * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm)))
 
     def save_state() -> None:
-        torch.save({"model": {k: v for k, v in model.state_dict().items()}, "optimizer": optimizer.state_dict(),
+        torch.save({"swiftkv": model.published_tensors(), "optimizer": optimizer.state_dict(),
                     "step": step, "history": history, "before": before, "segments": segments}, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
 
@@ -274,7 +274,7 @@ def run_distill(args) -> int:
             loss, parts = distillation_loss(model, ids, args.temperature, args.hidden_loss_weight, teacher)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
         optimizer.step()
         step += 1
         history.append({"step": step, "loss": loss.item(), **parts})

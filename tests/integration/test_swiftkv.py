@@ -26,7 +26,7 @@ def perturbed_params(model_dir: str, split: int, group: int, seed: int = 0) -> S
     dense = from_checkpoint(model_dir, split, group)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in dense.parameters():
+        for p in dense.trainable_parameters():
             p.add_(0.1 * p.abs().mean() * torch.randn(p.shape, generator=gen))
     return SwiftKVParams(split, group, dense.published_tensors(), {"test": "perturbed init"})
 
@@ -63,6 +63,37 @@ def test_engine_matches_the_dense_swiftkv_reference(tiny_llama_dir, tmp_path, sp
     base = LLM(model=model_dir, dtype="float32", block_size=4)
     plain = [o.outputs[0].token_ids for o in base.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)]
     assert plain != reference  # the SwiftKV path is really taken
+
+
+def test_the_dense_model_runs_qwen2_with_its_qkv_biases(tiny_llama_dir, hf_tiny_model):
+    """The dense model runs the engine's own layers, so Qwen2's q/k/v biases come with them: without
+    SwiftKV it is transformers' Qwen2; with SwiftKV on its last layer only, initialised from the
+    base (biases too), that layer's K/V and queries are the base ones, so the logits are too."""
+    model_dir = tiny_llama_dir("qwen2")  # 3 layers
+    dense = from_checkpoint(model_dir, 2, 1)
+    assert "model.layers.2.self_attn.k_proj_swiftkv.bias" in dense.published_tensors()
+    ids = torch.tensor([[100 + 3 * i for i in range(19)]])
+    expected = hf_tiny_model("qwen2")(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids, swiftkv=False), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(dense(ids, swiftkv=True), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_distillation_trains_only_the_swiftkv_parameters_of_the_engines_own_layers(tiny_llama_dir):
+    from cluster.model.llama import LlamaDecoderLayer
+    from cluster.swiftkv.distill import distillation_loss
+
+    dense = from_checkpoint(tiny_llama_dir("llama_deep"), 2, 2)
+    assert isinstance(dense.student.model.layers[3], LlamaDecoderLayer)
+    # One copy of the base weights: the student's are the teacher's own tensors.
+    assert dense.student.model.layers[3].mlp.down_proj.weight is dense.teacher.model.layers[3].mlp.down_proj.weight
+    assert dense.student.model.embed_tokens.weight is dense.teacher.model.embed_tokens.weight
+    trainable = {id(p) for p in dense.trainable_parameters()}
+    loss, _ = distillation_loss(dense, torch.tensor([[100 + 3 * i for i in range(12)]] * 2), 2.0, 1.0)
+    loss.backward()
+    for name, p in dense.named_parameters():
+        assert (p.grad is not None) == (id(p) in trainable), name
+    assert len(trainable) == 1 + 1 + 4  # norm_swiftkv, the fused K/V of both groups, 4 layers' q_proj_swiftkv
 
 
 def test_dense_reference_without_swiftkv_is_the_base_model(tiny_llama_dir, hf_tiny_model):

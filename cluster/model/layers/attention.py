@@ -145,6 +145,11 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
 
+    @staticmethod
+    def write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Store K/V computed outside a layer (SwiftKV's projection) at the step's slots."""
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] or None (already cached); kv_cache: [2, Hkv, NB, BS, D]
