@@ -12,7 +12,9 @@ output tokens/s per level.
    cluster's own processes cost on this machine, apart from the request path;
 3. two replicas behind the prefix-affinity router, then behind Serve's default power-of-two
    router, on a workload whose requests share long prefixes in groups: prefix-cache hit rate
-   (from the replicas' own counters) and p50 time to first token.
+   (from the replicas' own counters) and p50 time to first token; then multi-turn conversations
+   through the chat API (``cluster/bench_chat.py``): the hit rate beside the ideal one, which
+   one unbounded cache would reach (prefix affinity should reach at least 0.9 of it).
 Medians over ``--repeats`` runs where a phase is repeated.
 """
 
@@ -190,7 +192,9 @@ def run_serve_bench(args) -> int:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
+    from cluster.bench_chat import run_conversations
     from cluster.serving.app import GRPC_SERVICER_FUNCTIONS
+    from cluster.serving.config import ServingConfig
     from cluster.serving.serve_start import prepare_environment, start_serve
 
     cores = os.cpu_count() or 1
@@ -220,12 +224,17 @@ def run_serve_bench(args) -> int:
         print("phase 3: two replicas, shared-prefix workload, prefix-affinity vs power-of-two", flush=True)
         routers = {}
         prompts = shared_prefix_workload(groups=8, per_group=6, prefix_words=args.prefix_words, seed=7)
+        block_size = ServingConfig(engine={"model": args.model}).engine_config().cache.block_size
         for router in ("prefix_affinity", "power_of_two"):
             name = f"bench-{router.replace('_', '-')}"
             _deploy(args, name, num_replicas=2, replica_num_cpus=max(1, cores // 2), router=router,
                     routing_stats_period_s=0.5)
             result = asyncio.run(_grpc_run(address, name, prompts, 4, args.max_tokens))
-            routers[router] = (_hit_rate(name, 2), result)
+            hit_rate = _hit_rate(name, 2)
+            chat = asyncio.run(run_conversations(address, name, conversations=args.chat_conversations,
+                                                 turns=args.chat_turns, concurrency=4, words=args.chat_words,
+                                                 max_tokens=args.chat_max_tokens, seed=11))
+            routers[router] = (hit_rate, result, chat)
             serve.delete(name)
     finally:
         serve.shutdown()
@@ -243,7 +252,14 @@ def run_serve_bench(args) -> int:
     print(f"in-process with Ray + Serve running beside it (idle app): {beside_base:.1f} tok/s "
           f"({beside_base / base:.2f}x of alone); served vs that: {served / beside_base:.2f}x")
     print("\nshared prefixes (8 groups x 6 requests, 4 streams, 2 replicas):")
-    for router, (rate, result) in routers.items():
+    for router, (rate, result, _) in routers.items():
         print(f"  {router:16s} prefix-cache hit rate {rate:.2f}   TTFT p50 {_pct(result.ttft, .5):.3f}s   "
               f"{result.tokens_per_s:.1f} tok/s")
+    print(f"\nmulti-turn chat ({args.chat_conversations} conversations x {args.chat_turns} turns through the "
+          f"chat API, 4 at a time, {args.chat_max_tokens}-token replies, 2 replicas; blocks of {block_size}):")
+    for router, (_, _, chat) in routers.items():
+        ideal = chat.ideal_cached_tokens(block_size)
+        print(f"  {router:16s} cached {chat.cached_tokens:6d} of {chat.prompt_tokens} prompt tokens "
+              f"({chat.cached_tokens / chat.prompt_tokens:.2f}); ideal {ideal} ({ideal / chat.prompt_tokens:.2f}) "
+              f"-> {chat.cached_tokens / max(1, ideal):.2f} of ideal")
     return 0

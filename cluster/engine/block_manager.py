@@ -8,26 +8,12 @@ stays reusable by a later request) until the queue hands it out for new tokens.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict
-from collections.abc import Sequence as TokenIds
 from dataclasses import dataclass
 
+from cluster.contracts.block_hash import hash_block_tokens
 from cluster.engine.sequence import Sequence
 from cluster.errors import InvalidConfigError
-
-
-def hash_block_tokens(parent_hash: int | None, token_ids: TokenIds[int]) -> int:
-    """Hash one full block chained to its parent's hash: a 64-bit int, stable across processes.
-
-    Python's ``hash()`` is salted per process, so workers and restarts would disagree.
-    """
-    h = hashlib.blake2b(digest_size=8)
-    # A tag byte keeps "no parent" apart from any real parent value.
-    h.update(b"\x00" if parent_hash is None else b"\x01" + parent_hash.to_bytes(8, "little"))
-    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
-    return int.from_bytes(h.digest(), "little")
 
 
 @dataclass

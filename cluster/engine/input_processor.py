@@ -28,6 +28,12 @@ class InputProcessor:
         self._check_length(token_ids)
         return text, token_ids
 
+    def prompt_token_ids(self, prompt: PromptType | None = None, messages: list[dict] | None = None) -> list[int]:
+        """A prompt's or a chat's token ids, checked against the context length (no sampling checks)."""
+        ids = self.chat_token_ids(messages) if messages is not None else self._tokenize(prompt)[1]
+        self._check_length(ids)
+        return ids
+
     def apply_chat_template(self, messages: list[dict]) -> str:
         """Render chat messages with the tokenizer's template, ready for the assistant's turn."""
         _check_messages(messages)

@@ -56,7 +56,8 @@ def model_server_options(config: ServingConfig) -> dict:
 
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"imbalance_threshold": config.router_imbalance_threshold},
+            request_router_kwargs={"imbalance_threshold": config.router_imbalance_threshold,
+                                   "block_size": engine.cache.block_size},  # route on the caches' own blocks
             request_routing_stats_period_s=config.routing_stats_period_s)
     return options
 

@@ -45,8 +45,9 @@ class ServingConfig:
     chat_max_tokens: int = 512  # chat requests without max_tokens generate at most this many
     malloc_library: str = "auto"  # replicas' malloc: "auto" (jemalloc if installed), "glibc", or a path
     # The engine core (scheduler, executor, model) in a child process of the replica: a crash or hang
-    # there fails the in-flight requests and a new core starts, the replica stays (tensor_parallel_size 1).
-    engine_core_process: bool = False
+    # there fails the in-flight requests and a new core starts, the replica stays. None = yes at
+    # tensor_parallel_size 1; above 1 the model already runs in the workers' own processes (Ray actors).
+    engine_core_process: bool | None = None
     engine: dict = field(default_factory=dict)  # engine options (model, dtype, tensor_parallel_size, ...)
 
     def __post_init__(self) -> None:
@@ -67,11 +68,18 @@ class ServingConfig:
         malloc.resolve(self.malloc_library)  # a bad value or a missing file fails here, naming the field
         self.autoscaling = AutoscalingOptions.from_value(self.autoscaling)
         _require(self.router in ROUTERS, "router", f"must be one of {ROUTERS}, got {self.router!r}")
-        _require(isinstance(self.engine_core_process, bool), "engine_core_process",
-                 f"must be true or false, got {self.engine_core_process!r}")
+        _require(self.engine_core_process is None or isinstance(self.engine_core_process, bool),
+                 "engine_core_process", f"must be true, false or null, got {self.engine_core_process!r}")
         engine = self.engine_config()  # validates every engine option now, naming the bad one
         _require(not self.engine_core_process or engine.parallel.tensor_parallel_size == 1, "engine_core_process",
                  "runs tensor_parallel_size 1 only (larger groups run their workers as Ray actors)")
+
+    @property
+    def uses_core_process(self) -> bool:
+        """Whether each replica runs its engine core in a child process (see engine_core_process)."""
+        if self.engine_core_process is not None:
+            return self.engine_core_process
+        return self.engine_config().parallel.tensor_parallel_size == 1
 
     def engine_config(self) -> EngineConfig:
         """The engine's config: bfloat16 by default, and a bounded queue (as deep as the running set)."""

@@ -224,7 +224,9 @@ def unary_response(chunks: list[GenerationChunk]) -> pb.GenerateResponse:
 
 
 def model_info_message(info: dict) -> pb.ModelInfo:
-    return pb.ModelInfo(**info)
+    """The replica's ``model_info()`` as the API's message (keys the message lacks stay internal)."""
+    fields = pb.ModelInfo.DESCRIPTOR.fields_by_name
+    return pb.ModelInfo(**{key: value for key, value in info.items() if key in fields})
 
 
 # ---- OpenAI in ----------------------------------------------------------------------------

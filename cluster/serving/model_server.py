@@ -59,7 +59,7 @@ class ModelServer:
             from cluster.engine.async_engine import AsyncLLMEngine
             from cluster.engine.llm_engine import LLMEngine
 
-            engine = AsyncLLMEngine(LLMEngine(engine_config, core_process=config.engine_core_process))
+            engine = AsyncLLMEngine(LLMEngine(engine_config, core_process=config.uses_core_process))
         self.engine = engine
         self.model_name = config.model_name or os.path.basename(engine_config.model.model.rstrip("/"))
         self.metrics = ServerMetrics(self.model_name)
@@ -73,8 +73,10 @@ class ModelServer:
     async def generate(self, request: EngineRequest) -> AsyncIterator[GenerationChunk]:
         """Stream one request's deltas; the engine aborts it (freeing its KV blocks) if we are cancelled."""
         engine = self.engine.engine
-        prompt = request.engine_prompt() if request.messages is None else \
-            {"prompt_token_ids": engine.input_processor.chat_token_ids(request.messages)}
+        if request.prompt_token_ids is None and request.messages is not None:  # not tokenized by an ingress
+            prompt = {"prompt_token_ids": engine.input_processor.chat_token_ids(request.messages)}
+        else:
+            prompt = request.engine_prompt()
         params = request.params
         if request.max_tokens_is_default and params.max_tokens > engine.max_model_len:
             params = dataclasses.replace(params, max_tokens=engine.max_model_len)
@@ -95,18 +97,21 @@ class ModelServer:
             yield chunk
 
     def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        processor = self.engine.engine.input_processor
-        if messages is not None:
-            return processor.chat_token_ids(messages)
-        _, ids = processor.process(prompt, SamplingParams())
-        return ids
+        return self.engine.engine.input_processor.prompt_token_ids(prompt, messages)
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The checkpoint's tokenizer files, so the ingress can tokenize without the model's directory."""
+        from cluster.serving.prompt_tokenizer import tokenizer_files
+
+        return tokenizer_files(self.engine.engine.source.path)
 
     def model_info(self) -> dict:
         engine = self.engine.engine
+        processor = engine.input_processor
         return {"model": self.model_name, "max_model_len": engine.max_model_len,
                 "tensor_parallel_size": engine.config.parallel.tensor_parallel_size,
                 "dtype": engine.config.model.dtype, "vocab_size": engine.arch.vocab_size,
-                "block_size": engine.config.cache.block_size}
+                "block_size": engine.config.cache.block_size, "max_cache_tokens": processor.max_cache_tokens}
 
     def engine_stats(self) -> dict:
         """The engine's counters (block usage, prefix-cache hits), tagged with this replica's id."""

@@ -8,18 +8,23 @@ than another or its KV cache is nearly full.
 
 The policy, in :class:`PrefixAffinityPolicy` (pure Python, no Ray needed to test it):
 
-* The prompt (``EngineRequest.routing_tokens()``: token ids, or the text) is cut into chunks of
-  ``chunk_size`` items; the trailing partial chunk is ignored, as a block-level cache would. The
-  chunks are hash-chained (``h_i = hash((h_{i-1}, chunk_i))``), so equal ``h_i`` means equal first
-  ``i`` chunks.
-* Per replica the router remembers an LRU-bounded set of chain hashes it routed there. This is an
-  approximation of the replica's cache, built only from this router's own decisions.
-* A replica's match is the number of leading chunks found in its set. The candidate with the longest
-  match wins (ties: least loaded, then random), unless its KV usage is above ``max_kv_usage`` or its
-  load exceeds the least-loaded candidate's by more than ``imbalance_threshold``; then, and when no
-  candidate matches at all, the least-loaded candidate (ties random) is chosen. Candidates over the
-  KV cap are avoided as fallbacks too while any other candidate is under it.
-* The chosen replica records the request's chain hashes.
+* The prompt's token ids (``EngineRequest.routing_tokens()``; the ingress tokenizes text and chat
+  prompts) are named by the replicas' own prefix-cache block hashes
+  (``cluster/contracts/block_hash.py``, ``block_size`` tokens a block, chained so equal hashes mean
+  equal prefixes); the trailing partial block is ignored, as the cache ignores it. A request
+  without token ids is routed by load.
+* Per replica the router remembers an LRU-bounded set of block hashes it routed there: the blocks
+  that replica's cache was sent (it may have evicted some since), built from this router's own
+  decisions.
+* A replica's match is the number of leading blocks found in its set. The candidate with the longest
+  match wins (ties: least loaded, then random), unless its KV usage is above ``max_kv_usage``, its
+  load exceeds the least-loaded candidate's by more than ``imbalance_threshold``, or it is busier
+  than the least-loaded candidate while its match covers less than ``min_match_fraction`` of the
+  prompt (a shared system prompt alone must not pin every new conversation to one replica; each
+  replica caches it once); then, and when no candidate matches at all, the least-loaded candidate
+  (ties random) is chosen. Candidates over the KV cap are avoided as fallbacks too while any other
+  candidate is under it.
+* The chosen replica records the request's block hashes.
 
 :class:`PrefixAffinityRouter` adapts this to Serve: it turns each ``RunningReplica`` into
 ``(replica_id, load, kv_usage)`` and returns ranks for Serve's own probing, retry and backoff.
@@ -27,7 +32,7 @@ Use it on a deployment with::
 
     @serve.deployment(request_router_config=RequestRouterConfig(
         request_router_class="cluster.serving.router:PrefixAffinityRouter",
-        request_router_kwargs={"chunk_size": 32, "imbalance_threshold": 8},
+        request_router_kwargs={"block_size": 16, "imbalance_threshold": 8},
         request_routing_stats_period_s=1.0))
 """
 
@@ -41,42 +46,33 @@ from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from cluster.contracts.block_hash import block_hashes
+
 logger = logging.getLogger("ray.serve")
 
-RoutingTokens = Sequence[int] | str  # token ids, or the prompt text
+RoutingTokens = Sequence[int]  # a prompt's token ids
 Candidate = tuple[Hashable, float, float]  # (replica_id, load, kv_usage)
-
-_ROOT_HASH = 0  # parent of the first chunk
-
-
-def chain_hashes(tokens: RoutingTokens, chunk_size: int) -> list[int]:
-    """Hash-chain the full ``chunk_size`` chunks of ``tokens``: one hash per chunk, each covering
-    the whole prefix up to and including that chunk."""
-    hashes: list[int] = []
-    parent = _ROOT_HASH
-    for start in range(0, len(tokens) - chunk_size + 1, chunk_size):
-        chunk = tokens[start:start + chunk_size]
-        parent = hash((parent, chunk if isinstance(chunk, str) else tuple(chunk)))
-        hashes.append(parent)
-    return hashes
 
 
 @dataclass(frozen=True)
 class PrefixAffinityConfig:
     """The router's knobs; ``request_router_kwargs`` may set any of them."""
 
-    chunk_size: int = 32  # items (tokens, or characters of a text prompt) per hashed chunk
-    max_entries_per_replica: int = 10_000  # LRU bound on the chain hashes remembered per replica
+    block_size: int = 16  # tokens per KV block: the replicas' cache.block_size (the app sets it)
+    max_entries_per_replica: int = 10_000  # LRU bound on the block hashes remembered per replica
     imbalance_threshold: float = 8  # leave the best-prefix replica if its load exceeds the least-loaded one's by more
     max_kv_usage: float = 0.95  # leave the best-prefix replica if its reported KV-cache usage is above this
+    min_match_fraction: float = 0.3  # below this share of the prompt matched, a busier best-prefix replica yields
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_entries_per_replica < 1:
             raise ValueError(f"max_entries_per_replica must be >= 1, got {self.max_entries_per_replica}")
         if self.imbalance_threshold < 0:
             raise ValueError(f"imbalance_threshold must be >= 0, got {self.imbalance_threshold}")
+        if not 0 <= self.min_match_fraction <= 1:
+            raise ValueError(f"min_match_fraction must be in [0, 1], got {self.min_match_fraction}")
 
 
 @dataclass(frozen=True)
@@ -84,9 +80,9 @@ class Decision:
     """Outcome of one routing decision."""
 
     replica_id: Hashable  # where the request goes
-    matched_chunks: int  # longest prefix match among the candidates, in chunks
-    reason: str  # "prefix" | "no_match" | "kv_cache" | "imbalance"
-    hashes: tuple[int, ...]  # the request's chain hashes, for record_hashes()
+    matched_blocks: int  # longest prefix match among the candidates, in blocks
+    reason: str  # "prefix" | "no_match" | "kv_cache" | "imbalance" | "short_match"
+    hashes: tuple[int, ...]  # the request's block hashes, for record_hashes()
 
 
 class PrefixAffinityPolicy:
@@ -98,13 +94,13 @@ class PrefixAffinityPolicy:
     def __init__(self, config: PrefixAffinityConfig | None = None, rng: random.Random | None = None):
         self.config = config or PrefixAffinityConfig()
         self._rng = rng or random.Random()
-        self._seen: dict[Hashable, OrderedDict[int, None]] = {}  # replica -> chain hashes, oldest first
+        self._seen: dict[Hashable, OrderedDict[int, None]] = {}  # replica -> block hashes, oldest first
 
     def hashes(self, routing_tokens: RoutingTokens | None) -> list[int]:
-        return chain_hashes(routing_tokens, self.config.chunk_size) if routing_tokens else []
+        return block_hashes(routing_tokens, self.config.block_size) if routing_tokens else []
 
     def match_length(self, replica_id: Hashable, hashes: Sequence[int]) -> int:
-        """Leading chunks of ``hashes`` this replica is believed to hold."""
+        """Leading blocks of ``hashes`` this replica is believed to hold."""
         seen = self._seen.get(replica_id)
         if not seen:
             return 0
@@ -139,6 +135,8 @@ class PrefixAffinityPolicy:
             return Decision(least[0], best_len, "kv_cache", hashes)
         if best[1] - least[1] > cfg.imbalance_threshold:
             return Decision(least[0], best_len, "imbalance", hashes)
+        if best[1] > least[1] and best_len * cfg.block_size < cfg.min_match_fraction * len(routing_tokens):
+            return Decision(least[0], best_len, "short_match", hashes)
         return Decision(best[0], best_len, "prefix", hashes)
 
     def choose(self, candidates: Sequence[Candidate], routing_tokens: RoutingTokens | None) -> Hashable:
@@ -153,7 +151,7 @@ class PrefixAffinityPolicy:
         if not hashes:
             return
         seen = self._seen.setdefault(replica_id, OrderedDict())
-        # Deepest chunk first, so a prefix's root is the most recent entry and is evicted last:
+        # Deepest block first, so a prefix's root is the most recent entry and is evicted last:
         # evicting a root would orphan every longer entry behind it.
         for h in reversed(hashes):
             seen[h] = None
@@ -236,8 +234,8 @@ class ReplicaBoard:
 
 
 def routing_tokens_of(pending_request: PendingRequest | None) -> RoutingTokens | None:
-    """The prompt of a handle call whose first argument is an ``EngineRequest`` (duck-typed, so this
-    module need not import ``cluster``); None for any other call, which is then routed by load."""
+    """The prompt's token ids of a handle call whose first argument is an ``EngineRequest``
+    (duck-typed); None for any other call or a request not tokenized, which is routed by load."""
     if pending_request is None or not pending_request.args:
         return None
     get = getattr(pending_request.args[0], "routing_tokens", None)
@@ -297,8 +295,8 @@ class PrefixAffinityRouter(RequestRouter):
         self._policy.record_hashes(chosen.replica_id, decision.hashes)
         if logger.isEnabledFor(logging.DEBUG):
             request_id = pending_request.metadata.request_id if pending_request else None
-            logger.debug("prefix router: %s -> %s (%s, %d chunks matched)", request_id,
-                         chosen.replica_id, decision.reason, decision.matched_chunks)
+            logger.debug("prefix router: %s -> %s (%s, %d blocks matched)", request_id,
+                         chosen.replica_id, decision.reason, decision.matched_blocks)
         others = [r for r in candidate_replicas if r is not chosen]
         spill = self._rng.sample(others, min(2, len(others)))
         return [[chosen], spill] if spill else [[chosen]]
@@ -327,7 +325,6 @@ __all__ = [
     "PrefixAffinityPolicy",
     "PrefixAffinityRouter",
     "ReplicaBoard",
-    "chain_hashes",
     "replica_load",
     "reported_kv_usage",
     "reported_load",

@@ -35,7 +35,7 @@ def test_prefix_router_keeps_a_prefix_on_one_replica(serve_on_private_ray):
         ray_actor_options={"num_cpus": 0},
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_PATH,
-            request_router_kwargs={"chunk_size": 16, "imbalance_threshold": 8},
+            request_router_kwargs={"block_size": 16, "imbalance_threshold": 8},
             request_routing_stats_period_s=1.0,
         ),
     )
@@ -51,12 +51,12 @@ def test_prefix_router_keeps_a_prefix_on_one_replica(serve_on_private_ray):
 
     handle = serve.run(WhoAmI.bind(), name="prefix_router_smoke", route_prefix=None)
 
-    shared = "System: you are a terse assistant that answers in one word. " * 4
-    same = {handle.remote(EngineRequest(f"s{i}", prompt=shared + f"Q{i}?")).result(timeout_s=60)
+    shared = list(range(500, 564))  # a 64-token system prompt: 4 blocks
+    same = {handle.remote(EngineRequest(f"s{i}", prompt_token_ids=shared + [i, 7])).result(timeout_s=60)
             for i in range(10)}
     assert len(same) == 1, f"a shared prefix was spread over {same}"
 
-    # Distinct first chunks: no match, so least loaded (idle replicas: a random tie-break).
+    # Distinct first blocks: no match, so least loaded (idle replicas: a random tie-break).
     distinct = {handle.remote(EngineRequest(f"d{i}", prompt_token_ids=[i] * 64)).result(timeout_s=60)
                 for i in range(20)}
     assert len(distinct) == 2, f"distinct prompts all went to {distinct}"
