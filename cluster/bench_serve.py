@@ -174,6 +174,21 @@ def _deploy(args, name: str, **options) -> None:
     serve.run(build_app(config), name=name, route_prefix=f"/{name}")
 
 
+def _ingress_memory(name: str) -> tuple[float, bool]:
+    """The ingress replica's resident memory (MB) and whether torch is loaded in it (libtorch mapped)."""
+    import ray
+    from ray.util.state import list_actors
+
+    [actor] = list_actors(address=ray.get_runtime_context().gcs_address,
+                          filters=[("state", "=", "ALIVE"), ("class_name", "=", f"ServeReplica:{name}:Ingress")],
+                          raise_on_missing_output=False)
+    with open(f"/proc/{actor.pid}/status") as f:
+        rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    with open(f"/proc/{actor.pid}/maps") as f:
+        torch_loaded = any("libtorch" in line for line in f)
+    return rss_kb / 1024, torch_loaded
+
+
 def _hit_rate(name: str, replicas: int) -> float:
     from ray import serve
 
@@ -215,8 +230,10 @@ def run_serve_bench(args) -> int:
     try:
         print("phase 2: served, one replica", flush=True)
         _deploy(args, APP, replica_num_cpus=cores)
+        ingress_before = _ingress_memory(APP)
         levels = sweep(address, APP, args)
         served32 = [asyncio.run(_grpc_run(address, APP, prompts, 32, args.max_tokens)) for prompts in run_prompts]
+        ingress_after = _ingress_memory(APP)
         print("phase 2b: in-process engine again, with Ray and the (idle) app still running", flush=True)
         beside = [_in_process(args, workload(64, args.prompt_words, seed=200 + r)) for r in range(args.repeats)]
         serve.delete(APP)
@@ -249,6 +266,9 @@ def run_serve_bench(args) -> int:
           f"{served / base:.2f}x (target >= 0.9x); TTFT p50 in-process "
           f"{statistics.median(_pct(r.ttft, .5) for r in inproc):.3f}s, served "
           f"{statistics.median(_pct(r.ttft, .5) for r in served32):.3f}s")
+    print(f"ingress process: {ingress_before[0]:.0f} MB RSS before the load, {ingress_after[0]:.0f} MB after "
+          f"({sum(len(r.ttft) for r in levels.values()) + sum(len(r.ttft) for r in served32)} requests); "
+          f"torch loaded: {ingress_before[1] or ingress_after[1]}")
     print(f"in-process with Ray + Serve running beside it (idle app): {beside_base:.1f} tok/s "
           f"({beside_base / base:.2f}x of alone); served vs that: {served / beside_base:.2f}x")
     print("\nshared prefixes (8 groups x 6 requests, 4 streams, 2 replicas):")
