@@ -28,7 +28,7 @@ from cluster.serving.auth import ApiKeyAuth
 from cluster.serving.config import ServingConfig
 from cluster.serving.engine_request import EngineRequest
 from cluster.serving.generation_chunk import GenerationChunk
-from cluster.serving.prompt_tokenizer import PromptTokenizer
+from cluster.serving.prompt_tokenizer import PromptTokenizer, SharedTokenizer
 from cluster.v1 import generation_pb2 as pb
 
 logger = logging.getLogger("ray.serve")
@@ -36,7 +36,7 @@ logger = logging.getLogger("ray.serve")
 MODEL_SERVER = "ModelServer"  # the model-server deployment's name (cluster/serving/app.py)
 _HEALTH_CALL_TIMEOUT_S = 0.8  # health answers within 1 s even when it must ask a replica
 _DRAIN_FACTOR = 16  # an oversized body up to this many times the limit is read (and dropped) to answer 413
-_TOKENIZER_RETRY_S = 5.0  # after a failed fetch of the tokenizer files, requests go untokenized this long
+_TOKENIZER_RETRY_S = 5.0  # after a failed fetch of the tokenizer, requests go untokenized this long
 
 
 def _num_serving(app_name: str) -> int | None:
@@ -44,10 +44,6 @@ def _num_serving(app_name: str) -> int | None:
     in the imported module at call time: Serve ships this class to its replica by value, and a
     board captured with it would be a copy the routers never write to."""
     return importlib.import_module("cluster.serving.router").ReplicaBoard.num_serving(app_name, MODEL_SERVER)
-
-
-class _TokenizerLoadError(Exception):
-    """The tokenizer files arrived but do not load in this process (not retried)."""
 
 
 def _fail(grpc_context, err: BaseException):
@@ -79,48 +75,24 @@ class Ingress:
         self.replica_capacity = scheduler.max_num_seqs + scheduler.max_waiting_requests  # what one engine admits
         self._in_flight = 0  # generate calls this ingress has open to the model servers
         self._info: dict | None = None
-        self._tokenizer: PromptTokenizer | None = None
-        self._tokenizer_task: asyncio.Task | None = None
-        self._tokenizer_retry_at = 0.0  # monotonic; 0 = fetch when first needed, inf = never (cannot load)
+        self._tokenizer = SharedTokenizer(self._fetch_tokenizer, _TOKENIZER_RETRY_S)
 
     async def _model_info(self) -> dict:
         if self._info is None:
             self._info = await self.server.model_info.remote()
         return self._info
 
-    async def _prompt_tokenizer(self) -> PromptTokenizer | None:
-        """The replicas' tokenizer, fetched once (concurrent first requests share the fetch). None
-        while it cannot be had: requests then go as text and the replica tokenizes them."""
-        if self._tokenizer is not None or time.monotonic() < self._tokenizer_retry_at:
-            return self._tokenizer
-        if self._tokenizer_task is None:
-            self._tokenizer_task = asyncio.create_task(self._fetch_tokenizer())
-        task = self._tokenizer_task
-        try:
-            self._tokenizer = await asyncio.shield(task)
-        except Exception as err:  # noqa: BLE001 - served untokenized meanwhile
-            if self._tokenizer_task is task:
-                self._tokenizer_task = None
-                permanent = isinstance(err, _TokenizerLoadError)  # else the fetch failed: try again later
-                self._tokenizer_retry_at = float("inf") if permanent else time.monotonic() + _TOKENIZER_RETRY_S
-                logger.warning("ingress: no tokenizer (%r); replicas tokenize%s", err,
-                               "" if permanent else f", retrying in {_TOKENIZER_RETRY_S:g} s")
-        return self._tokenizer
-
     async def _fetch_tokenizer(self) -> PromptTokenizer:
         # One call after the other: the two awaited together (asyncio.gather) from a request's
         # context, model_info never reached the replica and the request hung (Ray Serve 2.60).
         info = await self._model_info()
         files = await self.server.tokenizer_files.remote()
-        try:
-            return await asyncio.to_thread(PromptTokenizer.from_files, files, info, True)
-        except Exception as err:
-            raise _TokenizerLoadError(f"cannot load the replicas' tokenizer here: {err!r}") from err
+        return await asyncio.to_thread(PromptTokenizer.from_files, files, info, True)
 
     async def _tokenized(self, request: EngineRequest) -> EngineRequest:
         if request.prompt_token_ids is not None:
             return request
-        tokenizer = await self._prompt_tokenizer()
+        tokenizer = await self._tokenizer.get()
         return request if tokenizer is None else tokenizer.tokenize(request)
 
     async def _stream(self, request: EngineRequest) -> AsyncIterator[GenerationChunk]:
@@ -186,7 +158,7 @@ class Ingress:
                 prompt, messages = None, conversion.messages_from_proto(request.chat)
             else:
                 prompt, messages = conversion.check_text("prompt", request.prompt), None
-            tokenizer = await self._prompt_tokenizer()
+            tokenizer = await self._tokenizer.get()
             ids = tokenizer.token_ids(prompt, messages) if tokenizer is not None else \
                 await self.server.tokenize.remote(prompt=prompt, messages=messages)
             return pb.TokenizeResponse(token_ids=ids, count=len(ids))

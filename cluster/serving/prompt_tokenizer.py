@@ -12,12 +12,16 @@ ingress keeps torch out of its process by hiding it while transformers is first 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from cluster.engine.input_processor import InputProcessor
@@ -74,6 +78,10 @@ def load_tokenizer(files: dict[str, bytes], hide_torch: bool = False):
         shutil.rmtree(directory, ignore_errors=True)
 
 
+class TokenizerLoadError(Exception):
+    """The tokenizer files arrived but do not load here (not worth retrying)."""
+
+
 class PromptTokenizer:
     """Turns an ``EngineRequest``'s text or chat prompt into checked token ids."""
 
@@ -83,7 +91,10 @@ class PromptTokenizer:
 
     @classmethod
     def from_files(cls, files: dict[str, bytes], model_info: dict, hide_torch: bool = False) -> "PromptTokenizer":
-        return cls(load_tokenizer(files, hide_torch), model_info)
+        try:
+            return cls(load_tokenizer(files, hide_torch), model_info)
+        except Exception as err:
+            raise TokenizerLoadError(f"cannot load the replicas' tokenizer here: {err!r}") from err
 
     def tokenize(self, request: EngineRequest) -> EngineRequest:
         """The request with ``prompt_token_ids`` set (unchanged if it has them); raises
@@ -94,3 +105,47 @@ class PromptTokenizer:
 
     def token_ids(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         return self.processor.prompt_token_ids(prompt, messages)
+
+
+class SharedTokenizer:
+    """The ingress's one ``PromptTokenizer``, fetched when a request first needs it.
+
+    Concurrent first requests share one fetch. The fetch runs as a task of its own, in a fresh
+    context: in a request's context, Serve would cancel its handle calls when that request is
+    cancelled (a client's deadline), and every request after it would then await a cancelled fetch
+    (measured: each one ``CANCELLED`` at once, for good). A fetch that fails or is cancelled leaves
+    requests untokenized (the replica tokenizes them) and is tried again after ``retry_s``; files
+    that do not load are not fetched again.
+    """
+
+    def __init__(self, fetch: Callable[[], Awaitable[PromptTokenizer]], retry_s: float = 5.0):
+        self._fetch = fetch
+        self.retry_s = retry_s
+        self.tokenizer: PromptTokenizer | None = None
+        self._task: asyncio.Task | None = None
+        self._retry_at = 0.0  # monotonic; inf once the files proved unloadable
+
+    async def get(self) -> PromptTokenizer | None:
+        """The tokenizer, or None while it cannot be had (raises only if this caller is cancelled)."""
+        if self.tokenizer is not None or time.monotonic() < self._retry_at:
+            return self.tokenizer
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._fetch(), context=contextvars.Context())
+        task = self._task
+        try:
+            self.tokenizer = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():  # this caller was cancelled, not the fetch: it goes on for the others
+                raise
+            self._failed(task, "the fetch was cancelled", permanent=False)
+        except Exception as err:  # noqa: BLE001 - requests go untokenized meanwhile
+            self._failed(task, repr(err), permanent=isinstance(err, TokenizerLoadError))
+        return self.tokenizer
+
+    def _failed(self, task: asyncio.Task, why: str, permanent: bool) -> None:
+        if self._task is not task:  # another caller has handled it already
+            return
+        self._task = None
+        self._retry_at = float("inf") if permanent else time.monotonic() + self.retry_s
+        logger.warning("no tokenizer in the ingress (%s); replicas tokenize%s", why,
+                       "" if permanent else f"; trying again in {self.retry_s:g} s")
