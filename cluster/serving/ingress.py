@@ -3,8 +3,8 @@ HTTP API (through Serve's HTTP proxy), both thin layers over ``cluster/serving/c
 
 It holds no model: every request becomes an ``EngineRequest``, is tokenized here (the tokenizer
 files come from a replica once; ``cluster/serving/prompt_tokenizer.py``) and goes to the
-model-server deployment through its handle, so the prefix-affinity router sees its token ids. Cancellation
-propagates: when a gRPC stream is cancelled, its deadline passes or an HTTP client
+model-server deployment through its handle, so the prefix-affinity router sees its token ids.
+Cancellation propagates: when a gRPC stream is cancelled, its deadline passes or an HTTP client
 disconnects, Serve cancels this call and the replica call under it, and the engine aborts
 the request and frees its KV blocks.
 """
@@ -12,7 +12,6 @@ the request and frees its KV blocks.
 
 import asyncio
 import importlib
-import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -30,8 +29,6 @@ from cluster.serving.engine_request import EngineRequest
 from cluster.serving.generation_chunk import GenerationChunk
 from cluster.serving.prompt_tokenizer import PromptTokenizer, SharedTokenizer
 from cluster.v1 import generation_pb2 as pb
-
-logger = logging.getLogger("ray.serve")
 
 MODEL_SERVER = "ModelServer"  # the model-server deployment's name (cluster/serving/app.py)
 _HEALTH_CALL_TIMEOUT_S = 0.8  # health answers within 1 s even when it must ask a replica
@@ -83,8 +80,8 @@ class Ingress:
         return self._info
 
     async def _fetch_tokenizer(self) -> PromptTokenizer:
-        # One call after the other: the two awaited together (asyncio.gather) from a request's
-        # context, model_info never reached the replica and the request hung (Ray Serve 2.60).
+        # One call after the other: awaited together (asyncio.gather), model_info never reached
+        # the replica and the request hung (Ray Serve 2.60, measured).
         info = await self._model_info()
         files = await self.server.tokenizer_files.remote()
         return await asyncio.to_thread(PromptTokenizer.from_files, files, info, True)
