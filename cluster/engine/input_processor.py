@@ -39,7 +39,12 @@ class InputProcessor:
         _check_messages(messages)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("messages", "this model's tokenizer has no chat template")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # templates refuse e.g. turns that do not alternate: the caller's input
+            raise InvalidRequestError("messages", f"the model's chat template refused them: {err}") from err
 
     def chat_token_ids(self, messages: list[dict]) -> list[int]:
         """The templated conversation as token ids (the template carries the special tokens: no second BOS)."""

@@ -156,3 +156,25 @@ def test_files_that_do_not_load_are_not_fetched_again():
         assert await shared.get() is None and await shared.get() is None and fetch.calls == 1
 
     asyncio.run(main())
+
+
+def test_a_chat_template_that_refuses_the_turns_is_the_callers_error_naming_messages():
+    """Many templates raise (``raise_exception``) on turns that do not alternate; that is bad input
+    (INVALID_ARGUMENT / 400), never an internal error."""
+    from jinja2 import TemplateError
+
+    from cluster.engine.input_processor import InputProcessor
+
+    class Strict:
+        chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+
+        def apply_chat_template(self, messages, **kwargs):
+            raise TemplateError("Conversation roles must alternate user/assistant")
+
+        def encode(self, text, **kwargs):
+            return [1]
+
+    processor = InputProcessor(Strict(), 100, 64, 4096)
+    with pytest.raises(InvalidRequestError) as err:
+        processor.prompt_token_ids(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert err.value.field == "messages" and "alternate" in str(err.value)
