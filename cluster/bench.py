@@ -1,14 +1,20 @@
-"""``llm-cluster bench``: the engine against transformers on one seeded workload, in the same run.
+"""``llm-cluster bench``: the engine against a peer on one seeded workload, in the same run.
 
 Workload: ``--num-requests`` requests, prompt lengths uniform in [16, 1024] tokens, output
 lengths uniform in [16, 256] (ignore_eos), random token ids from a seeded generator.
-Throughput counts only the tokens each request asked for. transformers runs batched
-``generate`` with left padding in arrival order at the best of several batch sizes.
-Each figure is the median of ``--repeats`` runs.
+Throughput counts only the tokens each request asked for. Single stream: one chat-like prompt
+alone, time to its first token and decode tokens/s after it.
+
+Peers (``--against``): transformers runs batched ``generate`` with left padding in arrival order
+at the best of several batch sizes. vLLM's CPU build (``cluster.bench_vllm``) runs the very same
+token ids in its own venv, and both also run a prefill-heavy burst (``--burst-requests`` prompts of
+1-1.8k tokens, outputs a tenth of the prompt, all arriving at once: per-request time to first
+token and throughput). Each figure is the median of ``--repeats`` runs.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -18,6 +24,8 @@ import torch
 
 PROMPT_LEN_RANGE = (16, 1024)
 OUTPUT_LEN_RANGE = (16, 256)
+BURST_PROMPT_LEN_RANGE = (1024, 1800)  # prefill-heavy: outputs are a tenth of the prompt
+BURST_OUTPUT_RATIO = 10
 SINGLE_STREAM_PROMPT = "The capital of France is a city with a long history. Tell me about its museums, " \
     "its food and the river that runs through it, in a few short paragraphs."
 SINGLE_STREAM_TOKENS = 128
@@ -42,6 +50,31 @@ def make_workload(num_requests: int, vocab_size: int, seed: int) -> Workload:
         prompts.append([rng.randrange(100, vocab_size) for _ in range(n)])  # skip special ids
         outs.append(rng.randint(*OUTPUT_LEN_RANGE))
     return Workload(prompts, outs)
+
+
+def make_burst_workload(num_requests: int, vocab_size: int, seed: int) -> Workload:
+    """Prefill-heavy: prompts of 1-1.8k random token ids, each output a tenth of its prompt."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, vocab_size) for _ in range(rng.randint(*BURST_PROMPT_LEN_RANGE))]
+               for _ in range(num_requests)]
+    return Workload(prompts, [len(p) // BURST_OUTPUT_RATIO for p in prompts])
+
+
+def cpu_summary() -> str:
+    """The CPU a figure was measured on: model name, cores we may use, and its bf16 matrix features."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    features = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f in flags] or ["no AVX-512"]
+    return f"{name}, {len(os.sched_getaffinity(0))} cores, {' '.join(features)}"
 
 
 # ---- our engine -------------------------------------------------------------------------------
@@ -76,6 +109,31 @@ def engine_single_stream(llm, prompt_ids: list[int]) -> tuple[float, float]:
         first = first or time.perf_counter()
     end = time.perf_counter()
     return first - start, (SINGLE_STREAM_TOKENS - 1) / (end - first)
+
+
+def engine_burst(llm, work: Workload) -> tuple[list[float], float]:
+    """Every request added at once, the engine stepped to the end: (each request's seconds to its
+    first token, generated tokens/s over the burst)."""
+    from cluster.sampling_params import SamplingParams
+
+    engine = llm.engine
+    _cold_cache(llm)
+    first: dict[str, float] = {}
+    produced = 0
+    start = time.perf_counter()
+    for i, (prompt, n) in enumerate(zip(work.prompts, work.output_lens)):
+        engine.add_request(f"burst-{i}", {"prompt_token_ids": prompt},
+                           SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.outputs[0].token_ids and out.request_id not in first:
+                first[out.request_id] = time.perf_counter()
+            if out.finished:
+                produced += len(out.outputs[0].token_ids)
+    elapsed = time.perf_counter() - start
+    if produced != work.num_output_tokens:
+        raise RuntimeError(f"engine produced {produced} tokens, expected {work.num_output_tokens}")
+    return [first[f"burst-{i}"] - start for i in range(len(work.prompts))], produced / elapsed
 
 
 def _cold_cache(llm) -> None:
@@ -129,7 +187,7 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _bench_engine(args, work: Workload, single_ids: list[int]) -> dict:
+def _bench_engine(args, work: Workload, single_ids: list[int], burst: Workload | None = None) -> dict:
     from cluster import LLM
 
     llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads)
@@ -137,8 +195,26 @@ def _bench_engine(args, work: Workload, single_ids: list[int]) -> dict:
     engine_throughput(llm, Workload(work.prompts[:4], [16] * 4))
     tput = [engine_throughput(llm, work) for _ in range(args.repeats)]
     singles = [engine_single_stream(llm, single_ids) for _ in range(args.repeats)]
+    result = {"throughput": tput, "ttft": [s[0] for s in singles], "decode": [s[1] for s in singles]}
+    if burst is not None:
+        bursts = [engine_burst(llm, burst) for _ in range(args.repeats)]
+        result["burst_ttft"] = [b[0] for b in bursts]
+        result["burst_throughput"] = [b[1] for b in bursts]
     llm.engine.shutdown()
-    return {"throughput": tput, "ttft": [s[0] for s in singles], "decode": [s[1] for s in singles]}
+    return result
+
+
+def _bench_vllm(args, path: str, work: Workload, single_ids: list[int], burst: Workload) -> dict:
+    from cluster.bench_vllm import run_vllm
+
+    job = {"model": path, "dtype": args.dtype, "max_model_len": 2048, "repeats": args.repeats,
+           "workload": {"prompts": work.prompts, "output_lens": work.output_lens},
+           "single": {"prompt": single_ids, "tokens": SINGLE_STREAM_TOKENS},
+           "burst": {"prompts": burst.prompts, "output_lens": burst.output_lens}}
+    print("vLLM: starting (its start-up, compile included, is not timed)", flush=True)
+    result = run_vllm(job, args.vllm_venv)
+    print(f"vLLM {result['vllm_version']} started in {result['startup_s']:.0f} s", flush=True)
+    return result
 
 
 def _bench_hf(args, path: str, work: Workload, single_ids: list[int], pad_id: int) -> dict:
@@ -157,25 +233,36 @@ def _bench_hf(args, path: str, work: Workload, single_ids: list[int], pad_id: in
             "batch_size": best}
 
 
-def _report(ours: dict, hf: dict | None, threads: int) -> None:
+def _burst_p50(runs: list[list[float]]) -> list[float]:
+    return [statistics.median(ttfts) for ttfts in runs]
+
+
+def _report(ours: dict, peer: dict | None, peer_name: str, threads: int) -> None:
     rows = [("generated tokens/s (workload)", "throughput", True), ("single-stream TTFT (s)", "ttft", False),
             ("single-stream decode tokens/s", "decode", True)]
-    print(f"\ntorch threads: {threads}; medians of {len(ours['throughput'])} runs; prefix cache emptied "
-          "before every engine run")
-    for name, result in (("llm-cluster", ours), ("transformers", hf)):
+    for result in (ours, peer):  # per-run TTFT p50 of the burst, so medians work as for the rest
+        if result is not None and "burst_ttft" in result:
+            result["burst_ttft_p50"] = _burst_p50(result["burst_ttft"])
+    if "burst_throughput" in ours and peer is not None and "burst_throughput" in peer:
+        rows += [("prefill-heavy burst TTFT p50 (s)", "burst_ttft_p50", False),
+                 ("prefill-heavy burst tokens/s", "burst_throughput", True)]
+    print(f"\nCPU: {cpu_summary()}; our torch threads: {threads}; medians of {len(ours['throughput'])} runs; "
+          "our prefix cache emptied before every run")
+    keys = [key for _, key, _ in rows]
+    for name, result in (("llm-cluster", ours), (peer_name, peer)):
         if result is not None:
             print(f"  {name} runs: " + "; ".join(f"{k} " + ", ".join(f"{v:.3f}" for v in result[k])
-                                               for k in ("throughput", "ttft", "decode")))
-    print(f"{'metric':34s} {'llm-cluster':>12s} {'transformers':>13s} {'ratio':>8s}")
+                                               for k in keys if k in result))
+    print(f"{'metric':34s} {'llm-cluster':>12s} {peer_name:>13s} {'ratio':>8s}")
     for label, key, higher_better in rows:
         a = _median(ours[key])
-        if hf is None:
+        if peer is None:
             print(f"{label:34s} {a:12.3f}")
             continue
-        b = _median(hf[key])
+        b = _median(peer[key])
         ratio = a / b if higher_better else b / a
         print(f"{label:34s} {a:12.3f} {b:13.3f} {ratio:7.2f}x")
-    print("(ratio > 1 means llm-cluster is better; for TTFT it is transformers' time / ours)")
+    print(f"(ratio > 1 means llm-cluster is better; for TTFT it is {peer_name}'s time / ours)")
 
 
 def run_bench(args) -> int:
@@ -190,12 +277,21 @@ def run_bench(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     work = make_workload(args.num_requests, arch.vocab_size, args.seed)
     single_ids = tokenizer.encode(SINGLE_STREAM_PROMPT)
+    print(f"CPU: {cpu_summary()}")
     print(f"workload: {len(work.prompts)} requests, {sum(map(len, work.prompts))} prompt tokens, "
           f"{work.num_output_tokens} output tokens; dtype {args.dtype}; single-stream prompt "
           f"{len(single_ids)} tokens, {SINGLE_STREAM_TOKENS} new tokens")
+    if args.against == "vllm":
+        burst = make_burst_workload(args.burst_requests, arch.vocab_size, args.seed + 1)
+        print(f"prefill-heavy burst: {len(burst.prompts)} requests at once, {sum(map(len, burst.prompts))} prompt "
+              f"tokens, {burst.num_output_tokens} output tokens", flush=True)
+        ours = _bench_engine(args, work, single_ids, burst)
+        peer = _bench_vllm(args, source.path, work, single_ids, burst)
+        _report(ours, peer, "vLLM-CPU", torch.get_num_threads())
+        return 0
     ours = _bench_engine(args, work, single_ids)
     hf = None if args.skip_hf else _bench_hf(args, source.path, work, single_ids, tokenizer.pad_token_id or 0)
-    _report(ours, hf, torch.get_num_threads())
+    _report(ours, hf, "transformers", torch.get_num_threads())
     return 0
 
 

@@ -41,6 +41,11 @@ def _bench_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per system; medians are reported")
     p.add_argument("--hf-batch-sizes", default="8,16,32", help="transformers batch sizes to try")
     p.add_argument("--skip-hf", action="store_true", help="engine only")
+    p.add_argument("--against", choices=("transformers", "vllm"), default="transformers",
+                   help="the peer run beside the engine (vllm: its CPU build in --vllm-venv, `make vllm-install`)")
+    p.add_argument("--vllm-venv", default=".venv-vllm", help="with --against vllm: vLLM's own venv")
+    p.add_argument("--burst-requests", type=int, default=16,
+                   help="with --against vllm: requests in the prefill-heavy burst (1-1.8k-token prompts, 10:1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server", default=None, metavar="HOST:PORT",
                    help="instead: sweep 1/8/32/64 gRPC streams against a running server")
