@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from cluster.errors import InvalidConfigError
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DEFAULT_MODEL = "smollm2-135m"
 _MiB = 1 << 20
 
@@ -19,6 +20,16 @@ def _require(ok: bool, name: str, message: str) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass
@@ -35,6 +46,7 @@ class ModelConfig:
     swiftkv: bool | None = None  # SwiftKV prefill skipping; None = the checkpoint's own `swiftkv` setting
     swiftkv_params: str | None = None  # SwiftKV parameter file to apply (default for built-ins: the shipped one)
     onednn_cache_capacity: int | None = 64  # CPU: entries in oneDNN's shape-keyed caches (bounds memory); None = 1024
+    attention_backend: str = "auto"  # auto | torch | triton; auto: triton on CUDA (when installed), torch on CPU
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -54,6 +66,19 @@ class ModelConfig:
         if self.dtype == "float16":
             _require(self.resolved_device() == "cuda", "dtype",
                      "float16 needs a GPU; on CPU use bfloat16 or float32")
+        _require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+                 f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.attention_backend == "triton":
+            _require(_triton_installed(), "attention_backend", "triton is not installed")
+            _require(self.resolved_device() == "cuda" or _triton_interpreted(), "attention_backend",
+                     "the Triton backend runs on CUDA (on CPU only under TRITON_INTERPRET=1, for tests); "
+                     "use torch or auto")
+
+    def resolved_attention_backend(self) -> str:
+        """The attention backend the model runs ("auto": triton on CUDA when installed, else torch)."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if self.resolved_device() == "cuda" and _triton_installed() else "torch"
 
     def resolved_device(self) -> str:
         """The device this process will run on ("auto" resolved)."""

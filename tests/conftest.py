@@ -20,6 +20,11 @@ from cluster.serving.serve_start import prepare_environment, start_serve
 
 torch.set_num_threads(2)
 
+# Without a GPU the Triton kernels (cluster/kernels/triton_attention.py) run under Triton's
+# interpreter; it is chosen when a kernel is defined, so this must precede their import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Every local cluster a test starts inherits this environment: Serve's proxies get a minute to start.
 prepare_environment()
 

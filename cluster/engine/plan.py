@@ -41,6 +41,7 @@ class EnginePlan:
             device=config.model.resolved_device(), num_threads=config.parallel.num_threads,
             use_native_kernels=config.model.use_native_kernels,
             onednn_cache_capacity=config.model.onednn_cache_capacity,
+            attention_backend=config.model.resolved_attention_backend(),
         )
 
 

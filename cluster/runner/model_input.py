@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from cluster.contracts.scheduler_output import ScheduledSequence, SchedulerOutput
 from cluster.model.layers.attention import (CPU_PREFILL_SHAPE_QUANTUM, AttentionMetadata, DecodeGroup,
-                                            PrefillChunk, TailBatch, prefill_chunk)
+                                            PrefillChunk, TailBatch, VarlenMetadata, prefill_chunk)
 
 # Decodes are grouped by context length so padding wastes little gather and attention work:
 # a group closes when its longest context would exceed this many times its shortest.
@@ -27,36 +27,46 @@ class ModelInput:
 
 
 def build_model_input(out: SchedulerOutput, block_size: int, device: torch.device,
-                      decode_kernel=None, swiftkv: bool = False, keep_all: bool = False) -> ModelInput:
+                      decode_kernel=None, swiftkv: bool = False, keep_all: bool = False,
+                      varlen: bool = False) -> ModelInput:
     """Flatten the step; attention indices are computed once here and shared by every layer.
 
     With the native decode kernel all decodes form one group (it reads each context at its own
-    length); the torch path groups them by length to limit padding. With ``swiftkv`` the batch
-    also carries the tail that runs past the split: every decode, and of each prefill chunk its
-    last token when it is sampled (all its tokens with ``keep_all``, for scoring).
+    length); the torch path groups them by length to limit padding. With ``varlen`` (the Triton
+    backend) the step is described per sequence instead (``VarlenMetadata``). With ``swiftkv`` the
+    batch also carries the tail that runs past the split: every decode, and of each prefill chunk
+    its last token when it is sampled (all its tokens with ``keep_all``, for scoring).
     """
     decodes = sorted((s for s in out.sequences if not s.is_prefill), key=lambda s: s.context_length)
     prefills = [s for s in out.sequences if s.is_prefill]
     token_ids, positions, slots, logits_rows, sample_ids = [], [], [], [], []
-    chunks: list[PrefillChunk] = []
+    prefill_starts: list[int] = []
     for seq in decodes + prefills:
         start = len(token_ids)
         token_ids += seq.token_ids
         positions += range(seq.start_position, seq.context_length)
         slots += _slots(seq.block_ids, seq.start_position, seq.context_length, block_size)
         if seq.is_prefill:
-            chunks.append(_prefill_chunk(seq, start, block_size, device))
+            prefill_starts.append(start)
         if seq.needs_sample:
             logits_rows.append(len(token_ids) - 1)
             sample_ids.append(seq.request_id)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        decodes=_decode_groups(decodes, block_size, device, spread=None if decode_kernel else DECODE_GROUP_SPREAD),
-        prefills=chunks, decode_kernel=decode_kernel,
-    )
+    slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+    if varlen:
+        meta = AttentionMetadata(slot_mapping=slot_mapping, varlen=_varlen(
+            [(seq.num_tokens, seq.context_length, seq.block_ids) for seq in decodes + prefills], len(decodes),
+            block_size, device))
+    else:
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            decodes=_decode_groups(decodes, block_size, device, spread=None if decode_kernel else DECODE_GROUP_SPREAD),
+            prefills=[_prefill_chunk(seq, start, block_size, device) for seq, start in zip(prefills, prefill_starts)],
+            decode_kernel=decode_kernel,
+        )
     tail = None
     if swiftkv:
-        tail, logits_rows = _tail_batch(decodes, prefills, chunks, meta, logits_rows, block_size, device, keep_all)
+        tail, logits_rows = _tail_batch(decodes, prefills, prefill_starts, meta, logits_rows, block_size, device,
+                                        keep_all)
     return ModelInput(
         input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
@@ -67,25 +77,53 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
     )
 
 
-def _tail_batch(decodes, prefills, chunks: list[PrefillChunk], meta: AttentionMetadata, logits_rows: list[int],
+def _tail_batch(decodes, prefills, prefill_starts: list[int], meta: AttentionMetadata, logits_rows: list[int],
                 block_size: int, device, keep_all: bool) -> tuple[TailBatch, list[int]]:
     """The rows past the SwiftKV split and their attention (read-only, from the cache); the logits
-    rows renumbered into the tail. Decodes keep their groups: they are the first rows of both."""
+    rows renumbered into the tail. Decodes keep their place: they are the first rows of both."""
     rows = list(range(len(decodes)))
-    tail_chunks = []
-    for seq, chunk in zip(prefills, chunks):
+    kept_chunks = []  # (sequence, its rows kept, where they start in the tail)
+    for seq, start in zip(prefills, prefill_starts):
         kept = seq.num_tokens if keep_all else int(seq.needs_sample)
         if not kept:
             continue
-        end = chunk.token_start + seq.num_tokens
-        ctx = seq.context_length
-        table = torch.tensor(seq.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
-        tail_chunks.append(prefill_chunk(len(rows), kept, ctx - kept, table, _quantum(device)))
+        end = start + seq.num_tokens
+        kept_chunks.append((seq, kept, len(rows)))
         rows += range(end - kept, end)
     where = {row: i for i, row in enumerate(rows)}
-    tail_meta = AttentionMetadata(slot_mapping=meta.slot_mapping[:0], decodes=meta.decodes, prefills=tail_chunks,
-                                  decode_kernel=meta.decode_kernel)
+    no_slots = meta.slot_mapping[:0]
+    if meta.varlen is not None:
+        entries = [(1, seq.context_length, seq.block_ids) for seq in decodes]
+        entries += [(kept, seq.context_length, seq.block_ids) for seq, kept, _ in kept_chunks]
+        tail_meta = AttentionMetadata(slot_mapping=no_slots, varlen=_varlen(entries, len(decodes), block_size, device))
+    else:
+        tail_chunks = []
+        for seq, kept, at in kept_chunks:
+            ctx = seq.context_length
+            table = torch.tensor(seq.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
+            tail_chunks.append(prefill_chunk(at, kept, ctx - kept, table, _quantum(device)))
+        tail_meta = AttentionMetadata(slot_mapping=no_slots, decodes=meta.decodes, prefills=tail_chunks,
+                                      decode_kernel=meta.decode_kernel)
     return TailBatch(torch.tensor(rows, dtype=torch.long, device=device), tail_meta), [where[r] for r in logits_rows]
+
+
+def _varlen(entries: list[tuple[int, int, list[int]]], num_decodes: int, block_size: int, device) -> VarlenMetadata:
+    """Per sequence (query rows, context length, block ids), decodes first -> the Triton backend's metadata."""
+    starts, lens = [0], []
+    max_blocks = max((-(-ctx // block_size) for _, ctx, _ in entries), default=1)
+    table = torch.zeros(len(entries), max_blocks, dtype=torch.int32)
+    for row, (query_len, ctx, block_ids) in enumerate(entries):
+        starts.append(starts[-1] + query_len)
+        lens.append(ctx)
+        n = -(-ctx // block_size)
+        table[row, :n] = torch.tensor(block_ids[:n], dtype=torch.int32)
+    return VarlenMetadata(
+        query_start_loc=torch.tensor(starts, dtype=torch.int32).to(device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32).to(device),
+        block_tables=table.to(device),
+        num_decodes=num_decodes,
+        max_query_len=max((q for q, _, _ in entries[num_decodes:]), default=0),
+    )
 
 
 def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:

@@ -28,6 +28,7 @@ class ModelRunner:
         self.kernels = _load_cpu_kernels() if spec.use_native_kernels and on_cpu else None
         finalize_weights(self.model, self.kernels)  # after the move: packing is device-specific
         self.spec = spec
+        self.varlen = spec.attention_backend == "triton"  # the Triton kernels read per-sequence metadata
         self.swiftkv = spec.arch.skips_prefill
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
@@ -46,7 +47,8 @@ class ModelRunner:
         self._update_requests(out)
         if out.is_empty:
             return RunnerOutput() if self.tp.is_driver else None
-        batch = build_model_input(out, self.block_size, self.device, self.kernels, swiftkv=self.swiftkv)
+        batch = build_model_input(out, self.block_size, self.device, self.kernels, swiftkv=self.swiftkv,
+                                  varlen=self.varlen)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, batch.tail)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         if logits is None or not batch.sample_request_ids:
@@ -65,7 +67,7 @@ class ModelRunner:
                                    self.tp.tp_size, self.device)
         seq = ScheduledSequence("score", list(token_ids), 0, list(range(num_blocks)), True, True)
         batch = build_model_input(SchedulerOutput([seq]), self.block_size, self.device, self.kernels,
-                                  swiftkv=self.swiftkv, keep_all=True)
+                                  swiftkv=self.swiftkv, keep_all=True, varlen=self.varlen)
         logits = self.model.compute_logits(self.model(batch.input_ids, batch.positions, caches, batch.meta,
                                                       batch.tail))
         return logits.float().cpu() if logits is not None else None

@@ -21,3 +21,4 @@ class WorkerSpec:
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     use_native_kernels: bool = True  # compile and use cluster/kernels on CPU (falls back to torch)
     onednn_cache_capacity: int | None = 64  # oneDNN's primitive caches, in entries (CPU); None = its default
+    attention_backend: str = "torch"  # torch | triton (resolved: see ModelConfig.attention_backend)

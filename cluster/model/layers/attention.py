@@ -1,8 +1,13 @@
-"""Paged attention over the block KV cache, in plain torch.
+"""Paged attention over the block KV cache: the seam between the model and its attention backend.
 
-Everything that knows how K/V are stored and read lives here, so a GPU kernel
-(FlashAttention, FlashInfer) can replace ``PagedAttention.forward`` without the
-model noticing.
+Everything that knows how K/V are stored and read lives here; the model calls
+``PagedAttention`` and never learns which backend ran. Two backends, picked per device by the
+runner (``WorkerSpec.attention_backend``) through the metadata it builds:
+
+- torch (CPU): the native C++ decode kernel (``cluster.kernels``) or torch's path, and torch's
+  SDPA for prefill, on ``DecodeGroup``s and ``PrefillChunk``s;
+- triton (CUDA): ``cluster.kernels.triton_attention``, reading the cache in place through block
+  tables for decode and for variable-length prefill over a cached prefix, from ``VarlenMetadata``.
 
 Layout: one layer's cache is one tensor ``[2 (K, V), num_kv_heads, num_blocks, block_size, head_dim]``,
 head-major, so a rank holds only its own KV heads, K and V are written and gathered in one
@@ -82,6 +87,18 @@ class DecodeGroup:
 
 
 @dataclass
+class VarlenMetadata:
+    """The step as the Triton backend reads it: per sequence, where its query rows start and how
+    long its context is; decodes (one row each) first, then prefill chunks."""
+
+    query_start_loc: torch.Tensor  # [S + 1] int32: sequence i's query rows are [loc[i], loc[i + 1])
+    seq_lens: torch.Tensor  # [S] int32: context length after this step's tokens
+    block_tables: torch.Tensor  # [S, max_blocks] int32, padded with block 0
+    num_decodes: int  # the first num_decodes sequences have one query row each
+    max_query_len: int  # the longest prefill chunk (0 if none)
+
+
+@dataclass
 class AttentionMetadata:
     """Where this step's tokens live in the cache; built once per step, shared by every layer."""
 
@@ -89,6 +106,7 @@ class AttentionMetadata:
     decodes: list[DecodeGroup] = field(default_factory=list)  # the first tokens of the batch
     prefills: list[PrefillChunk] = field(default_factory=list)
     decode_kernel: object | None = None  # native paged decode kernel (cluster.kernels), None = torch path
+    varlen: VarlenMetadata | None = None  # set: the Triton backend runs (decodes/prefills stay empty)
 
 
 @dataclass
@@ -148,12 +166,19 @@ class PagedAttention(nn.Module):
     @staticmethod
     def write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """Store K/V computed outside a layer (SwiftKV's projection) at the step's slots."""
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if meta.varlen is not None:
+            from cluster.kernels import triton_attention
+
+            triton_attention.write_kv(kv_cache, _last_dim_contiguous(k), _last_dim_contiguous(v), meta.slot_mapping)
+        else:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] or None (already cached); kv_cache: [2, Hkv, NB, BS, D]
         -> [T, Hq * D]."""
+        if meta.varlen is not None:
+            return self._forward_triton(q, k, v, kv_cache, meta)
         if k is not None:
             write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
@@ -168,6 +193,17 @@ class PagedAttention(nn.Module):
             rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
             out[rows] = self._prefill(q[rows], None if k is None else k[rows], None if v is None else v[rows],
                                       kv_cache, chunk)
+        return out.view(q.shape[0], -1)
+
+    def _forward_triton(self, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        from cluster.kernels import triton_attention
+
+        if k is not None:
+            self.write(kv_cache, k, v, meta)
+        varlen = meta.varlen
+        out = triton_attention.paged_attention(_last_dim_contiguous(q), kv_cache, varlen.block_tables,
+                                               varlen.seq_lens, varlen.query_start_loc, varlen.num_decodes,
+                                               varlen.max_query_len, self.scale)
         return out.view(q.shape[0], -1)
 
     def _decode(self, q, kv_cache, group: DecodeGroup) -> torch.Tensor:
@@ -208,6 +244,10 @@ class PagedAttention(nn.Module):
         out = F.scaled_dot_product_attention(_pad_rows(q, pad).transpose(0, 1)[None], keys[None], values[None],
                                              attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True)
         return out[0].transpose(0, 1)[: chunk.num_tokens]
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:
