@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench bench-tp bench-swiftkv bench-vllm vllm-install generate serve protos clean
+.PHONY: install test test-fast bench bench-tp bench-swiftkv bench-vllm vllm-install gpu-check generate serve protos clean
 
 install: $(STAMP)
 
@@ -83,6 +83,18 @@ $(VLLM_STAMP): Makefile
 bench-vllm: install vllm-install
 	$(VENV)/bin/llm-cluster bench --against vllm $(BENCH_ARGS)
 
+# The GPU check (cluster/gpu_check.py): Triton kernels on real shapes, float32 greedy tokens on the
+# GPU vs this machine's CPU, and a GPU benchmark, into $(GPU_CHECK_OUT)/gpu_check.{json,md}. It runs
+# as is on the GPU machine, with that machine's own python3 (torch + CUDA, Triton, transformers; no
+# Ray, no network): no install step. `make gpu-check DEVICE=cpu` runs the same script on CPU with
+# tiny shapes under Triton's interpreter (make test does).
+DEVICE ?= cuda
+GPU_CHECK_OUT ?= gpu-check-out
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m cluster.gpu_check --device $(DEVICE) --out $(GPU_CHECK_OUT)
+
 # The main job: a local Ray cluster serving SmolLM2 over gRPC (:9000) and OpenAI HTTP (:8000).
 serve: install
 	$(VENV)/bin/llm-cluster serve $(SERVE_ARGS)
@@ -120,4 +132,4 @@ tools/prometheus:
 	tools/prometheus --version | head -1
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache $(GPU_CHECK_OUT)

@@ -94,13 +94,15 @@ def engine_throughput(llm, work: Workload) -> float:
     return produced / elapsed
 
 
-def engine_single_stream(llm, prompt_ids: list[int]) -> tuple[float, float]:
-    """(time to first token in s, decode tokens/s after the first token)."""
+def engine_single_stream(llm, prompt_ids: list[int], tokens: int | None = None) -> tuple[float, float]:
+    """(time to first token in s, decode tokens/s after the first token) of ``tokens`` new tokens
+    (default ``SINGLE_STREAM_TOKENS``)."""
     from cluster.sampling_params import SamplingParams
 
+    tokens = tokens or SINGLE_STREAM_TOKENS
     engine = llm.engine
     _cold_cache(llm)
-    params = SamplingParams(temperature=0, max_tokens=SINGLE_STREAM_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     start = time.perf_counter()
     engine.add_request("bench-single", {"prompt_token_ids": prompt_ids}, params)
     first = None
@@ -108,7 +110,7 @@ def engine_single_stream(llm, prompt_ids: list[int]) -> tuple[float, float]:
         engine.step()
         first = first or time.perf_counter()
     end = time.perf_counter()
-    return first - start, (SINGLE_STREAM_TOKENS - 1) / (end - first)
+    return first - start, (tokens - 1) / (end - first)
 
 
 def engine_burst(llm, work: Workload) -> tuple[list[float], float]:
@@ -149,7 +151,7 @@ def hf_throughput(model, work: Workload, batch_size: int, pad_id: int) -> float:
     start = time.perf_counter()
     for i in range(0, len(work.prompts), batch_size):
         prompts, outs = work.prompts[i:i + batch_size], work.output_lens[i:i + batch_size]
-        ids, mask = _left_pad(prompts, pad_id)
+        ids, mask = (t.to(model.device) for t in _left_pad(prompts, pad_id))
         n = max(outs)
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -157,17 +159,18 @@ def hf_throughput(model, work: Workload, batch_size: int, pad_id: int) -> float:
     return work.num_output_tokens / (time.perf_counter() - start)
 
 
-def hf_single_stream(model, prompt_ids: list[int], pad_id: int) -> tuple[float, float]:
-    ids = torch.tensor([prompt_ids])
+def hf_single_stream(model, prompt_ids: list[int], pad_id: int, tokens: int | None = None) -> tuple[float, float]:
+    tokens = tokens or SINGLE_STREAM_TOKENS
+    ids = torch.tensor([prompt_ids], device=model.device)
     kwargs = dict(do_sample=False, pad_token_id=pad_id, attention_mask=torch.ones_like(ids))
     with torch.inference_mode():
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **kwargs)
         ttft = time.perf_counter() - start
         start = time.perf_counter()
-        model.generate(ids, max_new_tokens=SINGLE_STREAM_TOKENS, min_new_tokens=SINGLE_STREAM_TOKENS, **kwargs)
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
         total = time.perf_counter() - start
-    return ttft, (SINGLE_STREAM_TOKENS - 1) / (total - ttft)
+    return ttft, (tokens - 1) / (total - ttft)
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

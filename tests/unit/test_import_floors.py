@@ -33,7 +33,7 @@ FLOORS: list[tuple[str, ...]] = [
      "cluster.engine.core_process"),
     ("cluster.engine", "cluster.outputs", "cluster.llm"),
     ("cluster.serving",),
-    ("cluster.cli", "cluster.bench", "cluster.bench_chat", "cluster.bench_micro", "cluster.bench_serve",
+    ("cluster.cli", "cluster.bench", "cluster.bench_chat", "cluster.bench_micro", "cluster.bench_serve", "cluster.gpu_check",
      "cluster.bench_vllm", "cluster.bench_vllm_runner",
      "cluster.bench_tp", "cluster.soak", "cluster.swiftkv"),
 ]

@@ -1,4 +1,5 @@
-"""The Triton paged-attention kernels (the CUDA backend) against a plain torch reference.
+"""The Triton paged-attention kernels (the CUDA backend) against the float32 torch reference
+(``cluster.gpu_check.reference_attention``, the one ``make gpu-check`` uses on real shapes).
 
 On a machine without CUDA they run under Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), on small shapes: ragged lengths, contexts that end on and just past block
@@ -7,11 +8,10 @@ boundaries, prefill chunks after a cached prefix, GQA ratios 1, 3 and 4, head di
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
+from cluster.gpu_check import attention_case
 from cluster.kernels import triton_attention as ta
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,50 +21,8 @@ def _cache(kv_heads: int, num_blocks: int, block_size: int, head_dim: int, dtype
     return torch.randn(2, kv_heads, num_blocks, block_size, head_dim, dtype=torch.float32).to(DEVICE, dtype)
 
 
-def _tables(seq_lens: list[int], block_size: int, num_blocks: int, rng: random.Random) -> torch.Tensor:
-    """Each sequence's blocks, scattered over the cache (no two sequences share one), padded with 0."""
-    needed = [-(-n // block_size) for n in seq_lens]
-    pool = rng.sample(range(num_blocks), sum(needed))
-    table = torch.zeros(len(seq_lens), max(needed), dtype=torch.int32)
-    for row, n in enumerate(needed):
-        table[row, :n] = torch.tensor(pool[:n], dtype=torch.int32)
-        pool = pool[n:]
-    return table.to(DEVICE)
-
-
-def _reference(q, kv_cache, tables, seq_lens, query_lens, scale) -> torch.Tensor:
-    """float32: each query row attends to keys 0..its position, read block by block."""
-    block_size = kv_cache.shape[3]
-    group = q.shape[1] // kv_cache.shape[1]
-    out, row = torch.empty(q.shape, dtype=torch.float32, device=q.device), 0
-    for s, (n, qn) in enumerate(zip(seq_lens, query_lens)):
-        blocks = tables[s, : -(-n // block_size)].long()
-        keys = kv_cache[0][:, blocks].reshape(kv_cache.shape[1], -1, kv_cache.shape[4])[:, :n].float()
-        values = kv_cache[1][:, blocks].reshape(kv_cache.shape[1], -1, kv_cache.shape[4])[:, :n].float()
-        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)  # [Hq, n, D]
-        queries = q[row: row + qn].float().transpose(0, 1)  # [Hq, qn, D]
-        scores = queries @ keys.transpose(1, 2) * scale
-        positions = torch.arange(n - qn, n, device=q.device)
-        scores.masked_fill_(torch.arange(n, device=q.device)[None, :] > positions[:, None], float("-inf"))
-        out[row: row + qn] = (scores.softmax(-1) @ values).transpose(0, 1)
-        row += qn
-    return out
-
-
 def _run(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, seed=0):
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
-    kv_cache = _cache(kv_heads, num_blocks, block_size, head_dim, dtype)
-    tables = _tables(seq_lens, block_size, num_blocks, rng)
-    q = torch.randn(sum(query_lens), heads, head_dim).to(DEVICE, dtype)
-    num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
-    starts = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
-    prefill_lens = query_lens[num_decodes:]
-    scale = head_dim ** -0.5
-    out = ta.paged_attention(q, kv_cache, tables, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), starts,
-                             num_decodes, max(prefill_lens, default=0), scale)
-    return out.float(), _reference(q, kv_cache, tables, seq_lens, query_lens, scale)
+    return attention_case(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, DEVICE, seed)
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
