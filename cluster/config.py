@@ -47,6 +47,7 @@ class ModelConfig:
     swiftkv_params: str | None = None  # SwiftKV parameter file to apply (default for built-ins: the shipped one)
     onednn_cache_capacity: int | None = 64  # CPU: entries in oneDNN's shape-keyed caches (bounds memory); None = 1024
     attention_backend: str = "auto"  # auto | torch | triton; auto: triton on CUDA (when installed), torch on CPU
+    cuda_graphs: bool = True  # CUDA: replay captured decode steps (triton backend, tp 1, no SwiftKV); False: eager
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model", "must be a non-empty string")
@@ -66,6 +67,7 @@ class ModelConfig:
         if self.dtype == "float16":
             _require(self.resolved_device() == "cuda", "dtype",
                      "float16 needs a GPU; on CPU use bfloat16 or float32")
+        _require(isinstance(self.cuda_graphs, bool), "cuda_graphs", f"must be a bool, got {self.cuda_graphs!r}")
         _require(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
                  f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.attention_backend == "triton":

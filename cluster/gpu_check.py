@@ -13,8 +13,8 @@ no room for our bundled GGUF, so everything here is built on the spot from confi
    where the CPU's top two logits are within ``TIE_MARGIN`` (a tie that rounding may break either
    way), and reported.
 4. ``bench``: SmolLM2-shaped, bfloat16: single-stream decode tokens/s and TTFT, the 64-request
-   ``llm-cluster bench`` workload's throughput, and transformers' batched ``generate`` on the
-   same device and model, in one run.
+   ``llm-cluster bench`` workload's throughput, with decode CUDA graphs on and off, and
+   transformers' batched ``generate`` on the same device and model, in one run.
 
 Every stage records its result or its error in ``gpu_check.json`` (rewritten after each stage, so a
 run cut short still says how far it got) and a table in ``gpu_check.md``. ``--device cpu`` runs the
@@ -231,10 +231,26 @@ def stage_correctness(ctx: dict) -> dict:
     return report
 
 
-def stage_bench(ctx: dict) -> dict:
-    from cluster.bench import Workload, engine_single_stream, engine_throughput, hf_single_stream, hf_throughput, \
-        make_workload
+def _engine_bench(path: str, dtype: str, device: str, work, single: list[int], tokens: int | None,
+                  **options) -> dict:
+    from cluster.bench import engine_single_stream, engine_throughput
     from cluster.llm import LLM
+
+    llm = LLM(model=path, dtype=dtype, device=device, **options)
+    try:
+        runner = llm.engine.executor.worker.runner
+        engine_single_stream(llm, single, tokens)  # warm-up
+        ttft, decode = engine_single_stream(llm, single, tokens)
+        tput = engine_throughput(llm, work)
+        return {"ttft_s": ttft, "decode_tok_s": decode, "workload_tok_s": tput,
+                "decode_graphs": runner.graphs.sizes if runner.graphs is not None else None,
+                "graph_replays": runner.graphs.num_replays if runner.graphs is not None else 0}
+    finally:
+        llm.engine.shutdown()
+
+
+def stage_bench(ctx: dict) -> dict:
+    from cluster.bench import Workload, hf_single_stream, hf_throughput, make_workload
 
     device, small = ctx["device"], ctx["small"]
     config = tiny(SMOLLM2_135M) if small else SMOLLM2_135M
@@ -246,22 +262,22 @@ def stage_bench(ctx: dict) -> dict:
     else:
         work, single_tokens = make_workload(64, config["vocab_size"], 0), None
     single = _prompts(config["vocab_size"], [34], SEED + 1)[0]
-    llm = LLM(model=path, dtype=dtype, device=device)
-    engine_single_stream(llm, single, single_tokens)  # warm-up
-    ttft, decode = engine_single_stream(llm, single, single_tokens)
-    tput = engine_throughput(llm, work)
-    llm.engine.shutdown()
-    del llm
     result = {"model": "smollm2-135m-shaped (random weights)", "dtype": dtype,
-              "engine": {"ttft_s": ttft, "decode_tok_s": decode, "workload_tok_s": tput}}
+              "engine": _engine_bench(path, dtype, device, work, single, single_tokens)}
+    if device == "cuda":  # the same engine with every step eager
+        result["engine_no_graphs"] = _engine_bench(path, dtype, device, work, single, single_tokens,
+                                                   cuda_graphs=False)
     from transformers import AutoModelForCausalLM
 
+    batch = 4 if small else 16
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
     hf_ttft, hf_decode = hf_single_stream(model, single, 0, single_tokens)
-    hf_tput = hf_throughput(model, work, 16 if not small else 4, 0)
-    result["transformers"] = {"ttft_s": hf_ttft, "decode_tok_s": hf_decode, "workload_tok_s": hf_tput,
-                              "batch_size": 16 if not small else 4}
-    result["ratios"] = {"decode": decode / hf_decode, "ttft": hf_ttft / ttft, "workload": tput / hf_tput}
+    result["transformers"] = {"ttft_s": hf_ttft, "decode_tok_s": hf_decode,
+                              "workload_tok_s": hf_throughput(model, work, batch, 0), "batch_size": batch}
+    ours, hf = result["engine"], result["transformers"]
+    result["ratios_vs_transformers"] = {"decode": ours["decode_tok_s"] / hf["decode_tok_s"],
+                                        "ttft": hf["ttft_s"] / ours["ttft_s"],
+                                        "workload": ours["workload_tok_s"] / hf["workload_tok_s"]}
     return result
 
 

@@ -34,6 +34,9 @@ class EnginePlan:
 
     def worker_spec(self, config: EngineConfig) -> WorkerSpec:
         """What each worker needs to build its rank."""
+        backend = config.model.resolved_attention_backend()
+        graphs = (config.model.cuda_graphs and config.model.resolved_device() == "cuda" and backend == "triton"
+                  and config.parallel.tensor_parallel_size == 1 and not self.arch.skips_prefill)
         return WorkerSpec(
             model_path=self.model_path, arch=self.arch, dtype=config.model.dtype,
             max_model_len=self.max_model_len, num_blocks=self.num_blocks, block_size=self.block_size,
@@ -41,7 +44,8 @@ class EnginePlan:
             device=config.model.resolved_device(), num_threads=config.parallel.num_threads,
             use_native_kernels=config.model.use_native_kernels,
             onednn_cache_capacity=config.model.onednn_cache_capacity,
-            attention_backend=config.model.resolved_attention_backend(),
+            attention_backend=backend,
+            decode_graph_batch=config.scheduler.max_num_seqs if graphs else 0,
         )
 
 

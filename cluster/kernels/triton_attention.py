@@ -53,11 +53,12 @@ def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_kh, st
     h = tl.arange(0, HKV_P2)
     d = tl.arange(0, D_P2)
     mask = (h < HKV)[:, None] & (d < D)[None, :]
-    k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    dst = cache_ptr + h[:, None].to(tl.int64) * head_stride + slot * D + d[None, :]
-    tl.store(dst, k, mask=mask)
-    tl.store(dst + kv_stride, v, mask=mask)
+    if slot >= 0:  # slot -1: a padding row (decode graphs), nothing is written
+        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+        dst = cache_ptr + h[:, None].to(tl.int64) * head_stride + slot * D + d[None, :]
+        tl.store(dst, k, mask=mask)
+        tl.store(dst + kv_stride, v, mask=mask)
 
 
 @triton.jit
@@ -164,7 +165,7 @@ def _strides(kv_cache: torch.Tensor) -> tuple[int, int]:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store the step's K/V ([T, Hkv, D] each) at their cache slots ([T])."""
+    """Store the step's K/V ([T, Hkv, D] each) at their cache slots ([T]; a negative slot is skipped)."""
     tokens = slot_mapping.shape[0]
     if tokens == 0:
         return

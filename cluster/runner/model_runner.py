@@ -10,6 +10,7 @@ from cluster.model.loader import finalize_weights, load_model, torch_dtype
 from cluster.distributed.tp_group import TPGroup
 from cluster.runner.worker_spec import WorkerSpec
 from cluster.runner.kv_cache import allocate_kv_cache
+from cluster.runner.decode_graphs import DecodeGraphs
 from cluster.runner.model_input import build_model_input
 from cluster.sampling.sampler import Sampler, SamplingRequest, make_generator
 
@@ -31,6 +32,7 @@ class ModelRunner:
         self.varlen = spec.attention_backend == "triton"  # the Triton kernels read per-sequence metadata
         self.swiftkv = spec.arch.skips_prefill
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA; see decode_graphs)
         self.sampler = Sampler()
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
 
@@ -39,7 +41,17 @@ class ModelRunner:
         spec = self.spec
         self.kv_caches = allocate_kv_cache(spec.arch, spec.num_blocks, spec.block_size, torch_dtype(spec.dtype),
                                            self.tp.tp_size, self.device)
+        if spec.decode_graph_batch:
+            self.enable_decode_graphs(spec.decode_graph_batch, capture=True)
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
+
+    def enable_decode_graphs(self, max_batch: int, capture: bool) -> None:
+        """Run decode-only steps of up to ``max_batch`` sequences through ``DecodeGraphs`` (captured on
+        CUDA; ``capture=False`` runs the same padded buckets eagerly, for tests without a GPU)."""
+        if not self.varlen:
+            raise ValueError("decode graphs need the triton attention backend")
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, self.spec.max_model_len, max_batch,
+                                   self.device, capture=capture)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput | None:
@@ -47,6 +59,9 @@ class ModelRunner:
         self._update_requests(out)
         if out.is_empty:
             return RunnerOutput() if self.tp.is_driver else None
+        if self.graphs is not None and self.graphs.fits(out.sequences):
+            logits = self.model.compute_logits(self.graphs.run(out.sequences))
+            return self._sample(logits, [s.request_id for s in out.sequences])
         batch = build_model_input(out, self.block_size, self.device, self.kernels, swiftkv=self.swiftkv,
                                   varlen=self.varlen)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, batch.tail)

@@ -22,3 +22,4 @@ class WorkerSpec:
     use_native_kernels: bool = True  # compile and use cluster/kernels on CPU (falls back to torch)
     onednn_cache_capacity: int | None = 64  # oneDNN's primitive caches, in entries (CPU); None = its default
     attention_backend: str = "torch"  # torch | triton (resolved: see ModelConfig.attention_backend)
+    decode_graph_batch: int = 0  # capture CUDA graphs of decode steps up to this batch (0: eager; see plan)

@@ -73,6 +73,18 @@ def test_write_kv_stores_each_token_at_its_slot_and_nowhere_else(dtype):
     assert torch.equal(kv_cache, expected)
 
 
+def test_write_kv_skips_padding_rows():
+    kv_cache = _cache(2, 4, 4, 64, torch.float32)
+    before = kv_cache.clone()
+    slots = torch.tensor([3, -1, -1], dtype=torch.int32, device=DEVICE)  # decode graphs' padding: slot -1
+    k, v = torch.randn(3, 2, 64).to(DEVICE), torch.randn(3, 2, 64).to(DEVICE)
+    ta.write_kv(kv_cache, k, v, slots)
+    expected = before.clone()
+    expected.view(2, 2, -1, 64)[0][:, 3] = k[0]
+    expected.view(2, 2, -1, 64)[1][:, 3] = v[0]
+    assert torch.equal(kv_cache, expected)
+
+
 def test_non_contiguous_cache_is_refused():
     kv_cache = _cache(2, 4, 4, 64, torch.float32).transpose(3, 4)
     with pytest.raises(ValueError, match="contiguous"):
