@@ -104,7 +104,8 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> RunnerOutput:
         requests = [self._requests[rid] for rid in request_ids]
-        logits = logits.cpu()  # per-request generators live on the CPU
+        # Sampled where they are: on a GPU a greedy batch copies back only its token ids, and a
+        # sampled one only its noise goes over (drawn on the CPU from each request's own generator).
         result = RunnerOutput()
         for rid, req, (token, logprobs) in zip(request_ids, requests, self.sampler(logits, requests)):
             req.output_token_ids.append(token)
