@@ -28,7 +28,7 @@ DEFAULT_VENV = ".venv-vllm"
 
 def vllm_python(venv: str) -> pathlib.Path:
     """The venv's interpreter, or a typed error saying how to build the venv."""
-    python = pathlib.Path(venv) / "bin" / "python"
+    python = pathlib.Path(venv).absolute() / "bin" / "python"  # the runner's working directory is a temp folder
     if not python.exists():
         raise InvalidConfigError("vllm_venv", f"no vLLM venv at {venv!r}: build it with `make vllm-install` "
                                               "(or pass --vllm-venv)")

@@ -3,6 +3,7 @@
 - ``paged_decode``: decode attention reading K/V where they lie in the paged cache (torch's
   CPU attention needs each context gathered into a contiguous copy first).
 - ``rms_norm``: fused residual add + RMSNorm for bfloat16/float16 activations.
+- ``gemv_bf16``: decode-sized bfloat16 linears (1-4 rows), where AVX512-BF16 is there.
 
 They are built with the machine's C++ compiler through torch.utils.cpp_extension on first
 use (about 30 s, cached under ~/.cache/torch_extensions); if that fails, ``load()`` returns
@@ -45,7 +46,8 @@ def _build():
         from torch.utils import cpp_extension
 
         here = os.path.dirname(__file__)
-        sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp")]
+        sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp",
+                                                          "gemv_bf16.cpp")]
         build_dir = build_directory()
         with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die

@@ -16,7 +16,6 @@ from safetensors import safe_open
 
 from cluster.errors import ModelLoadError
 from cluster.model.arch import ModelArch
-from cluster.model.layers.norm import RMSNorm
 from cluster.model.llama import LlamaForCausalLM
 from cluster.model.registry import model_class
 from cluster.distributed.tp_group import TPGroup
@@ -50,10 +49,8 @@ def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtyp
 def finalize_weights(model: torch.nn.Module, kernels=None) -> None:
     """Let layers prepare their loaded weights for the device (pack for oneDNN, pick native kernels)."""
     for module in model.modules():
-        if isinstance(module, RMSNorm):
+        if hasattr(module, "finalize_weights"):
             module.finalize_weights(kernels)
-        elif hasattr(module, "finalize_weights"):
-            module.finalize_weights()
 
 
 def weight_files(path: str) -> list[str]:

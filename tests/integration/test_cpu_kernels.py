@@ -61,3 +61,45 @@ def test_fused_rms_norm_matches_torch(kernel, with_residual):
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
     if with_residual:
         assert torch.equal(got_residual, expected_residual), "the residual stream must hold residual + x"
+
+
+def _has_avx512_bf16() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return "avx512_bf16" in f.read()
+
+
+@pytest.mark.parametrize("rows, out_features, in_features", [
+    (1, 960, 576), (2, 3072, 576), (3, 576, 1536), (4, 49152, 576),  # SmolLM2's linears, 1-4 decode rows
+    (1, 3, 576), (4, 7, 40),  # fewer outputs than one group of four; an input size off the 32-wide loop
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_is_the_float32_product_rounded_once(kernel, rows, out_features, in_features, with_bias):
+    if not kernel.has_gemv_bf16():
+        assert not _has_avx512_bf16(), "built without AVX512-BF16 on a CPU that has it"
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(rows * out_features)
+    x = torch.randn(rows, in_features, generator=gen).bfloat16()
+    w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen).bfloat16() if with_bias else None
+    got = kernel.gemv_bf16(x, w, b)
+    exact = x.double() @ w.double().T + (b.double() if with_bias else 0)
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+    # float32 sums in another order, then one rounding: within one bf16 step (2^-8 relative) of exact.
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4 * in_features ** 0.5).all()
+
+
+def test_packed_linear_takes_the_gemv_for_decode_rows_and_onednn_above(kernel, monkeypatch):
+    from cluster.model.layers.packed_weight import GEMV_MAX_ROWS, PackedWeight
+
+    if not kernel.has_gemv_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(960, 576, generator=gen).bfloat16()
+    packed = PackedWeight(weight, kernel)
+    calls = []
+    packed.gemv = lambda x, w, b: calls.append(x.shape[0]) or kernel.gemv_bf16(x, w, b)
+    for rows in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 64):
+        x = torch.randn(rows, 576, generator=gen).bfloat16()
+        torch.testing.assert_close(packed.linear(x).float(), (x.float() @ weight.float().T), atol=0.1, rtol=2e-2)
+    assert calls == [1, GEMV_MAX_ROWS]
+    assert PackedWeight(weight.float(), kernel).gemv is None  # float32 stays on F.linear, our exactness reference

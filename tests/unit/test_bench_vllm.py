@@ -4,6 +4,7 @@ the job/result plumbing, the counting and the failure path are checked in `make 
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -99,6 +100,12 @@ def test_runner_measures_the_job_it_is_given(fake_vllm_venv, tmp_path):
         assert len(result[key]) == 2 and all(v > 0 for v in result[key]), key
     assert [len(run) for run in result["burst_ttft"]] == [3, 3]  # one time to first token per request
     assert all(t > 0 for run in result["burst_ttft"] for t in run)
+
+
+def test_a_relative_venv_path_works_from_the_runners_temp_folder(fake_vllm_venv, tmp_path, monkeypatch):
+    venv = pathlib.Path(fake_vllm_venv)
+    monkeypatch.chdir(venv.parent)  # as `make bench-vllm` passes .venv-vllm, relative to the repository
+    assert run_vllm(_job(str(tmp_path)), venv.name, timeout_s=120)["vllm_version"] == "0.0-fake"
 
 
 def test_a_failing_vllm_run_raises_with_its_log(fake_vllm_venv, tmp_path, monkeypatch, capsys):

@@ -41,9 +41,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     _matmul: PackedWeight | None = None
 
-    def finalize_weights(self) -> None:
+    def finalize_weights(self, kernels=None) -> None:
         """Called once after loading (and after tying): pack the weight for the CPU matmul library."""
-        self._matmul = PackedWeight(self.weight)
+        self._matmul = PackedWeight(self.weight, kernels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Return float32 logits [N, vocab_size] on rank 0, None on other ranks."""

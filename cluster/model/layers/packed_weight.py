@@ -21,14 +21,28 @@ def can_pack(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-class PackedWeight:
-    """A weight [out, in] ready for ``y = x W^T + b``; packed for oneDNN when possible."""
+GEMV_MAX_ROWS = 4  # up to this many rows the native GEMV streams the weight faster than oneDNN
 
-    def __init__(self, weight: torch.Tensor):
+
+class PackedWeight:
+    """A weight [out, in] ready for ``y = x W^T + b``; packed for oneDNN when possible.
+
+    With the native kernels (``cluster.kernels``) built for AVX512-BF16, bfloat16 inputs of up to
+    ``GEMV_MAX_ROWS`` rows (decode steps of a few sequences) take ``gemv_bf16`` over the plain
+    weight instead: it streams the weight at about 16 GB/s where oneDNN's blocked kernels reach
+    8-12 (docs/benchmarks.md). Its sums run in another order, so its bf16 outputs can differ from
+    oneDNN's by a rounding step.
+    """
+
+    def __init__(self, weight: torch.Tensor, kernels=None):
         self.dense = weight
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach()) if can_pack(weight) else None
+        self.gemv = kernels.gemv_bf16 if self.packed is not None and kernels is not None and \
+            kernels.has_gemv_bf16() else None
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is None or x.dim() != 2:
             return F.linear(x, self.dense, bias)
+        if self.gemv is not None and x.shape[0] <= GEMV_MAX_ROWS:
+            return self.gemv(x, self.dense, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
