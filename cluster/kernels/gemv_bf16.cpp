@@ -77,7 +77,7 @@ static void gemv_rows(const uint16_t* x, const uint16_t* w, const float* bias, u
 bool has_gemv_bf16() { return true; }
 
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "gemv_bf16: x must be [1..4, K]");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "gemv_bf16: x must be [0..4, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "gemv_bf16: bfloat16 only");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "gemv_bf16: weight must be [N, K]");
   x = x.contiguous();
@@ -86,6 +86,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<tor
   torch::Tensor bias_f32;
   if (bias.has_value() && bias->defined()) bias_f32 = bias->to(at::kFloat).contiguous();
   auto y = torch::empty({m_size, n_size}, x.options());
+  if (m_size == 0) return y;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   const float* bp = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;

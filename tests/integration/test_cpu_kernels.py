@@ -88,7 +88,7 @@ def test_gemv_is_the_float32_product_rounded_once(kernel, rows, out_features, in
     assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4 * in_features ** 0.5).all()
 
 
-def test_packed_linear_takes_the_gemv_for_decode_rows_and_onednn_above(kernel, monkeypatch):
+def test_packed_linear_takes_the_gemv_for_decode_rows_and_onednn_above(kernel):
     from cluster.model.layers.packed_weight import GEMV_MAX_ROWS, PackedWeight
 
     if not kernel.has_gemv_bf16():
@@ -98,8 +98,23 @@ def test_packed_linear_takes_the_gemv_for_decode_rows_and_onednn_above(kernel, m
     packed = PackedWeight(weight, kernel)
     calls = []
     packed.gemv = lambda x, w, b: calls.append(x.shape[0]) or kernel.gemv_bf16(x, w, b)
-    for rows in (1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 64):
+    for rows in (0, 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 64):  # 0: a step whose chunk needs no logits
         x = torch.randn(rows, 576, generator=gen).bfloat16()
         torch.testing.assert_close(packed.linear(x).float(), (x.float() @ weight.float().T), atol=0.1, rtol=2e-2)
     assert calls == [1, GEMV_MAX_ROWS]
+    assert kernel.gemv_bf16(torch.empty(0, 576).bfloat16(), weight, None).shape == (0, 960)
     assert PackedWeight(weight.float(), kernel).gemv is None  # float32 stays on F.linear, our exactness reference
+
+
+def test_bfloat16_engine_with_chunked_prefill_and_few_rows_runs_every_request(tiny_llama_dir):
+    """bf16 end to end through the native kernels: prompt chunks that need no logits (0 rows), lone
+    decodes and small batches (the GEMV), larger ones (oneDNN); every request gets all its tokens."""
+    from cluster.llm import LLM
+    from cluster.sampling_params import SamplingParams
+
+    llm = LLM(model=tiny_llama_dir("llama_untied"), dtype="bfloat16", block_size=4, max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for batch in ([list(range(100, 150))], [[200 + i, 7, 9] for i in range(3)], [[300 + i] * 20 for i in range(9)]):
+        outs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [6] * len(batch)
+        assert all(o.outputs[0].finish_reason == "length" for o in outs)

@@ -43,6 +43,6 @@ class PackedWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is None or x.dim() != 2:
             return F.linear(x, self.dense, bias)
-        if self.gemv is not None and x.shape[0] <= GEMV_MAX_ROWS:
+        if self.gemv is not None and 0 < x.shape[0] <= GEMV_MAX_ROWS:
             return self.gemv(x, self.dense, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
