@@ -62,6 +62,21 @@ def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_kh, st
 
 
 @triton.jit
+def _load_kv_block(base, kv_stride, table_ptr, start, limit, d, D: tl.constexpr, BS: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Keys start..start+BLOCK_N of one sequence (those below ``limit``), read in place through its
+    block table: (positions, their mask, K [N, D_P2], V [N, D_P2]); masked rows are zeros."""
+    n = start + tl.arange(0, BLOCK_N)
+    n_mask = n < limit
+    block = tl.load(table_ptr + n // BS, mask=n_mask, other=0).to(tl.int64)
+    offsets = (block * BS + n % BS) * D
+    kv_mask = n_mask[:, None] & (d < D)[None, :]
+    k = tl.load(base + offsets[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(base + kv_stride + offsets[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    return n, n_mask, k, v
+
+
+@triton.jit
 def _decode_kernel(q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, head_stride, kv_stride,
                    G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
@@ -80,13 +95,10 @@ def _decode_kernel(q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, sc
     acc = tl.zeros([G_P2, D_P2], tl.float32)
     base = cache_ptr + kvh.to(tl.int64) * head_stride
     for start in range(0, seq_len, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < seq_len
-        block = tl.load(block_tables_ptr + s * stride_bt + n // BS, mask=n_mask, other=0).to(tl.int64)
-        offsets = (block * BS + n % BS) * D
-        kv_mask = n_mask[:, None] & (d < D)[None, :]
-        k = tl.load(base + offsets[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(base + kv_stride + offsets[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        n, n_mask, k, v = _load_kv_block(base, kv_stride, block_tables_ptr + s * stride_bt, start, seq_len, d, D,
+                                         BS, BLOCK_N)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]: a GEMV per head, memory-bound anyway
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -131,13 +143,8 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, q
         base = cache_ptr + kvh.to(tl.int64) * head_stride
         horizon = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)  # no query of this tile sees past it
         for start in range(0, horizon, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_mask = n < horizon
-            block = tl.load(block_tables_ptr + s * stride_bt + n // BS, mask=n_mask, other=0).to(tl.int64)
-            offsets = (block * BS + n % BS) * D
-            kv_mask = n_mask[:, None] & (d < D)[None, :]
-            k = tl.load(base + offsets[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(base + kv_stride + offsets[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            n, n_mask, k, v = _load_kv_block(base, kv_stride, block_tables_ptr + s * stride_bt, start, horizon, d,
+                                             D, BS, BLOCK_N)
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
