@@ -10,8 +10,7 @@
 //
 // Built only where the compiler targets AVX512-BF16 (-march=native); elsewhere
 // has_gemv_bf16() is false and the caller keeps oneDNN.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten_lite.h"
 
 #include <cstring>
 
@@ -76,16 +75,16 @@ static void gemv_rows(const uint16_t* x, const uint16_t* w, const float* bias, u
 
 bool has_gemv_bf16() { return true; }
 
-torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+at::Tensor gemv_bf16(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "gemv_bf16: x must be [0..4, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "gemv_bf16: bfloat16 only");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "gemv_bf16: weight must be [N, K]");
   x = x.contiguous();
   weight = weight.contiguous();
   const int64_t m_size = x.size(0), k_size = x.size(1), n_size = weight.size(0);
-  torch::Tensor bias_f32;
+  at::Tensor bias_f32;
   if (bias.has_value() && bias->defined()) bias_f32 = bias->to(at::kFloat).contiguous();
-  auto y = torch::empty({m_size, n_size}, x.options());
+  auto y = at::empty({m_size, n_size}, x.options());
   if (m_size == 0) return y;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr());
@@ -114,7 +113,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<tor
 
 bool has_gemv_bf16() { return false; }
 
-torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+at::Tensor gemv_bf16(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias) {
   TORCH_CHECK(false, "gemv_bf16: built without AVX512-BF16");
 }
 

@@ -13,8 +13,7 @@
 // Where the build machine has AVX512-BF16 (the extension compiles with -march=native), bf16
 // caches with those head sizes take an intrinsics path (decode_pair_avx512, below); it made
 // SmolLM2's decode step at batch 16 x 2,100 tokens 110 -> 59 ms (docs/benchmarks.md).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten_lite.h"
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -227,8 +226,8 @@ static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const 
 
 // q: [S, Hq, D]; kv_cache: [2, Hkv, NB, BS, D]; block_table: [S, max_blocks] int64;
 // context_lens: [S] int64. Returns [S, Hq, D].
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_table,
-                           torch::Tensor context_lens, double scale) {
+at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_table,
+                           at::Tensor context_lens, double scale) {
   TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous() && block_table.is_contiguous(),
               "paged_decode needs contiguous inputs");
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
@@ -236,7 +235,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_table.size(1);
   const int64_t head_stride = num_blocks * block_size * head_dim;
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   const int64_t* tables = block_table.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {

@@ -4,8 +4,7 @@
 // multiply, downcast), each a separate pass and dispatch; at decode sizes the dispatch
 // dominates. Here one pass per row: residual += x (when given), then
 // out = weight * x / sqrt(mean(x^2) + eps), accumulating in float32.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "aten_lite.h"
 #include <cmath>
 
 template <typename scalar_t>
@@ -35,13 +34,13 @@ static void norm_rows(const scalar_t* x, scalar_t* residual, const scalar_t* wei
 }
 
 // x: [rows, hidden]; residual: [rows, hidden] updated in place, or an empty tensor for none.
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+at::Tensor rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "rms_norm needs contiguous inputs");
   const bool has_residual = residual.numel() > 0;
   TORCH_CHECK(!has_residual || (residual.is_contiguous() && residual.sizes() == x.sizes()),
               "residual must match x");
   const int64_t hidden = x.size(-1), rows = x.numel() / hidden;
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
     norm_rows<scalar_t>(x.data_ptr<scalar_t>(), has_residual ? residual.data_ptr<scalar_t>() : nullptr,
                         weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, hidden,

@@ -55,6 +55,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, dtype)
         self.head_dim = arch.head_dim
         self.attn = attention(self.num_heads, self.num_kv_heads, arch.head_dim)
+        self._kernels = None
+
+    def finalize_weights(self, kernels) -> None:
+        """Rotate half-precision CPU activations in place with the native kernel (bit-identical)."""
+        self._kernels = _half_precision_kernels(self.o_proj.weight, kernels)
 
     def forward(self, cos_sin, x, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         if self.swiftkv:
@@ -62,8 +67,11 @@ class LlamaAttention(nn.Module):
             return self.o_proj(self.attn(q, None, None, kv_cache, meta))
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
         qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
-        # q and k heads are rotated in one pass: fewer kernel launches per layer.
-        q, k = RotaryEmbedding.apply(cos_sin, qk).split([self.num_heads, self.num_kv_heads], dim=1)
+        if self._kernels is not None and not torch.is_grad_enabled():
+            self._kernels.rotary_(qk, *cos_sin)  # in place, where the projection wrote them
+        else:  # q and k heads are rotated in one pass: fewer kernel launches per layer
+            qk = RotaryEmbedding.apply(cos_sin, qk)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -73,10 +81,25 @@ class LlamaMLP(nn.Module):
         size = arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [size, size], False, tp, dtype)
         self.down_proj = RowParallelLinear(size, arch.hidden_size, False, tp, dtype)
+        self._kernels = None
+
+    def finalize_weights(self, kernels) -> None:
+        """SwiGLU in one native pass for half-precision CPU activations."""
+        self._kernels = _half_precision_kernels(self.down_proj.weight, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self._kernels is not None and gate_up.dim() == 2:
+            return self.down_proj(self._kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def _half_precision_kernels(weight: torch.Tensor, kernels):
+    """The native kernels where a layer's activations are bfloat16/float16 on CPU, else None
+    (float32 stays on torch: it is the exactness reference against transformers)."""
+    on_cpu = weight.device.type == "cpu"
+    return kernels if on_cpu and weight.dtype in (torch.bfloat16, torch.float16) else None
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -106,6 +106,55 @@ def test_packed_linear_takes_the_gemv_for_decode_rows_and_onednn_above(kernel):
     assert PackedWeight(weight.float(), kernel).gemv is None  # float32 stays on F.linear, our exactness reference
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_in_place_is_bit_identical_to_torch(kernel, dtype):
+    """The projection's q and k heads rotated where they lie (a strided view of [T, q + k + v heads])."""
+    from cluster.model.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(3)
+    rope = RotaryEmbedding(64, 4096, 100000.0, None)
+    positions = torch.randint(0, 4096, (45,), generator=gen)
+    cos_sin = rope.lookup(positions, dtype)
+    qkv = (4 * torch.randn(45, 9 + 3 + 3, 64, generator=gen)).to(dtype)
+    qk = qkv[:, :12]
+    expected = RotaryEmbedding.apply(cos_sin, qk)
+    untouched = qkv[:, 12:].clone()
+    kernel.rotary_(qk, *cos_sin)
+    assert torch.equal(qkv[:, :12], expected)
+    assert torch.equal(qkv[:, 12:], untouched)  # the v heads beside them are left alone
+    with pytest.raises(RuntimeError, match="one cos/sin row per token"):
+        kernel.rotary_(qk, cos_sin[0][:3], cos_sin[1][:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_and_mul_matches_torch(kernel, dtype):
+    gen = torch.Generator().manual_seed(4)
+    gate_up = (3 * torch.randn(67, 2 * 1536, generator=gen)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = kernel.silu_and_mul(gate_up)
+    assert got.shape == expected.shape and got.dtype == dtype
+    # exp differs from torch's by float32 ulps: at most a rounding step on a few outputs
+    assert (got != expected).float().mean() < 0.01
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+    assert kernel.silu_and_mul(gate_up[:0]).shape == (0, 1536)
+
+
+def test_llama_layers_use_the_fused_kernels_for_bfloat16_only(kernel):
+    from cluster.distributed.tp_group import TPGroup
+    from cluster.model.arch import ModelArch
+    from cluster.model.llama import LlamaAttention, LlamaMLP
+
+    arch = ModelArch._from_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                     "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                     "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 64}, "llama")
+    for dtype, fused in ((torch.bfloat16, True), (torch.float32, False)):
+        mlp, attn = LlamaMLP(arch, TPGroup(), dtype), LlamaAttention(arch, TPGroup(), dtype)
+        mlp.finalize_weights(kernel)
+        attn.finalize_weights(kernel)
+        assert (mlp._kernels is kernel, attn._kernels is kernel) == (fused, fused)
+
+
 def test_bfloat16_engine_with_chunked_prefill_and_few_rows_runs_every_request(tiny_llama_dir):
     """bf16 end to end through the native kernels: prompt chunks that need no logits (0 rows), lone
     decodes and small batches (the GEMV), larger ones (oneDNN); every request gets all its tokens."""
@@ -118,3 +167,27 @@ def test_bfloat16_engine_with_chunked_prefill_and_few_rows_runs_every_request(ti
         outs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
         assert [len(o.outputs[0].token_ids) for o in outs] == [6] * len(batch)
         assert all(o.outputs[0].finish_reason == "length" for o in outs)
+
+
+def test_batches_padded_to_row_buckets_give_the_unpadded_tokens(tiny_llama_dir):
+    """Padding a step's rows to a bucket (so oneDNN reuses its matmuls) changes no real row. In
+    float32 (unpadded by default, forced here) greedy tokens must be equal with and without it,
+    through mixed steps, lone decodes and decode batches of odd sizes; bfloat16 pads by default
+    (its sums may round differently at another row count, as they do when the batch changes)."""
+    from cluster.llm import LLM
+    from cluster.runner.model_input import padded_rows
+    from cluster.sampling_params import SamplingParams
+
+    assert [padded_rows(n) for n in (0, 1, 4, 5, 16, 17, 256, 257, 1025, 4097)] == \
+        [0, 1, 4, 16, 16, 32, 256, 320, 1152, 4352]
+    prompts = [{"prompt_token_ids": [100 + i + j % 7 for j in range(3 + 11 * i)]} for i in range(7)]
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=tiny_llama_dir("llama_untied"), dtype="float32", block_size=4, max_num_batched_tokens=40)
+    runner = llm.engine.executor.worker.runner
+    assert not runner.pad_rows
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    runner.pad_rows = True
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == plain
+    assert llm.engine.executor.worker.runner.pad_rows
+    bf16 = LLM(model=tiny_llama_dir("llama_untied"), dtype="bfloat16", block_size=4, max_num_batched_tokens=40)
+    assert bf16.engine.executor.worker.runner.pad_rows
