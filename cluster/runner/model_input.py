@@ -7,7 +7,29 @@ from dataclasses import dataclass
 import torch
 from cluster.contracts.scheduler_output import ScheduledSequence, SchedulerOutput
 from cluster.model.layers.attention import (CPU_PREFILL_SHAPE_QUANTUM, AttentionMetadata, DecodeGroup,
-                                            PrefillChunk, TailBatch, VarlenMetadata, prefill_chunk)
+                                            PrefillChunk, TailBatch, VarlenMetadata, prefill_chunk, round_up)
+from cluster.model.layers.packed_weight import GEMV_MAX_ROWS
+
+# Row buckets for padded batches: (up to this many rows, round up to a multiple of this).
+_ROW_BUCKETS = ((256, 16), (1024, 64), (4096, 128))
+
+
+def padded_rows(n: int) -> int:
+    """The rows a batch of ``n`` is padded to on CPU (bfloat16/float16).
+
+    oneDNN builds (JIT-compiles) a matmul for every new row count: about 5-10 ms for each of a
+    layer's four weight shapes, against 1-2 ms to run one (docs/benchmarks.md). Continuous batching
+    changes the row count nearly every step, so unpadded steps kept paying it. Rounded up to these
+    buckets there are ~40 row counts below 4k rows, built once each. Up to ``GEMV_MAX_ROWS`` the
+    native GEMV runs, which has no such cost.
+    """
+    if n <= GEMV_MAX_ROWS:
+        return n
+    for limit, step in _ROW_BUCKETS:
+        if n <= limit:
+            return round_up(n, step)
+    return round_up(n, 256)
+
 
 # Decodes are grouped by context length so padding wastes little gather and attention work:
 # a group closes when its longest context would exceed this many times its shortest.
@@ -18,24 +40,26 @@ DECODE_GROUP_SPREAD = 1.5
 class ModelInput:
     """One step's batch, flattened: decode tokens first, then prefill chunks."""
 
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
+    input_ids: torch.Tensor  # [T], or [padded_rows(T)] with ``pad`` (token 0 at position 0 past T)
+    positions: torch.Tensor  # [T] (padded alike)
     meta: AttentionMetadata  # where each token's K/V goes and what it attends to
-    logits_indices: torch.Tensor  # [S] rows of the hidden states that need logits
+    logits_indices: torch.Tensor  # [S] rows of the hidden states that need logits (padded alike: the last repeated)
     sample_request_ids: list[str]  # the S requests those rows belong to, in order
     tail: TailBatch | None = None  # SwiftKV: the rows that run past the split (the model returns only them)
 
 
 def build_model_input(out: SchedulerOutput, block_size: int, device: torch.device,
                       decode_kernel=None, swiftkv: bool = False, keep_all: bool = False,
-                      varlen: bool = False) -> ModelInput:
+                      varlen: bool = False, pad: bool = False) -> ModelInput:
     """Flatten the step; attention indices are computed once here and shared by every layer.
 
     With the native decode kernel all decodes form one group (it reads each context at its own
     length); the torch path groups them by length to limit padding. With ``varlen`` (the Triton
     backend) the step is described per sequence instead (``VarlenMetadata``). With ``swiftkv`` the
     batch also carries the tail that runs past the split: every decode, and of each prefill chunk
-    its last token when it is sampled (all its tokens with ``keep_all``, for scoring).
+    its last token when it is sampled (all its tokens with ``keep_all``, for scoring). With ``pad``
+    the token rows and the logits rows are padded to ``padded_rows`` buckets (the caller keeps the
+    first ``len(sample_request_ids)`` logits).
     """
     decodes = sorted((s for s in out.sequences if not s.is_prefill), key=lambda s: s.context_length)
     prefills = [s for s in out.sequences if s.is_prefill]
@@ -67,6 +91,11 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
     if swiftkv:
         tail, logits_rows = _tail_batch(decodes, prefills, prefill_starts, meta, logits_rows, block_size, device,
                                         keep_all)
+    if pad:
+        extra = padded_rows(len(token_ids)) - len(token_ids)
+        token_ids, positions = token_ids + [0] * extra, list(positions) + [0] * extra
+        if logits_rows:
+            logits_rows = logits_rows + logits_rows[-1:] * (padded_rows(len(logits_rows)) - len(logits_rows))
     return ModelInput(
         input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),

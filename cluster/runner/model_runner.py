@@ -31,6 +31,10 @@ class ModelRunner:
         self.spec = spec
         self.varlen = spec.attention_backend == "triton"  # the Triton kernels read per-sequence metadata
         self.swiftkv = spec.arch.skips_prefill
+        # oneDNN matmuls are built per row count: pad 16-bit CPU batches to buckets (padded_rows).
+        # float32 stays unpadded, our exactness reference against transformers.
+        self.pad_rows = on_cpu and not self.varlen and self.model.lm_head.weight.dtype in (torch.bfloat16,
+                                                                                              torch.float16)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA; see decode_graphs)
         self.sampler = Sampler()
@@ -63,9 +67,11 @@ class ModelRunner:
             logits = self.model.compute_logits(self.graphs.run(out.sequences))
             return self._sample(logits, [s.request_id for s in out.sequences])
         batch = build_model_input(out, self.block_size, self.device, self.kernels, swiftkv=self.swiftkv,
-                                  varlen=self.varlen)
+                                  varlen=self.varlen, pad=self.pad_rows)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, batch.tail)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if logits is not None:
+            logits = logits[: len(batch.sample_request_ids)]  # the padding rows' logits are dropped
         if logits is None or not batch.sample_request_ids:
             return RunnerOutput() if self.tp.is_driver else None
         return self._sample(logits, batch.sample_request_ids)

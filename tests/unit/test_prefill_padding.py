@@ -1,5 +1,6 @@
-"""Prefill attention with shapes rounded up (CPU_PREFILL_SHAPE_QUANTUM) equals the unpadded one,
-and padding never reads what stale cache slots hold."""
+"""Prefill attention over a cached prefix (two unmasked parts merged by log-sum-exp) with shapes
+rounded up (CPU_PREFILL_SHAPE_QUANTUM) equals plain causal attention over the whole context, and
+padding never reads what stale cache slots hold."""
 
 from __future__ import annotations
 
@@ -19,9 +20,25 @@ def _attend(q, k, v, cache, start, table, quantum):
                                       cache, meta)
 
 
+def _reference(q, cache, start, table, k, v):
+    """Causal attention in float64 with an explicit mask: query i (position start + i) sees keys 0..start + i."""
+    tokens = q.shape[0]
+    if table is None:
+        keys, values = k.transpose(0, 1), v.transpose(0, 1)
+    else:
+        context = cache[:, :, table].reshape(2, HKV, -1, D)[:, :, : start + tokens]
+        keys, values = context[0], context[1]
+    keys, values = keys.double().repeat_interleave(HQ // HKV, 0), values.double().repeat_interleave(HQ // HKV, 0)
+    scores = q.double().transpose(0, 1) @ keys.transpose(1, 2) * D ** -0.5  # [H, T, S]
+    seen = torch.arange(keys.shape[1])[None, :] <= start + torch.arange(tokens)[:, None]
+    probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
+    return (probs @ values).transpose(0, 1).reshape(tokens, HQ * D)
+
+
+@pytest.mark.parametrize("quantum", [1, 32])
 @pytest.mark.parametrize("start,tokens", [(0, 1), (0, 7), (0, 33), (5, 1), (16, 16), (17, 20), (40, 9), (100, 60),
-                                          (300, 1), (31, 33)])
-def test_padded_prefill_equals_unpadded(start, tokens):
+                                          (300, 1), (31, 33), (32, 32), (64, 5), (63, 65)])
+def test_prefill_equals_plain_causal_attention(start, tokens, quantum):
     torch.manual_seed(start * 1000 + tokens)
     cache = torch.randn(2, HKV, NB, BS, D)
     ctx = start + tokens
@@ -32,20 +49,29 @@ def test_padded_prefill_equals_unpadded(start, tokens):
         last, used = table[-1], ctx - (len(table) - 1) * BS
         cache[:, :, last, used:] = float("nan")
     q, k, v = torch.randn(tokens, HQ, D), torch.randn(tokens, HKV, D), torch.randn(tokens, HKV, D)
-    exact = _attend(q, k, v, cache.clone(), start, table, 1)
-    padded = _attend(q, k, v, cache.clone(), start, table, 32)
-    assert padded.shape == exact.shape == (tokens, HQ * D)
-    assert torch.isfinite(padded).all()
-    torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
+    got = _attend(q, k, v, cache.clone(), start, table, quantum)
+    assert got.shape == (tokens, HQ * D)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), _reference(q, cache, start, table, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_padded_chunk_shapes_are_multiples_of_the_quantum():
-    table = torch.arange(4)
-    chunk = prefill_chunk(3, 10, 37, table, 32)
-    assert (chunk.padded_tokens, chunk.padded_context) == (32, 64)
-    assert chunk.causal_mask.shape == (32, 64)
-    # Real query i sees keys 0..37 + i and nothing after.
-    assert chunk.causal_mask[0, :38].all() and not chunk.causal_mask[0, 38:].any()
-    assert chunk.causal_mask[9, :47].all() and not chunk.causal_mask[9, 47:].any()
+def test_bfloat16_prefill_after_a_prefix_is_within_rounding_of_the_reference():
+    torch.manual_seed(7)
+    start, tokens = 70, 45
+    cache = torch.randn(2, HKV, NB, BS, D).bfloat16()
+    table = torch.randperm(NB)[: -(-(start + tokens) // BS)]
+    q = torch.randn(tokens, HQ, D).bfloat16()
+    got = _attend(q, None, None, cache, start, table, 32)
+    torch.testing.assert_close(got.double(), _reference(q, cache, start, table, None, None), rtol=2e-2, atol=2e-2)
+
+
+def test_chunk_shapes_are_multiples_of_the_quantum():
+    chunk = prefill_chunk(3, 10, 37, torch.arange(4), 32)
+    # every query sees keys 0..31 unmasked; keys 32..46 (5 prefix + 10 own) causally, in a 32-row square
+    assert (chunk.padded_tokens, chunk.split, chunk.causal_rows) == (32, 32, 32)
+    chunk = prefill_chunk(3, 30, 60, torch.arange(6), 32)
+    assert (chunk.padded_tokens, chunk.split, chunk.causal_rows) == (32, 32, 64)
+    exact = prefill_chunk(3, 10, 37, torch.arange(4), 1)
+    assert (exact.padded_tokens, exact.split, exact.causal_rows) == (10, 37, 10)
     plain = prefill_chunk(3, 10, 0, None, 32)
-    assert plain.padded_tokens == 32 and plain.causal_mask is None
+    assert plain.padded_tokens == 32 and plain.split == 0

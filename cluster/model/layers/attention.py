@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 # Below this many context tokens a lone decode uses torch's fused SDPA; above it (and for
 # batches) the explicit matmul path, which torch's CPU SDPA beats only for tiny contexts.
@@ -38,17 +37,35 @@ CPU_PREFILL_SHAPE_QUANTUM = 32
 
 @dataclass
 class PrefillChunk:
-    """One sequence's prompt chunk in the step's flattened token batch."""
+    """One sequence's prompt chunk in the step's flattened token batch.
+
+    With a cached prefix (``block_table`` set) its attention runs in two parts over the context
+    read from the cache, merged by their log-sum-exp: the queries against the keys every one of
+    them sees (the prefix up to ``split``), with no mask, and the rest causally. Neither part
+    builds a mask or computes scores that a mask would throw away. With ``quantum`` > 1 every
+    shape is a multiple of it (see ``CPU_PREFILL_SHAPE_QUANTUM``).
+    """
 
     token_start: int  # index of its first token in the batch
     num_tokens: int  # tokens in the chunk
     start_position: int  # tokens already in the cache before it (0 = nothing cached)
     block_table: torch.Tensor | None  # [num_blocks] blocks holding the whole context; None: attend within the chunk
-    # Causal, aligned to the last real key: a torch CausalBias, or a bool [padded_tokens,
-    # padded_context] mask when the shapes are padded; None without a block table.
-    causal_mask: object | None
-    padded_tokens: int = 0  # queries as attention sees them (>= num_tokens; 0 = num_tokens)
-    padded_context: int = 0  # keys as attention sees them with a cached prefix (0 = no padding)
+    quantum: int = 1  # attention shapes are rounded up to multiples of this
+
+    @property
+    def padded_tokens(self) -> int:
+        """Query rows as attention sees them (>= num_tokens)."""
+        return round_up(self.num_tokens, self.quantum)
+
+    @property
+    def split(self) -> int:
+        """Keys [0, split) are seen by every query: the cached prefix rounded down to the quantum."""
+        return self.start_position - self.start_position % self.quantum
+
+    @property
+    def causal_rows(self) -> int:
+        """Side of the causal part: the prefix keys past ``split`` and the chunk's own, rounded up."""
+        return round_up(self.start_position - self.split + self.num_tokens, self.quantum)
 
 
 def round_up(n: int, quantum: int) -> int:
@@ -57,21 +74,10 @@ def round_up(n: int, quantum: int) -> int:
 
 def prefill_chunk(token_start: int, num_tokens: int, start_position: int, block_table: torch.Tensor | None,
                   quantum: int = 1) -> PrefillChunk:
-    """A chunk's attention metadata; with ``quantum`` > 1 its shapes are rounded up to multiples
-    of it (see ``CPU_PREFILL_SHAPE_QUANTUM``). Without a block table the chunk attends within itself
+    """A chunk's attention metadata. Without a block table the chunk attends within itself
     (nothing cached before it); with one, to its context read from the cache."""
-    tokens = round_up(num_tokens, quantum)
-    if block_table is None:
-        return PrefillChunk(token_start, num_tokens, 0, None, None, tokens)
-    context = start_position + num_tokens
-    if quantum == 1:  # query i sits at position start + i and sees keys 0..start + i
-        return PrefillChunk(token_start, num_tokens, start_position, block_table,
-                            causal_lower_right(num_tokens, context), tokens, context)
-    keys = round_up(context, quantum)
-    device = block_table.device
-    mask = torch.arange(keys, device=device)[None, :] <= \
-        (start_position + torch.arange(tokens, device=device))[:, None]
-    return PrefillChunk(token_start, num_tokens, start_position, block_table, mask, tokens, keys)
+    return PrefillChunk(token_start, num_tokens, start_position if block_table is not None else 0, block_table,
+                        quantum)
 
 
 @dataclass
@@ -122,8 +128,10 @@ class TailBatch:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store the step's K/V ([T, Hkv, D] each) at their slots in one layer's cache."""
+    """Store the step's K/V ([T, Hkv, D] each) at their slots in one layer's cache. A batch padded
+    to a bucket (``cluster.runner.model_input.padded_rows``) has rows past its slots: they are not stored."""
     two, heads, _, _, head_dim = kv_cache.shape
+    k, v = k[: slot_mapping.numel()], v[: slot_mapping.numel()]
     kv_cache.view(two, heads, -1, head_dim)[:, :, slot_mapping] = torch.stack((k, v)).transpose(1, 2)
 
 
@@ -182,6 +190,9 @@ class PagedAttention(nn.Module):
         if k is not None:
             write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
+        real = _real_rows(meta)
+        if real < q.shape[0]:  # padding rows attend to nothing: zeros, never what the buffer held
+            out[real:].zero_()
         for group in meta.decodes:
             rows = slice(group.token_start, group.token_start + group.num_seqs)
             if meta.decode_kernel is not None:  # reads K/V in place: no gathered copy
@@ -232,18 +243,63 @@ class PagedAttention(nn.Module):
         return out.view(heads, num_seqs, group, head_dim).transpose(0, 1).reshape(num_seqs, self.num_heads, head_dim)
 
     def _prefill(self, q, k, v, kv_cache, chunk: PrefillChunk) -> torch.Tensor:
-        pad = max(chunk.padded_tokens, chunk.num_tokens) - chunk.num_tokens
-        if chunk.block_table is None:  # nothing cached before: attend within the chunk (causal: the
-            # padded keys come after every real query, so they are never seen)
-            keys, values, mask, causal = _pad_rows(k, pad).transpose(0, 1), _pad_rows(v, pad).transpose(0, 1), None, True
-        else:
-            n = chunk.start_position + chunk.num_tokens
-            keys, values = _context(kv_cache, chunk.block_table, n, max(n, chunk.padded_context))
-            mask, causal = chunk.causal_mask, False
-        # A leading batch dim keeps torch on its fused CPU kernel (3-D inputs take a slow path).
-        out = F.scaled_dot_product_attention(_pad_rows(q, pad).transpose(0, 1)[None], keys[None], values[None],
-                                             attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True)
+        if chunk.block_table is not None:
+            return self._prefill_cached(q, kv_cache, chunk)
+        # Nothing cached before: attend within the chunk (causal: the padded keys come after every
+        # real query, so they are never seen). A leading batch dim keeps torch on its fused CPU
+        # kernel (3-D inputs take a slow path).
+        pad = chunk.padded_tokens - chunk.num_tokens
+        out = F.scaled_dot_product_attention(_pad_rows(q, pad).transpose(0, 1)[None],
+                                             _pad_rows(k, pad).transpose(0, 1)[None],
+                                             _pad_rows(v, pad).transpose(0, 1)[None],
+                                             is_causal=True, scale=self.scale, enable_gqa=True)
         return out[0].transpose(0, 1)[: chunk.num_tokens]
+
+    def _prefill_cached(self, q, kv_cache, chunk: PrefillChunk) -> torch.Tensor:
+        """A chunk after a cached prefix, in two unmasked parts (see ``PrefillChunk``)."""
+        tokens, split = chunk.num_tokens, chunk.split
+        lead = chunk.start_position - split  # prefix keys past the split, seen causally
+        square = chunk.causal_rows
+        n = chunk.start_position + tokens
+        keys, values = _context(kv_cache, chunk.block_table, n, split + square)  # [Hkv, split + square, hd]
+        # Causal part: ``lead`` empty rows first put query i on row lead + i, which (top-left causal)
+        # sees the keys split .. start_position + i, that is everything up to its own position.
+        rows = F.pad(q, (0, 0, 0, 0, lead, square - lead - tokens)).transpose(0, 1)[None]
+        out, lse = _flash(rows, keys[None, :, split:], values[None, :, split:], True, self.scale)
+        out, lse = out[0, :, lead:lead + tokens], lse[0, :, lead:lead + tokens]  # [Hq, T, hd], [Hq, T]
+        if split:  # the prefix every query sees, then the two merged by their log-sum-exp
+            rows = _pad_rows(q, chunk.padded_tokens - tokens).transpose(0, 1)[None]
+            prefix_out, prefix_lse = _flash(rows, keys[None, :, :split], values[None, :, :split], False, self.scale)
+            out = _merge(out, lse, prefix_out[0, :, :tokens], prefix_lse[0, :, :tokens])
+        return out.transpose(0, 1)
+
+
+def _flash(q, k, v, causal: bool, scale: float):
+    """torch's fused CPU attention with its log-sum-exp: q [1, Hq, L, hd], k/v [1, Hkv, S, hd]
+    (grouped-query heads shared) -> output [1, Hq, L, hd] and float32 log-sum-exp [1, Hq, L].
+    Elsewhere (the torch backend on a GPU) the same in plain float32 ops."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
+    scores = (q.float() @ k.transpose(-1, -2)) * scale
+    if causal:
+        scores.masked_fill_(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ v).to(q.dtype), lse
+
+
+def _merge(out_a, lse_a, out_b, lse_b) -> torch.Tensor:
+    """Attention over two disjoint key sets -> attention over their union ([H, T, hd], [H, T])."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    merged = out_a.float() * torch.exp(lse_a - lse)[..., None] + out_b.float() * torch.exp(lse_b - lse)[..., None]
+    return merged.to(out_a.dtype)
+
+
+def _real_rows(meta: AttentionMetadata) -> int:
+    """Rows of the batch that decodes and prefill chunks cover (the rest are bucket padding)."""
+    ends = [g.token_start + g.num_seqs for g in meta.decodes] + [c.token_start + c.num_tokens for c in meta.prefills]
+    return max(ends, default=0)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
