@@ -7,13 +7,11 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor we
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);
 bool has_gemv_bf16();
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor silu_and_mul(torch::Tensor gate_up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU)");
   m.def("rms_norm", &rms_norm, "fused residual add + RMSNorm (CPU)");
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T (+ b) for 1-4 bfloat16 rows (CPU, AVX512-BF16)");
   m.def("rotary_", &rotary_, "rotary embedding of [T, H, D] heads in place (CPU, 16-bit floats)");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a [T, 2I] tensor (CPU, 16-bit floats)");
   m.def("has_gemv_bf16", &has_gemv_bf16, "whether gemv_bf16 was built (AVX512-BF16)");
 }

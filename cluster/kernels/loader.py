@@ -4,8 +4,7 @@
   CPU attention needs each context gathered into a contiguous copy first).
 - ``rms_norm``: fused residual add + RMSNorm for bfloat16/float16 activations.
 - ``gemv_bf16``: decode-sized bfloat16 linears (1-4 rows), where AVX512-BF16 is there.
-- ``rotary_`` and ``silu_and_mul``: RoPE in place and SwiGLU's activation, one pass each, for
-  16-bit activations.
+- ``rotary_``: RoPE in place, one pass, for 16-bit activations.
 
 They are built with the machine's C++ compiler through torch.utils.cpp_extension on first
 use (about 30 s, cached under ~/.cache/torch_extensions); if that fails, ``load()`` returns
@@ -49,7 +48,7 @@ def _build():
 
         here = os.path.dirname(__file__)
         sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp",
-                                                          "gemv_bf16.cpp", "rotary.cpp", "silu_and_mul.cpp")]
+                                                          "gemv_bf16.cpp", "rotary.cpp")]
         build_dir = build_directory()
         with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die

@@ -81,17 +81,9 @@ class LlamaMLP(nn.Module):
         size = arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [size, size], False, tp, dtype)
         self.down_proj = RowParallelLinear(size, arch.hidden_size, False, tp, dtype)
-        self._kernels = None
-
-    def finalize_weights(self, kernels) -> None:
-        """SwiGLU in one native pass for half-precision CPU activations."""
-        self._kernels = _half_precision_kernels(self.down_proj.weight, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self._kernels is not None and gate_up.dim() == 2:
-            return self.down_proj(self._kernels.silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

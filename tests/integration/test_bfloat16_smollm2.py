@@ -1,0 +1,67 @@
+"""The real SmolLM2-135M in bfloat16 against transformers in bfloat16.
+
+bfloat16 sums round differently from one implementation to the next (oneDNN's blocking, our
+native kernels, row-bucket padding), so token-for-token equality is not the bar over long
+generations; the bar is: the first 8 greedy tokens of every prompt equal transformers', and over
+teacher-forced positions the two models' top-1 tokens agree at least 97% of the time. Where
+transformers' own bfloat16 logits tie (top two within one bfloat16 step of each other; SmolLM2's
+"quiz" prompt has 33 and 34 both at 35.25 at its 7th token, where float32 prefers 34 by 0.1) either
+token is right, and the comparison of that prompt ends there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster import LLM, SamplingParams
+from tests.conftest import NUM_THREADS, hf_greedy
+
+pytestmark = pytest.mark.slow
+
+FIRST_TOKENS = 8
+TEACHER_FORCED_POSITIONS = 64
+
+
+@pytest.fixture(scope="module")
+def hf_bf16(smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.bfloat16).eval()
+
+
+@pytest.fixture(scope="module")
+def engine_bf16(smollm2_path) -> LLM:
+    return LLM(smollm2_path, dtype="bfloat16", num_threads=NUM_THREADS, num_blocks=400)
+
+
+def test_first_greedy_tokens_equal_transformers_bfloat16(engine_bf16, hf_bf16, smollm2_prompts):
+    names = [n for n in smollm2_prompts if n != "eos_first"][:8]  # eos_first: a single EOS, nothing to compare
+    assert len(names) == 8
+    # One batch: decodes and the long prompt's chunks share steps, rows are padded to buckets.
+    outputs = engine_bf16.generate([{"prompt_token_ids": smollm2_prompts[n]} for n in names],
+                                   SamplingParams(temperature=0.0, max_tokens=FIRST_TOKENS))
+    ties = 0
+    for name, out in zip(names, outputs):
+        ours, expected = out.outputs[0].token_ids, hf_greedy(hf_bf16, smollm2_prompts[name], FIRST_TOKENS)
+        if ours == expected:
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(ours, expected)) if a != b)
+        with torch.no_grad():
+            logits = hf_bf16(torch.tensor([smollm2_prompts[name] + ours[:i]])).logits[0, -1].float()
+        top = logits.max()
+        step = 2.0 ** (torch.floor(torch.log2(top.abs())).item() - 7)  # one bfloat16 step at that size
+        assert logits[ours[i]] >= top - step, f"{name}: token {i} is {ours[i]}, transformers' {expected[i]} " \
+                                              f"({logits[ours[i]].item():.3f} vs {top.item():.3f})"
+        ties += 1
+    assert ties <= 2, f"{ties} of 8 prompts ended on a bfloat16 tie"
+
+
+def test_teacher_forced_top1_agrees_with_transformers_bfloat16(engine_bf16, hf_bf16, smollm2_prompts):
+    ids = smollm2_prompts["long"]
+    ours = engine_bf16.engine.executor.worker.score(ids)  # [len(ids), vocab] float32
+    with torch.no_grad():
+        theirs = hf_bf16(torch.tensor([ids])).logits[0].float()
+    tail = slice(len(ids) - TEACHER_FORCED_POSITIONS, len(ids))
+    agree = (ours[tail].argmax(-1) == theirs[tail].argmax(-1)).float().mean().item()
+    assert agree >= 0.97, f"top-1 agreement {agree:.3f} over the last {TEACHER_FORCED_POSITIONS} positions"
