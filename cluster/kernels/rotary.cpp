@@ -13,22 +13,8 @@
 
 namespace {
 
-// Rounds a float to the nearest 16-bit float of the activation dtype and back to float.
-template <typename scalar_t>
-inline float round_through(float f) {
-  return static_cast<float>(static_cast<scalar_t>(f));
-}
-
-template <>
-inline float round_through<c10::BFloat16>(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;  // nearest, ties to even
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
+// 16-bit <-> float. bfloat16 by integer ops (nearest, ties to even), which vectorise where
+// c10::BFloat16's conversions do not; float16 through c10::Half.
 template <typename scalar_t>
 inline float widen(scalar_t x) {
   return static_cast<float>(x);
@@ -52,6 +38,12 @@ inline c10::BFloat16 narrow<c10::BFloat16>(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   return c10::BFloat16(static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16), c10::BFloat16::from_bits());
+}
+
+// Rounds a float to the nearest value of the activation dtype, as a float (where torch's op rounds).
+template <typename scalar_t>
+inline float round_through(float f) {
+  return widen(narrow<scalar_t>(f));
 }
 
 template <typename scalar_t>
