@@ -35,8 +35,9 @@ $(STAMP): pyproject.toml Makefile
 		|| echo "jemalloc not installed (apt-get download failed): replicas use glibc malloc"; rm -rf $$tmp
 	touch $(STAMP)
 
+# --durations: the suite's 25 slowest phases at the end of every CI log (its time is a budget).
 test: install tools/helm tools/kubectl tools/prometheus
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 test-fast: install
 	$(PY) -m pytest -q -ra tests/unit
