@@ -38,13 +38,18 @@ logger = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05  # how long the idle engine thread waits for a command before checking its workers
 _RATE_WINDOW = 64  # completions remembered for the retry hint
 _MAX_RETRY_AFTER_S = 60.0
+_MAX_STREAM_INTERVAL_S = 0.5  # pacing never holds a stream's tokens back longer than this
 
 
 class AsyncLLMEngine:
     """Thread-backed asyncio wrapper; all engine state is touched on the engine thread only."""
 
-    def __init__(self, engine: LLMEngine, max_restarts: int = 5, restart_backoff_s: float = 1.0):
+    def __init__(self, engine: LLMEngine, max_restarts: int = 5, restart_backoff_s: float = 1.0,
+                 stream_messages_per_s: float | None = None):
         self.engine = engine
+        # Coalescing streams share this many messages per second: with n in flight each yields at
+        # most every n / stream_messages_per_s seconds (a final output at once). None: no pacing.
+        self.stream_messages_per_s = stream_messages_per_s
         self.max_restarts = max_restarts  # consecutive failed rebuilds before giving up
         self.restart_backoff_s = restart_backoff_s  # doubled after each failed rebuild
         self.num_restarts = 0  # successful rebuilds so far
@@ -121,16 +126,27 @@ class AsyncLLMEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", state))
         finished = False
+        loop = asyncio.get_running_loop()
+        next_yield_s = 0.0
         try:
             self._check_serving()  # the engine may have failed after the first check
             while not finished:
                 item = await stream.get()
-                while coalesce and not isinstance(item, BaseException) and not item.finished and not stream.empty():
-                    newer = stream.get_nowait()
-                    if isinstance(newer, BaseException) or kind is not RequestOutputKind.DELTA:
-                        item = newer
-                    else:
-                        item = merge_deltas(item, newer)
+                while coalesce and _is_partial(item) and not stream.empty():
+                    item = _merged(item, stream.get_nowait(), kind)
+                # Paced: a partial output waits for its stream's turn, taking in what arrives meanwhile.
+                # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # lands as the inner get completes, and a cancelled stream then ran on unaborted.)
+                while coalesce and _is_partial(item) and (wait_s := next_yield_s - loop.time()) > 0:
+                    try:
+                        async with asyncio.timeout(wait_s):
+                            newer = await stream.get()
+                    except TimeoutError:
+                        break
+                    item = _merged(item, newer, kind)
+                if coalesce and self.stream_messages_per_s:
+                    next_yield_s = loop.time() + min(_MAX_STREAM_INTERVAL_S,
+                                                     len(self._streams) / self.stream_messages_per_s)
                 if isinstance(item, BaseException):
                     finished = True  # the engine has dropped it already
                     raise item
@@ -251,10 +267,23 @@ class AsyncLLMEngine:
             self._send(request_id, err)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop, not one per output.
+        A busy step has an output for every running request (64 and more); a callback each flooded
+        the loop (and its self-pipe) with work that delayed everything else on it: cancellations,
+        health checks, stats (tests/integration/test_overload.py)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             if out.finished:
                 self._finish_times.append(time.monotonic())
-            self._send(out.request_id, out)
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                batches.setdefault(target[0], []).append((out.request_id, target[1], out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the callers' event loop has closed: nobody is listening
+                for request_id, _, _ in items:
+                    self._streams.pop(request_id, None)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         for request_id in list(self._streams):
@@ -268,3 +297,19 @@ class AsyncLLMEngine:
             target[0].call_soon_threadsafe(target[1].put_nowait, item)
         except RuntimeError:  # the caller's event loop has closed: nobody is listening
             self._streams.pop(request_id, None)
+
+
+def _put_all(items: list[tuple[str, asyncio.Queue, RequestOutput]]) -> None:
+    for _, stream, item in items:
+        stream.put_nowait(item)
+
+
+def _is_partial(item) -> bool:
+    return not isinstance(item, BaseException) and not item.finished
+
+
+def _merged(item: RequestOutput, newer, kind: RequestOutputKind):
+    """One output for two queued ones: deltas add up; a cumulative output or an error replaces."""
+    if isinstance(newer, BaseException) or kind is not RequestOutputKind.DELTA:
+        return newer
+    return merge_deltas(item, newer)

@@ -37,6 +37,7 @@ class ServingConfig:
     health_check_period_s: float = 2.0  # Serve asks each replica this often whether to replace it
     health_probe_interval_s: float = 10.0  # an idle replica generates one token this often
     health_probe_timeout_s: float = 30.0  # a probe slower than this (with no step finishing) restarts the engine
+    stream_messages_per_s: float = 500.0  # stream messages a replica sends per second at most, shared by its streams
     # Security. The API key is read where the ingress starts, from the file or the environment variable
     # named here (never from this config, which Serve logs); no key configured = no authentication.
     api_key_file: str | None = None  # a file holding the key (e.g. a mounted Kubernetes secret)
@@ -57,7 +58,7 @@ class ServingConfig:
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
         for name in ("replica_num_cpus", "routing_stats_period_s", "health_probe_interval_s",
-                     "health_probe_timeout_s", "health_check_period_s"):
+                     "health_probe_timeout_s", "health_check_period_s", "stream_messages_per_s"):
             value = getattr(self, name)
             _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
                      f"must be a number > 0, got {value!r}")

@@ -59,7 +59,8 @@ class ModelServer:
             from cluster.engine.async_engine import AsyncLLMEngine
             from cluster.engine.llm_engine import LLMEngine
 
-            engine = AsyncLLMEngine(LLMEngine(engine_config, core_process=config.uses_core_process))
+            engine = AsyncLLMEngine(LLMEngine(engine_config, core_process=config.uses_core_process),
+                                    stream_messages_per_s=config.stream_messages_per_s)
         self.engine = engine
         self.model_name = config.model_name or os.path.basename(engine_config.model.model.rstrip("/"))
         self.metrics = ServerMetrics(self.model_name)

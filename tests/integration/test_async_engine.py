@@ -128,3 +128,48 @@ def test_duplicate_request_id_is_refused_without_disturbing_the_first(async_engi
 
     outs = asyncio.run(main())
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 30
+
+
+def test_paced_streams_send_fewer_messages_with_every_token_and_cancel_cleanly(tiny_llama_dir):
+    """With stream_messages_per_s, coalescing streams yield at most every n / rate seconds: fewer
+    messages, the same tokens, the final at once; a stream cancelled while it waits for its turn is
+    aborted in the engine (its blocks freed)."""
+    from cluster.outputs import RequestOutputKind
+
+    config = EngineConfig.from_kwargs(model=tiny_llama_dir("llama_tied"), num_blocks=64, num_threads=2)
+    engine = AsyncLLMEngine(LLMEngine(config), stream_messages_per_s=10.0)  # one stream: every 0.1 s
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    prompt = {"prompt_token_ids": [1, 2, 3, 4]}
+
+    async def stream(paced: bool):
+        outs = [o async for o in engine.generate(prompt, params, coalesce=paced, kind=RequestOutputKind.DELTA)]
+        return [t for o in outs for t in o.outputs[0].token_ids], len(outs)
+
+    async def cancel_while_waiting():
+        gen = engine.generate(prompt, long_params, coalesce=True, kind=RequestOutputKind.DELTA)
+        first = await gen.__anext__()  # the next yield waits ~0.1 s for its turn
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.03)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await gen.aclose()
+        return first
+
+    long_params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+    try:
+        plain_tokens, plain_messages = asyncio.run(stream(False))
+        started = time.monotonic()
+        paced_tokens, paced_messages = asyncio.run(stream(True))
+        assert paced_tokens == plain_tokens and plain_messages == 48
+        # A tiny model makes a token in a few ms: 48 tokens take well under the 4.8 s that pacing
+        # the messages to 10 a second would take if it held each token back.
+        assert paced_messages <= 1 + (time.monotonic() - started) / 0.1 + 1 < plain_messages
+        asyncio.run(cancel_while_waiting())
+        deadline = time.monotonic() + 30
+        while engine.engine.has_unfinished_requests():
+            assert time.monotonic() < deadline, "the cancelled stream was never aborted"
+            time.sleep(0.01)
+        assert_no_leak(engine.engine)
+    finally:
+        engine.shutdown()
