@@ -22,6 +22,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 def _triton_installed() -> bool:
     import importlib.util
 
@@ -134,6 +138,68 @@ class SchedulerConfig:
                      "max_waiting_requests", f"must be an integer >= 0, got {self.max_waiting_requests!r}")
 
 
+SPECULATIVE_METHODS = ("ngram", "suffix")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Lossless speculative decoding with drafts that need no second model.
+
+    ``ngram`` (prompt lookup) proposes what followed the latest earlier occurrence of the request's
+    last n tokens in its own prompt and output. ``suffix`` (suffix decoding) matches the request's
+    recent tokens in a suffix tree over its prompt and output and in one over the outputs of recent
+    requests, and proposes the most frequent continuation, as many tokens as the match is long
+    (times ``max_spec_factor``) while each token's estimated probability stays >= ``min_token_prob``.
+    Either way the model verifies the drafts in one forward pass; a request whose drafts keep being
+    rejected stops drafting for a while (``backoff_*``), so text that does not repeat costs little.
+    """
+
+    method: str = "ngram"  # ngram | suffix
+    num_tokens: int = 4  # drafted tokens per step at most (k)
+    prompt_lookup_min: int = 2  # ngram: the shortest suffix that may match
+    prompt_lookup_max: int = 5  # ngram: the longest suffix tried first
+    max_tree_depth: int = 24  # suffix: the longest pattern matched
+    max_cached_requests: int = 1000  # suffix: finished outputs kept in the global tree (0 = none)
+    max_spec_factor: float = 1.0  # suffix: draft at most this many tokens per matched token
+    min_token_prob: float = 0.1  # suffix: stop drafting when a token's estimated probability falls below
+    backoff_acceptance: float = 0.2  # a request whose recent acceptance rate falls below this pauses drafting
+    backoff_steps: int = 8  # for this many steps (doubled on each further pause, up to 64x)
+
+    def __post_init__(self) -> None:
+        _require(self.method in SPECULATIVE_METHODS, "speculative.method",
+                 f"must be one of {SPECULATIVE_METHODS}, got {self.method!r}")
+        _require(_is_int(self.num_tokens) and 1 <= self.num_tokens <= 32, "speculative.num_tokens",
+                 f"must be an integer in [1, 32], got {self.num_tokens!r}")
+        for name in ("prompt_lookup_min", "prompt_lookup_max", "max_tree_depth"):
+            value = getattr(self, name)
+            _require(_is_int(value) and 1 <= value <= 64, f"speculative.{name}",
+                     f"must be an integer in [1, 64], got {value!r}")
+        _require(self.prompt_lookup_min <= self.prompt_lookup_max, "speculative.prompt_lookup_min",
+                 f"must be <= prompt_lookup_max ({self.prompt_lookup_max}), got {self.prompt_lookup_min}")
+        _require(_is_int(self.max_cached_requests) and self.max_cached_requests >= 0,
+                 "speculative.max_cached_requests", f"must be an integer >= 0, got {self.max_cached_requests!r}")
+        _require(_is_number(self.max_spec_factor) and self.max_spec_factor > 0, "speculative.max_spec_factor",
+                 f"must be a number > 0, got {self.max_spec_factor!r}")
+        for name in ("min_token_prob", "backoff_acceptance"):
+            value = getattr(self, name)
+            _require(_is_number(value) and 0.0 <= value <= 1.0, f"speculative.{name}",
+                     f"must be a number in [0, 1], got {value!r}")
+        _require(_is_int(self.backoff_steps) and self.backoff_steps >= 0, "speculative.backoff_steps",
+                 f"must be an integer >= 0, got {self.backoff_steps!r}")
+
+    @classmethod
+    def build(cls, value) -> "SpeculativeConfig | None":
+        """From what a caller gives: None, a SpeculativeConfig or a dict of its fields."""
+        if value is None or isinstance(value, cls):
+            return value
+        _require(isinstance(value, dict), "speculative",
+                 f"must be a mapping like {{'method': 'ngram', 'num_tokens': 4}}, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in value:
+            _require(key in known, f"speculative.{key}", f"unknown option; known: {sorted(known)}")
+        return cls(**value)
+
+
 PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
 EXECUTORS = ("auto", "in_process", "ray")
 
@@ -180,6 +246,10 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig | None = None  # speculative decoding; None = off
+
+    def __post_init__(self) -> None:
+        self.speculative = SpeculativeConfig.build(self.speculative)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -188,8 +258,9 @@ class EngineConfig:
                   "parallel": ParallelConfig}
         split: dict[str, dict] = {name: {} for name in groups}
         owner = {f.name: name for name, klass in groups.items() for f in fields(klass)}
+        speculative = kwargs.pop("speculative", None)
         for key, value in kwargs.items():
             if key not in owner:
-                raise InvalidConfigError(key, f"unknown engine option; known: {sorted(owner)}")
+                raise InvalidConfigError(key, f"unknown engine option; known: {sorted(owner) + ['speculative']}")
             split[owner[key]][key] = value
-        return cls(**{name: groups[name](**split[name]) for name in groups})
+        return cls(**{name: groups[name](**split[name]) for name in groups}, speculative=speculative)

@@ -15,3 +15,5 @@ class CoreOutput:
     finish_reason: str | None = None  # "stop" (EOS / stop token) | "length" | "error"; None while running
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (at the last admission)
     error: str | None = None  # finish_reason "error": what failed (the core logged its traceback)
+    num_drafted_tokens: int = 0  # speculative: draft tokens verified for this request so far
+    num_accepted_tokens: int = 0  # speculative: of those, accepted

@@ -18,5 +18,6 @@ class TokenLogprobs:
 class RunnerOutput:
     """Sampled tokens for the sequences whose ScheduledSequence.needs_sample was True."""
 
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)  # request_id -> new token
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # only for requests that asked
+    # request_id -> its new tokens: one, or after verifying drafts the accepted ones and one more
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # per new token, for requests that asked

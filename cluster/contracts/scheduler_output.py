@@ -27,10 +27,21 @@ class ScheduledSequence:
     block_ids: list[int]  # the whole block table, covering start_position + len(token_ids) tokens
     needs_sample: bool  # True when this chunk reaches the sequence's last token: sample one
     is_prefill: bool  # True while the sequence is still computing its prompt (or recomputing)
+    num_draft_tokens: int = 0  # speculative: the last this many of token_ids are drafts to verify
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def is_single_decode(self) -> bool:
+        """One decode token, nothing to verify: the batched decode path takes it."""
+        return not self.is_prefill and len(self.token_ids) == 1
+
+    @property
+    def num_sample_rows(self) -> int:
+        """Logits rows this sequence needs: its last token's, and each draft's."""
+        return 1 + self.num_draft_tokens if self.needs_sample else 0
 
     @property
     def context_length(self) -> int:

@@ -30,6 +30,7 @@ from cluster.engine.sequence import FinishReason, Sequence
 from cluster.engine.stop_checker import StopChecker
 from cluster.errors import EngineDeadError, InvalidRequestError
 from cluster.parallel.executor import Executor
+from cluster.spec.proposer import Proposer
 from cluster.runner.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class EngineCore:
             from cluster.parallel.executors import create_executor as executor_factory
         self._executor_factory = executor_factory
         self._seed_rng = random.Random(config.model.seed)
+        self.proposer = Proposer(config.speculative) if config.speculative is not None else None
         self._reset_requests()
         self.executor: Executor = self._executor_factory(plan.worker_spec(config), config.parallel)
 
@@ -59,6 +61,8 @@ class EngineCore:
         self._requests: dict[str, Sequence] = {}
         self._unsent: list[NewRequest] = []  # admitted but not yet shown to the workers
         self._pending: list[CoreOutput] = []  # requests ended outside a step, reported on the next one
+        if self.proposer is not None:
+            self.proposer.reset()
 
     def restart(self) -> list[str]:
         """Rebuild the executor (workers, weights, KV cache) and forget every request. Returns the
@@ -117,9 +121,25 @@ class EngineCore:
             out = self._fail(request_id, error)
             if out is not None:
                 outputs.append(out)
-        for seq in self.scheduler.update(sched, result.sampled_token_ids):
-            outputs.append(self._on_token(seq, result))
+        for seq, num_new in self.scheduler.update(sched, result.sampled_token_ids):
+            outputs.append(self._on_tokens(seq, num_new, result))
+        if self.proposer is not None:
+            self._propose(sched.finished_request_ids)
         return outputs
+
+    def _propose(self, finished_request_ids: list[str]) -> None:
+        """Draft for every running request that decodes next (speculative decoding)."""
+        proposer = self.proposer
+        for rid in finished_request_ids:
+            proposer.finish(rid)
+        proposer.begin_step()
+        for seq in self.scheduler.running:
+            if seq.num_computed_tokens != seq.num_tokens - 1 or not seq.output_token_ids:
+                continue  # still prefilling
+            # A verification emits up to drafts + 1 tokens: never past max_tokens or the context.
+            room = min(seq.sampling_params.max_tokens - seq.num_output_tokens,
+                       self.stop_checker.max_model_len - seq.num_tokens) - 1
+            seq.draft_token_ids = proposer.propose(seq, room)
 
     def _execute(self, sched) -> tuple[RunnerOutput, dict[str, BaseException]]:
         """Run the step; if it raises, pin the fault on the requests that cause it (the others'
@@ -142,17 +162,29 @@ class EngineCore:
         return CoreOutput(request_id, [], None, FinishReason.ERROR.value, seq.num_cached_tokens,
                           f"{type(error).__name__}: {error}")
 
-    def _on_token(self, seq: Sequence, result: RunnerOutput) -> CoreOutput:
+    def _on_tokens(self, seq: Sequence, num_new: int, result: RunnerOutput) -> CoreOutput:
+        """Check the step's new tokens in order; the first that ends the request drops the rest."""
         rid = seq.request_id
+        new = seq.output_token_ids[-num_new:]
+        reason = None
+        if num_new == 1:
+            reason = self.stop_checker.check_token(seq)
+        else:
+            del seq.output_token_ids[-num_new:]
+            for kept, token in enumerate(new, 1):
+                seq.output_token_ids.append(token)
+                reason = self.stop_checker.check_token(seq)
+                if reason is not None:
+                    new = new[:kept]
+                    break
         logprobs = None
         if seq.sampling_params.logprobs is not None and rid in result.logprobs:
-            logprobs = [result.logprobs[rid]]
-        reason = self.stop_checker.check_token(seq)
+            logprobs = result.logprobs[rid][: len(new)]
         if reason is not None:
             self.scheduler.finish(rid, reason)
             del self._requests[rid]
-        return CoreOutput(rid, seq.output_token_ids[-1:], logprobs, reason.value if reason else None,
-                          seq.num_cached_tokens)
+        return CoreOutput(rid, new, logprobs, reason.value if reason else None, seq.num_cached_tokens,
+                          num_drafted_tokens=seq.num_drafted, num_accepted_tokens=seq.num_accepted)
 
     # ---- introspection ----------------------------------------------------------------------
 
@@ -163,6 +195,8 @@ class EngineCore:
             "num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
             "kv_cache_usage": bm.usage, "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
             "prefix_cache_queries": bm.prefix_cache_queries, "prefix_cache_hits": bm.prefix_cache_hits,
+            "spec_drafted_tokens": self.scheduler.num_drafted_tokens,
+            "spec_accepted_tokens": self.scheduler.num_accepted_tokens,
         }
 
     def shutdown(self) -> None:

@@ -193,6 +193,9 @@ class LLMEngine:
 
     def _on_core_output(self, state: _RequestState, core_out: CoreOutput) -> RequestOutput | None:
         state.num_cached_tokens = core_out.num_cached_tokens
+        if core_out.num_drafted_tokens:
+            state.metrics["spec_drafted_tokens"] = core_out.num_drafted_tokens
+            state.metrics["spec_accepted_tokens"] = core_out.num_accepted_tokens
         if core_out.error is not None:
             return self._finish(state, core_out.finish_reason, state.detokenizer.text, core_out.error)
         if core_out.new_token_ids:

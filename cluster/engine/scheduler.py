@@ -27,6 +27,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: oldest first, preemption victim last
         self._requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
         self._finished_ids: list[str] = []  # ended since the last schedule()
+        self.num_drafted_tokens = 0  # speculative: draft tokens verified, all requests
+        self.num_accepted_tokens = 0  # of those, accepted
 
     # -- request lifecycle --------------------------------------------------------
 
@@ -81,6 +83,7 @@ class Scheduler:
         self._finished_ids = []
         scheduled: list[ScheduledSequence] = []
         budget = self._schedule_running(scheduled, output, self.config.max_num_batched_tokens)
+        budget = self._schedule_drafts(scheduled, budget)
         # After a preemption memory is tight: admitting now would only cause more of them.
         if not output.preempted_request_ids:
             self._schedule_waiting(scheduled, budget)
@@ -101,6 +104,25 @@ class Scheduler:
             i += 1
         return budget
 
+    def _schedule_drafts(self, scheduled: list[ScheduledSequence], budget: int) -> int:
+        """Add speculative drafts to the decodes, oldest first, from what the running sequences'
+        own tokens left of the budget and the free blocks: drafts are optional work and never
+        preempt anyone or take a block a scheduled token needs."""
+        for i, step in enumerate(scheduled):
+            if budget <= 0:
+                break
+            seq = self._requests[step.request_id]
+            if not seq.draft_token_ids or step.num_tokens != 1 or not step.needs_sample or step.is_prefill:
+                continue
+            num_drafts = min(len(seq.draft_token_ids), budget)
+            while num_drafts and not self.block_manager.can_append(seq, 1 + num_drafts):
+                num_drafts -= 1
+            if num_drafts:
+                self.block_manager.append(seq, 1 + num_drafts)
+                scheduled[i] = self._make_scheduled(seq, 1, num_drafts)
+                budget -= num_drafts
+        return budget
+
     def _reserve_blocks(self, seq: Sequence, num_new: int, output: SchedulerOutput) -> bool:
         while not self.block_manager.can_append(seq, num_new):
             victim = self.running[-1]
@@ -116,6 +138,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
+        seq.draft_token_ids = []
         self.waiting.appendleft(seq)  # it arrived before everything still waiting
         output.preempted_request_ids.append(seq.request_id)
 
@@ -135,35 +158,54 @@ class Scheduler:
             budget -= num_new
 
     @staticmethod
-    def _make_scheduled(seq: Sequence, num_new: int) -> ScheduledSequence:
+    def _make_scheduled(seq: Sequence, num_new: int, num_drafts: int = 0) -> ScheduledSequence:
         start = seq.num_computed_tokens
         is_decode = num_new == 1 and start == seq.num_tokens - 1 and seq.num_output_tokens > 0
+        token_ids = seq.token_ids_slice(start, start + num_new)
+        if num_drafts:
+            token_ids += seq.draft_token_ids[:num_drafts]
         return ScheduledSequence(
             request_id=seq.request_id,
-            token_ids=seq.token_ids_slice(start, start + num_new),
+            token_ids=token_ids,
             start_position=start,
             block_ids=list(seq.block_ids),
             needs_sample=start + num_new == seq.num_tokens,
             is_prefill=not is_decode,
+            num_draft_tokens=num_drafts,
         )
 
     # -- after a step -------------------------------------------------------------
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[Sequence]:
-        """Advance the scheduled sequences past the step; return those that got a new token.
+    def update(self, output: SchedulerOutput,
+               sampled_token_ids: dict[str, list[int]]) -> list[tuple[Sequence, int]]:
+        """Advance the scheduled sequences past the step; return those that got new tokens, each
+        with how many (one, or with speculation the accepted drafts and one more).
 
-        The caller then checks the returned sequences for stop conditions and calls finish().
+        A verified sequence keeps the K/V of its accepted drafts; the rejected drafts' slots lie past
+        ``num_computed_tokens`` and are simply written again by later tokens (the blocks holding them
+        stay in the sequence's table, freed with it). The caller then checks the returned sequences
+        for stop conditions and calls finish().
         """
-        updated: list[Sequence] = []
+        updated: list[tuple[Sequence, int]] = []
         for scheduled in output.sequences:
             seq = self._requests.get(scheduled.request_id)
             # Aborted (or aborted and re-added) since schedule(): the step's work is stale.
             if seq is None or seq.status is not SequenceStatus.RUNNING \
                     or seq.num_computed_tokens != scheduled.start_position:
                 continue
-            seq.num_computed_tokens += scheduled.num_tokens
+            new_tokens = sampled_token_ids.get(scheduled.request_id) if scheduled.needs_sample else None
+            num_accepted = len(new_tokens) - 1 if new_tokens else 0
+            if num_accepted > scheduled.num_draft_tokens:
+                raise RuntimeError(f"request {seq.request_id!r}: {num_accepted} drafts accepted of "
+                                   f"{scheduled.num_draft_tokens}")
+            seq.num_computed_tokens += scheduled.num_tokens - scheduled.num_draft_tokens + num_accepted
+            seq.num_drafted += scheduled.num_draft_tokens
+            seq.num_accepted += num_accepted
+            self.num_drafted_tokens += scheduled.num_draft_tokens
+            self.num_accepted_tokens += num_accepted
+            seq.draft_token_ids = []
             self.block_manager.commit(seq)
-            if scheduled.needs_sample and scheduled.request_id in sampled_token_ids:
-                seq.output_token_ids.append(sampled_token_ids[scheduled.request_id])
-                updated.append(seq)
+            if new_tokens:
+                seq.output_token_ids.extend(new_tokens)
+                updated.append((seq, len(new_tokens)))
         return updated

@@ -43,6 +43,9 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)  # the block table, in token order
     block_hashes: list[int] = field(default_factory=list)  # hash chain of this sequence's full blocks
     num_preemptions: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative: proposed to follow the last token
+    num_drafted: int = 0  # speculative: draft tokens verified so far
+    num_accepted: int = 0  # speculative: of those, accepted
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -22,11 +22,12 @@ class SequenceDelta:
 
     request_id: str
     start_position: int  # first position computed this step
-    num_tokens: int  # tokens computed this step
+    num_tokens: int  # tokens computed this step, drafts not counted
     new_token_ids: list[int]  # tokens appended to the request since the workers last saw it
     new_block_ids: list[int]  # blocks appended to its table (the whole table after a (re)admission)
     needs_sample: bool
     is_prefill: bool
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative: run after the step's tokens
 
 
 @dataclass
@@ -48,6 +49,7 @@ class StepDelta:
 class _SentState:
     num_tokens: int  # tokens [0, num_tokens) are known to the workers
     num_blocks: int  # block_ids[:num_blocks] are known to the workers
+    drafts: list[int] = field(default_factory=list)  # the drafts of the last step that ran it
 
 
 class StepEncoder:
@@ -64,6 +66,7 @@ class StepEncoder:
         for rid in out.preempted_request_ids:
             if rid in self._sent:
                 self._sent[rid].num_blocks = 0  # its blocks were freed; the next table is new
+                self._sent[rid].drafts = []
         return StepDelta(list(out.new_requests), list(out.finished_request_ids),
                          list(out.preempted_request_ids), [self._encode(s) for s in out.sequences])
 
@@ -71,16 +74,24 @@ class StepEncoder:
         sent = self._sent.get(seq.request_id)
         if sent is None:
             raise RuntimeError(f"request {seq.request_id!r} was scheduled before the workers were told of it")
-        if sent.num_tokens < seq.start_position:
+        # Tokens between what the workers hold and this step's start can only be drafts they ran
+        # last step and the engine accepted: they are sent again as the request's own tokens.
+        gap = seq.start_position - sent.num_tokens
+        if gap > len(sent.drafts):
             raise RuntimeError(f"request {seq.request_id!r}: workers hold {sent.num_tokens} tokens, "
                                f"the step starts at {seq.start_position}")
-        end = seq.context_length
-        new_tokens = seq.token_ids[sent.num_tokens - seq.start_position:] if end > sent.num_tokens else []
+        accepted = sent.drafts[:gap] if gap > 0 else []
+        sent.num_tokens += len(accepted)
+        num_real = seq.num_tokens - seq.num_draft_tokens
+        end = seq.start_position + num_real
+        new_tokens = accepted + (seq.token_ids[sent.num_tokens - seq.start_position:num_real]
+                                 if end > sent.num_tokens else [])
         new_blocks = seq.block_ids[sent.num_blocks:]
         sent.num_tokens = max(sent.num_tokens, end)
         sent.num_blocks = len(seq.block_ids)
-        return SequenceDelta(seq.request_id, seq.start_position, seq.num_tokens, new_tokens, new_blocks,
-                             seq.needs_sample, seq.is_prefill)
+        sent.drafts = seq.token_ids[num_real:]
+        return SequenceDelta(seq.request_id, seq.start_position, num_real, new_tokens, new_blocks,
+                             seq.needs_sample, seq.is_prefill, list(sent.drafts))
 
 
 @dataclass
@@ -126,9 +137,10 @@ class StepDecoder:
                                f"{len(mirror.token_ids)}")
         return ScheduledSequence(
             request_id=seq.request_id,
-            token_ids=mirror.token_ids[seq.start_position:end],
+            token_ids=mirror.token_ids[seq.start_position:end] + seq.draft_token_ids,
             start_position=seq.start_position,
             block_ids=list(mirror.block_ids),
             needs_sample=seq.needs_sample,
             is_prefill=seq.is_prefill,
+            num_draft_tokens=len(seq.draft_token_ids),
         )

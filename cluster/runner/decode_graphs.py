@@ -119,7 +119,7 @@ class DecodeGraphs:
         return next((n for n in self.sizes if n >= num_seqs), None)
 
     def fits(self, sequences: list[ScheduledSequence]) -> bool:
-        return 0 < len(sequences) <= self.max_batch and all(not s.is_prefill for s in sequences)
+        return 0 < len(sequences) <= self.max_batch and all(s.is_single_decode for s in sequences)
 
     def run(self, sequences: list[ScheduledSequence]) -> torch.Tensor:
         """Hidden states [len(sequences), hidden] of one decode-only step (every sequence one token)."""

@@ -44,7 +44,7 @@ class ModelInput:
     positions: torch.Tensor  # [T] (padded alike)
     meta: AttentionMetadata  # where each token's K/V goes and what it attends to
     logits_indices: torch.Tensor  # [S] rows of the hidden states that need logits (padded alike: the last repeated)
-    sample_request_ids: list[str]  # the S requests those rows belong to, in order
+    sample_request_ids: list[str]  # the request each of the S rows belongs to (several rows when verifying drafts)
     tail: TailBatch | None = None  # SwiftKV: the rows that run past the split (the model returns only them)
 
 
@@ -57,12 +57,15 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
     length); the torch path groups them by length to limit padding. With ``varlen`` (the Triton
     backend) the step is described per sequence instead (``VarlenMetadata``). With ``swiftkv`` the
     batch also carries the tail that runs past the split: every decode, and of each prefill chunk
-    its last token when it is sampled (all its tokens with ``keep_all``, for scoring). With ``pad``
+    the rows it samples (its last token, and each draft it verifies; all its tokens with
+    ``keep_all``, for scoring). With ``pad``
     the token rows and the logits rows are padded to ``padded_rows`` buckets (the caller keeps the
     first ``len(sample_request_ids)`` logits).
     """
-    decodes = sorted((s for s in out.sequences if not s.is_prefill), key=lambda s: s.context_length)
-    prefills = [s for s in out.sequences if s.is_prefill]
+    # A decode that verifies speculative drafts runs several causal tokens after a cached prefix:
+    # the attention of a prefill chunk.
+    decodes = sorted((s for s in out.sequences if s.is_single_decode), key=lambda s: s.context_length)
+    prefills = [s for s in out.sequences if not s.is_single_decode]
     token_ids, positions, slots, logits_rows, sample_ids = [], [], [], [], []
     prefill_starts: list[int] = []
     for seq in decodes + prefills:
@@ -70,11 +73,11 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
         token_ids += seq.token_ids
         positions += range(seq.start_position, seq.context_length)
         slots += _slots(seq.block_ids, seq.start_position, seq.context_length, block_size)
-        if seq.is_prefill:
+        if not seq.is_single_decode:
             prefill_starts.append(start)
-        if seq.needs_sample:
-            logits_rows.append(len(token_ids) - 1)
-            sample_ids.append(seq.request_id)
+        num_rows = seq.num_sample_rows
+        logits_rows += range(len(token_ids) - num_rows, len(token_ids))
+        sample_ids += [seq.request_id] * num_rows
     slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
     if varlen:
         meta = AttentionMetadata(slot_mapping=slot_mapping, varlen=_varlen(
@@ -113,7 +116,7 @@ def _tail_batch(decodes, prefills, prefill_starts: list[int], meta: AttentionMet
     rows = list(range(len(decodes)))
     kept_chunks = []  # (sequence, its rows kept, where they start in the tail)
     for seq, start in zip(prefills, prefill_starts):
-        kept = seq.num_tokens if keep_all else int(seq.needs_sample)
+        kept = seq.num_tokens if keep_all else seq.num_sample_rows
         if not kept:
             continue
         end = start + seq.num_tokens

@@ -65,7 +65,7 @@ class ModelRunner:
             return RunnerOutput() if self.tp.is_driver else None
         if self.graphs is not None and self.graphs.fits(out.sequences):
             logits = self.model.compute_logits(self.graphs.run(out.sequences))
-            return self._sample(logits, [s.request_id for s in out.sequences])
+            return self._sample(logits, [s.request_id for s in out.sequences], out)
         batch = build_model_input(out, self.block_size, self.device, self.kernels, swiftkv=self.swiftkv,
                                   varlen=self.varlen, pad=self.pad_rows)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, batch.tail)
@@ -74,7 +74,7 @@ class ModelRunner:
             logits = logits[: len(batch.sample_request_ids)]  # the padding rows' logits are dropped
         if logits is None or not batch.sample_request_ids:
             return RunnerOutput() if self.tp.is_driver else None
-        return self._sample(logits, batch.sample_request_ids)
+        return self._sample(logits, batch.sample_request_ids, out)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor | None:
@@ -108,14 +108,22 @@ class ModelRunner:
                 stop_token_ids_for_min_tokens=frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids),
             )
 
-    def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> RunnerOutput:
+    def _sample(self, logits: torch.Tensor, row_request_ids: list[str], out: SchedulerOutput) -> RunnerOutput:
+        """Sample each request's rows: one token, or its verified drafts and one more."""
+        drafts = {s.request_id: s.token_ids[-s.num_draft_tokens:] for s in out.sequences if s.num_draft_tokens}
+        request_ids, row = [], 0
+        while row < len(row_request_ids):  # each request's rows are consecutive
+            rid = row_request_ids[row]
+            request_ids.append(rid)
+            row += 1 + len(drafts.get(rid, ()))
         requests = [self._requests[rid] for rid in request_ids]
         # Sampled where they are: on a GPU a greedy batch copies back only its token ids, and a
         # sampled one only its noise goes over (drawn on the CPU from each request's own generator).
+        sampled = self.sampler.sample_groups(logits, requests, [drafts.get(rid, []) for rid in request_ids])
         result = RunnerOutput()
-        for rid, req, (token, logprobs) in zip(request_ids, requests, self.sampler(logits, requests)):
-            req.output_token_ids.append(token)
-            result.sampled_token_ids[rid] = token
+        for rid, req, (tokens, logprobs) in zip(request_ids, requests, sampled):
+            req.output_token_ids.extend(tokens)
+            result.sampled_token_ids[rid] = tokens
             if logprobs is not None:
                 result.logprobs[rid] = logprobs
         return result

@@ -8,7 +8,7 @@ request yields the same tokens whatever else shares its batch.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -200,8 +200,75 @@ def _logprobs(
     return result
 
 
+def _uniform(request: SamplingRequest) -> float:
+    return torch.rand(1, generator=request.generator).item()
+
+
+def _verify_row(probs: torch.Tensor, draft: int, request: SamplingRequest) -> int | None:
+    """Speculative verification of one draft against the target distribution ``probs`` [V].
+
+    Returns None when the draft is accepted, else the token to emit in its place. The drafters
+    propose one token with certainty (q = its one-hot), so the rule "accept with probability
+    min(1, p/q), else sample from the normalised max(p - q, 0)" becomes: accept with probability
+    p[draft], else sample from p without the draft. Every emitted token is then distributed as p.
+    Greedy rows (p one-hot) accept exactly the argmax.
+    """
+    if request.params.is_greedy:
+        target = int(probs.argmax())
+        return None if target == draft else target
+    if _uniform(request) < float(probs[draft]):
+        return None
+    residual = probs.clone()
+    residual[draft] = 0.0
+    residual /= residual.sum()
+    return int(_sample_rows(residual.unsqueeze(0), [request])[0])
+
+
 class Sampler:
     """Picks the next token for every row of a batch of logits."""
+
+    def sample_groups(self, logits: torch.Tensor, requests: list[SamplingRequest],
+                      drafts: list[list[int]]) -> list[tuple[list[int], list[TokenLogprobs] | None]]:
+        """Sample for groups of rows: request ``i`` owns ``1 + len(drafts[i])`` consecutive rows of
+        ``logits`` (its last token's, then each draft's). A request without drafts gets one token;
+        one with drafts gets the drafts accepted in order and one more token (a correction at the
+        first rejection, or a bonus after the last draft). Returns (tokens, logprobs) per request.
+        """
+        num_rows = sum(1 + len(d) for d in drafts)
+        if logits.shape[0] != num_rows or len(requests) != len(drafts):
+            raise ValueError(f"logits has {logits.shape[0]} rows; {len(requests)} requests with "
+                             f"{len(drafts)} draft lists need {num_rows}")
+        if not any(drafts):
+            return [([token], None if lp is None else [lp]) for token, lp in self(logits, requests)]
+        raw_logits = logits.float()
+        results = []
+        row = 0
+        plain = self._is_plain_greedy(requests)
+        targets = raw_logits.argmax(dim=-1).tolist() if plain else None
+        for request, draft in zip(requests, drafts):
+            rows = raw_logits[row: row + 1 + len(draft)]
+            tokens = (_greedy_accept(targets[row: row + 1 + len(draft)], draft) if plain
+                      else self._verify(rows, request, draft))
+            row += 1 + len(draft)
+            logprobs = _logprobs(rows[: len(tokens)], torch.tensor(tokens), [request] * len(tokens))
+            results.append((tokens, None if logprobs[0] is None else logprobs))
+        return results
+
+    def _verify(self, rows: torch.Tensor, request: SamplingRequest, draft: list[int]) -> list[int]:
+        """Accept drafts in order against each row's distribution; return the emitted tokens."""
+        tokens: list[int] = []
+        for i in range(len(draft) + 1):
+            # Row i is conditioned on the drafts before it: penalties and min_tokens see them too.
+            view = replace(request, output_token_ids=request.output_token_ids + tokens)
+            probs = compute_probs(rows[i: i + 1], [view])[0]
+            if i == len(draft):
+                tokens.append(int(_sample_rows(probs.unsqueeze(0), [view])[0]))
+                break
+            correction = _verify_row(probs, draft[i], view)
+            tokens.append(draft[i] if correction is None else correction)
+            if correction is not None:
+                break
+        return tokens
 
     def __call__(
         self, logits: torch.Tensor, requests: list[SamplingRequest]
@@ -226,3 +293,14 @@ class Sampler:
         return all(
             r.params.is_greedy and not r.uses_penalties and not r.masks_stop_tokens for r in requests
         )
+
+
+def _greedy_accept(targets: list[int], draft: list[int]) -> list[int]:
+    """Greedy verification: drafts are kept while they equal the model's argmax, then the argmax."""
+    tokens = []
+    for target, proposed in zip(targets, draft):
+        tokens.append(target)
+        if target != proposed:
+            return tokens
+    tokens.append(targets[len(draft)])
+    return tokens

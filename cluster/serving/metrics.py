@@ -34,7 +34,13 @@ class ServerMetrics:
         self.prefix_hits = Counter("vllm_prefix_cache_hits_total", "Prompt tokens found in the prefix cache", keys)
         self.success = Counter("vllm_request_success_total", "Finished requests by finish reason",
                                ("model_name", "finished_reason"))
+        # vLLM's spec-decode counters: draft tokens verified and accepted (rate = accepted / drafts).
+        self.spec_drafts = Counter("vllm_spec_decode_num_draft_tokens_total", "Speculative draft tokens verified",
+                                   keys)
+        self.spec_accepted = Counter("vllm_spec_decode_num_accepted_tokens_total",
+                                     "Speculative draft tokens accepted", keys)
         self._seen_queries = self._seen_hits = 0
+        self._seen_drafts = self._seen_accepted = 0
 
     def on_finished(self, out: RequestOutput) -> None:
         """Latencies and token counts of one finished request (engine timestamps, monotonic)."""
@@ -63,3 +69,9 @@ class ServerMetrics:
         if hits > self._seen_hits:
             self.prefix_hits.inc(hits - self._seen_hits, tags=self.tags)
         self._seen_queries, self._seen_hits = max(queries, self._seen_queries), max(hits, self._seen_hits)
+        drafts, accepted = stats.get("spec_drafted_tokens", 0), stats.get("spec_accepted_tokens", 0)
+        if drafts > self._seen_drafts:
+            self.spec_drafts.inc(drafts - self._seen_drafts, tags=self.tags)
+        if accepted > self._seen_accepted:
+            self.spec_accepted.inc(accepted - self._seen_accepted, tags=self.tags)
+        self._seen_drafts, self._seen_accepted = drafts, accepted  # a restarted engine counts from zero again

@@ -84,6 +84,7 @@ class Config(NamedTuple):
     max_num_batched_tokens: int
     max_model_len: int
     max_num_seqs: int = 64
+    speculative: tuple = ()  # speculative decoding's options as (name, value) pairs; () = off
 
     @property
     def prompt_limit(self) -> int:
@@ -100,6 +101,14 @@ CONFIGS = {
     "acrosskv-prefix-10blocks": Config(2, True, 10, 4, 16, 40),
     "acrosskv-noprefix-32blocks": Config(2, False, 32, 4, 16, 40),
     "acrosskv-block3-budget7": Config(2, True, 16, 3, 7, 30),
+    # Speculative decoding: drafts verified, rejected and accepted (prompt_lookup_min 1 and no
+    # back-off, so this random-weight model's repetitive outputs draft often).
+    "ngram-prefix-16blocks": Config(None, True, 16, 4, 16, 40, speculative=(
+        ("method", "ngram"), ("num_tokens", 3), ("prompt_lookup_min", 1), ("backoff_steps", 0))),
+    "ngram-noprefix-block3-budget7": Config(None, False, 14, 3, 7, 30, speculative=(
+        ("method", "ngram"), ("num_tokens", 5), ("prompt_lookup_min", 1), ("backoff_steps", 0))),
+    "suffix-acrosskv-prefix-12blocks": Config(2, True, 12, 4, 16, 40, speculative=(
+        ("method", "suffix"), ("num_tokens", 4), ("min_token_prob", 0.0), ("backoff_steps", 0))),
 }
 
 # Prompts are made of these 12-token segments (a multiple of both block sizes) and then random
@@ -225,7 +234,8 @@ def engines(model_dir, swiftkv_params, tmp_path_factory):
             built[cfg] = LLM(model_dir, dtype="float32", num_threads=THREADS, block_size=cfg.block_size,
                              num_blocks=cfg.num_blocks, max_num_batched_tokens=cfg.max_num_batched_tokens,
                              max_model_len=cfg.max_model_len, max_num_seqs=cfg.max_num_seqs,
-                             enable_prefix_caching=cfg.prefix_caching, **swiftkv).engine
+                             enable_prefix_caching=cfg.prefix_caching,
+                             speculative=dict(cfg.speculative) or None, **swiftkv).engine
         return built[cfg]
 
     yield get
@@ -413,9 +423,13 @@ def check_schedule(out, scheduler, cfg: Config) -> None:
         seq = scheduler.get(scheduled.request_id)
         assert seq is not None, f"{scheduled.request_id!r} is scheduled but not in the scheduler"
         assert scheduled.num_tokens >= 1 and scheduled.start_position == seq.num_computed_tokens
-        assert scheduled.token_ids == seq.all_token_ids[scheduled.start_position:scheduled.context_length]
+        start, real = scheduled.start_position, scheduled.num_tokens - scheduled.num_draft_tokens
+        assert scheduled.token_ids[:real] == seq.all_token_ids[start:start + real]
         assert len(scheduled.block_ids) * cfg.block_size >= scheduled.context_length
-        assert scheduled.needs_sample == (scheduled.context_length == seq.num_tokens)
+        assert scheduled.needs_sample == (start + real == seq.num_tokens)
+        if scheduled.num_draft_tokens:  # drafts follow a decode's one token, as proposed
+            assert cfg.speculative and real == 1 and scheduled.needs_sample and not scheduled.is_prefill
+            assert scheduled.token_ids[real:] == seq.draft_token_ids[:scheduled.num_draft_tokens]
 
 
 def check_engine(engine, cfg: Config, live: dict[str, Tracked]) -> None:
@@ -428,8 +442,11 @@ def check_engine(engine, cfg: Config, live: dict[str, Tracked]) -> None:
     assert len(running) <= cfg.max_num_seqs
     for seq in waiting:
         assert not seq.block_ids and seq.num_computed_tokens == 0, f"waiting {seq.request_id!r} holds blocks"
+    max_drafts = dict(cfg.speculative).get("num_tokens", 0)
     for seq in running:
-        assert len(seq.block_ids) == math.ceil(seq.num_computed_tokens / cfg.block_size), \
+        # Speculation: a rejected draft's block stays in the table until the sequence grows into it.
+        most = math.ceil((seq.num_computed_tokens + (max_drafts + 1 if max_drafts else 0)) / cfg.block_size)
+        assert math.ceil(seq.num_computed_tokens / cfg.block_size) <= len(seq.block_ids) <= most, \
             f"{seq.request_id!r}: {len(seq.block_ids)} blocks for {seq.num_computed_tokens} computed tokens"
         assert seq.num_computed_tokens <= seq.num_tokens <= cfg.prompt_limit
     references = Counter(b for seq in running for b in seq.block_ids)
@@ -538,6 +555,9 @@ def test_random_programs_keep_the_engine_consistent_and_greedy_exact(cfg, engine
                 check_against_reference(tracked, logits_fn, engine.eos_token_ids)
                 prog.stats["checked_against_reference"] += 1
         prog.stats["requests"] += len(prog.accepted)
+        stats = engine.stats()  # this example's (each starts with a fresh scheduler)
+        prog.stats["drafted"] += stats["spec_drafted_tokens"]
+        prog.stats["accepted"] += stats["spec_accepted_tokens"]
         totals.update(prog.stats)
 
     run()
@@ -546,5 +566,7 @@ def test_random_programs_keep_the_engine_consistent_and_greedy_exact(cfg, engine
         assert totals[what], totals
     if cfg.prefix_caching:
         assert totals["prefix_hits"], totals
+    if cfg.speculative:  # drafts were verified, some accepted and some rejected
+        assert 0 < totals["accepted"] < totals["drafted"], totals
     if cfg.num_blocks * cfg.block_size <= 2 * cfg.max_model_len:  # a tight pool
         assert totals["preempted"], totals

@@ -27,15 +27,15 @@ def add(sched: Scheduler, request_id: str, prompt_token_ids, max_tokens: int = 1
     return seq
 
 
-def fake_tokens(output: SchedulerOutput) -> dict[str, int]:
+def fake_tokens(output: SchedulerOutput) -> dict[str, list[int]]:
     """A deterministic 'sampled' token for every sequence that needs one."""
-    return {s.request_id: 1000 + s.context_length for s in output.sequences if s.needs_sample}
+    return {s.request_id: [1000 + s.context_length] for s in output.sequences if s.needs_sample}
 
 
 def step(sched: Scheduler) -> SchedulerOutput:
     """schedule -> fake execute -> update, finishing sequences that reach max_tokens."""
     output = sched.schedule()
-    for seq in sched.update(output, fake_tokens(output)):
+    for seq, _ in sched.update(output, fake_tokens(output)):
         if seq.num_output_tokens >= seq.sampling_params.max_tokens:
             sched.finish(seq.request_id, FinishReason.LENGTH)
     sched.block_manager.check_invariants()
@@ -65,7 +65,7 @@ def test_chunked_prefill_splits_long_prompt_under_budget():
     sched = make_scheduler(max_num_batched_tokens=8)
     seq = add(sched, "a", range(20))
     outputs = [sched.schedule()]
-    assert sched.update(outputs[0], {"a": 5}) == []  # a token for a mid-prompt chunk is ignored
+    assert sched.update(outputs[0], {"a": [5]}) == []  # a token for a mid-prompt chunk is ignored
     assert seq.output_token_ids == [] and seq.num_computed_tokens == 8
     assert summary(outputs[0]) == [("a", 0, 8, [0, 1], False, True)]
     assert outputs[0].sequences[0].token_ids == list(range(8))
@@ -75,7 +75,7 @@ def test_chunked_prefill_splits_long_prompt_under_budget():
     out = sched.schedule()
     assert summary(out) == [("a", 16, 4, [0, 1, 2, 3, 4], True, True)]
     assert out.sequences[0].token_ids == [16, 17, 18, 19]
-    assert sched.update(out, {"a": 7}) == [seq]
+    assert sched.update(out, {"a": [7]}) == [(seq, 1)]
     assert seq.output_token_ids == [7] and seq.num_computed_tokens == 20
 
 
@@ -237,7 +237,7 @@ def test_update_skips_request_aborted_during_the_step():
     b = add(sched, "b", range(10, 15))
     out = sched.schedule()
     sched.abort("a")
-    assert sched.update(out, {"a": 1, "b": 2}) == [b]
+    assert sched.update(out, {"a": [1], "b": [2]}) == [(b, 1)]
     assert a.output_token_ids == [] and a.num_computed_tokens == 0
     assert b.output_token_ids == [2] and b.num_computed_tokens == 5
     assert sched.block_manager.free_block_ids()[-2:] == [1, 0]
@@ -280,7 +280,7 @@ def test_update_ignores_request_re_added_after_abort():
     out = sched.schedule()
     sched.abort("a")
     fresh = add(sched, "a", range(5))  # same id, new request: the old step's work is not its own
-    assert sched.update(out, {"a": 1}) == []
+    assert sched.update(out, {"a": [1]}) == []
     assert fresh.num_computed_tokens == 0 and fresh.output_token_ids == []
     assert [s.request_id for s in sched.schedule().sequences] == ["a"]
 
