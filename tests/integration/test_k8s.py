@@ -23,6 +23,8 @@ import subprocess
 import pytest
 import yaml
 
+from cluster.serving.config import ServingConfig
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHART = os.path.join(REPO, "k8s", "helm", "llm-cluster")
 GPU_VALUES = os.path.join(CHART, "values-gpu-multinode.yaml")
@@ -39,7 +41,8 @@ GRPC_PORT, HTTP_PORT = 9000, 8000
 OPTIONS = ["auth.enabled=true", "auth.existingSecret=ray-token", "tls.enabled=true", "tls.existingSecret=ray-tls",
            "model.volume.type=hostPath", "serve.autoscaling.enabled=false", "serve.numReplicas=2",
            "probes.liveness.enabled=false", "podDisruptionBudget.enabled=false", "gpu.product=NVIDIA-L4",
-           "serve.engine.swiftkv=true",
+           "serve.engine.swiftkv=true", "serve.engine.speculative.method=suffix",
+           "serve.engine.speculative.num_tokens=4",
            "serve.apiKey.enabled=true", "serve.apiKey.existingSecret=llm-api-key", "serve.apiKey.secretKey=token",
            "serve.https.enabled=true", "serve.https.existingSecret=llm-https",
            "serve.maxRequestBytes=1048576", "serve.healthCheckPeriodS=5",
@@ -345,6 +348,8 @@ def test_optional_parts(helm):
     (app,) = serve_config(docs)["applications"]
     assert app["args"]["num_replicas"] == 2 and "deployments" not in app
     assert app["args"]["swiftkv"] is True
+    assert app["args"]["speculative"] == {"method": "suffix", "num_tokens": 4}
+    ServingConfig.from_dict(app["args"]).engine_config()  # the engine takes what the chart renders
 
 
 # ---- client-facing security (API key, HTTPS, request limit, gRPC TLS at an Ingress) ----------

@@ -30,7 +30,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("cluster.parallel",),
     ("cluster.engine.sequence", "cluster.engine.block_manager", "cluster.engine.scheduler",
      "cluster.engine.fault_isolation", "cluster.engine.stop_checker", "cluster.engine.plan", "cluster.engine.core",
-     "cluster.engine.core_process"),
+     "cluster.engine.core_process", "cluster.spec"),
     ("cluster.engine", "cluster.outputs", "cluster.llm"),
     ("cluster.serving",),
     ("cluster.cli", "cluster.bench", "cluster.bench_chat", "cluster.bench_micro", "cluster.bench_serve", "cluster.gpu_check",
@@ -148,7 +148,7 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path):
 TORCH_FREE = ["cluster", "cluster.config", "cluster.sampling_params", "cluster.engine.scheduler",
               "cluster.serving.prompt_tokenizer", "cluster.engine.input_processor",
               "cluster.engine.block_manager", "cluster.serving.router", "cluster.serving.ingress",
-              "cluster.serving.app", "cluster.serving.conversion"]
+              "cluster.serving.app", "cluster.serving.conversion", "cluster.spec.proposer"]
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)

@@ -189,6 +189,9 @@ applications:
       {{- if not (kindIs "invalid" $e.swiftkv) }}
       swiftkv: {{ $e.swiftkv }}
       {{- end }}
+      {{- with $e.speculative }}
+      speculative: {{ toJson . }}
+      {{- end }}
       {{- if $s.autoscaling.enabled }}
       autoscaling:
         min_replicas: {{ int $s.autoscaling.minReplicas }}
