@@ -111,15 +111,19 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, row_request_ids: list[str], out: SchedulerOutput) -> RunnerOutput:
         """Sample each request's rows: one token, or its verified drafts and one more."""
         drafts = {s.request_id: s.token_ids[-s.num_draft_tokens:] for s in out.sequences if s.num_draft_tokens}
-        request_ids, row = [], 0
-        while row < len(row_request_ids):  # each request's rows are consecutive
-            rid = row_request_ids[row]
-            request_ids.append(rid)
-            row += 1 + len(drafts.get(rid, ()))
+        request_ids = row_request_ids
+        if drafts:  # each request's rows are consecutive: one, or one per draft and one more
+            request_ids, row = [], 0
+            while row < len(row_request_ids):
+                request_ids.append(row_request_ids[row])
+                row += 1 + len(drafts.get(row_request_ids[row], ()))
         requests = [self._requests[rid] for rid in request_ids]
         # Sampled where they are: on a GPU a greedy batch copies back only its token ids, and a
         # sampled one only its noise goes over (drawn on the CPU from each request's own generator).
-        sampled = self.sampler.sample_groups(logits, requests, [drafts.get(rid, []) for rid in request_ids])
+        if drafts:
+            sampled = self.sampler.sample_groups(logits, requests, [drafts.get(rid, []) for rid in request_ids])
+        else:  # no speculation this step: one row per request
+            sampled = [([token], None if lp is None else [lp]) for token, lp in self.sampler(logits, requests)]
         result = RunnerOutput()
         for rid, req, (tokens, logprobs) in zip(request_ids, requests, sampled):
             req.output_token_ids.extend(tokens)

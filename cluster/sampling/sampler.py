@@ -238,8 +238,6 @@ class Sampler:
         if logits.shape[0] != num_rows or len(requests) != len(drafts):
             raise ValueError(f"logits has {logits.shape[0]} rows; {len(requests)} requests with "
                              f"{len(drafts)} draft lists need {num_rows}")
-        if not any(drafts):
-            return [([token], None if lp is None else [lp]) for token, lp in self(logits, requests)]
         raw_logits = logits.float()
         results = []
         row = 0
