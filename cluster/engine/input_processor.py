@@ -17,6 +17,7 @@ class InputProcessor:
         self.vocab_size = vocab_size  # ids must be in [0, vocab_size)
         self.max_model_len = max_model_len  # prompt + output tokens at most
         self.max_cache_tokens = max_cache_tokens  # what the whole KV cache holds
+        self._grammar_compiler = None  # structured outputs: built on the first constrained request
 
     def process(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
         """Return (prompt text or None, prompt token ids); raise InvalidRequestError naming the field."""
@@ -24,9 +25,19 @@ class InputProcessor:
             raise InvalidRequestError("sampling_params", f"must be a SamplingParams, got {type(params).__name__}")
         params.validate()  # fields may have been changed after construction
         check_model_limits(params, self.vocab_size, self.max_model_len)
+        if params.structured_outputs is not None:  # refused here, naming the field, if it does not compile
+            self._grammars().compile(params.structured_outputs)
         text, token_ids = self._tokenize(prompt)
         self._check_length(token_ids)
         return text, token_ids
+
+    def _grammars(self):
+        if self._grammar_compiler is None:
+            from cluster.sampling.grammar import GrammarCompiler
+
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, [] if eos is None else [eos])
+        return self._grammar_compiler
 
     def prompt_token_ids(self, prompt: PromptType | None = None, messages: list[dict] | None = None) -> list[int]:
         """A prompt's or a chat's token ids, checked against the context length (no sampling checks)."""

@@ -12,6 +12,7 @@ from cluster.runner.worker_spec import WorkerSpec
 from cluster.runner.kv_cache import allocate_kv_cache
 from cluster.runner.decode_graphs import DecodeGraphs
 from cluster.runner.model_input import build_model_input
+from cluster.sampling.grammar import GrammarCompiler, allocate_bitmask, apply_bitmask
 from cluster.sampling.sampler import Sampler, SamplingRequest, make_generator
 
 
@@ -39,6 +40,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA; see decode_graphs)
         self.sampler = Sampler()
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
+        self._grammar_compiler = None  # structured outputs: built on the first constrained request
 
     def init_kv_cache(self) -> int:
         """Allocate this rank's KV partition (its heads, every block); return its bytes."""
@@ -106,7 +108,23 @@ class ModelRunner:
                 prompt_token_ids=list(new.prompt_token_ids),
                 output_token_ids=[],
                 stop_token_ids_for_min_tokens=frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids),
+                grammar=self._grammar(params),
             )
+
+    def _grammar(self, params):
+        """The request's grammar matcher, or None; a constraint that does not compile (the engine's
+        input processor refuses those first) becomes a fault of that request's first step."""
+        if params.structured_outputs is None:
+            return None
+        try:
+            if self._grammar_compiler is None:
+                from transformers import AutoTokenizer
+
+                self._grammar_compiler = GrammarCompiler(AutoTokenizer.from_pretrained(self.spec.model_path),
+                                                         self.spec.arch.vocab_size, self.eos_token_ids)
+            return self._grammar_compiler.matcher(params.structured_outputs)
+        except Exception as err:  # noqa: BLE001 - surfaced, pinned on this request, by _apply_grammars
+            return BrokenGrammar(err)
 
     def _sample(self, logits: torch.Tensor, row_request_ids: list[str], out: SchedulerOutput) -> RunnerOutput:
         """Sample each request's rows: one token, or its verified drafts and one more."""
@@ -118,12 +136,18 @@ class ModelRunner:
                 request_ids.append(row_request_ids[row])
                 row += 1 + len(drafts.get(row_request_ids[row], ()))
         requests = [self._requests[rid] for rid in request_ids]
+        grammars = [(i, req) for i, req in enumerate(requests) if req.grammar is not None]
+        if grammars:
+            logits = logits.float()  # a copy for 16-bit logits; masked in place below
+            _apply_grammars(logits, grammars, [drafts.get(rid, []) for rid in request_ids], request_ids)
         # Sampled where they are: on a GPU a greedy batch copies back only its token ids, and a
         # sampled one only its noise goes over (drawn on the CPU from each request's own generator).
         if drafts:
             sampled = self.sampler.sample_groups(logits, requests, [drafts.get(rid, []) for rid in request_ids])
         else:  # no speculation this step: one row per request
             sampled = [([token], None if lp is None else [lp]) for token, lp in self.sampler(logits, requests)]
+        if grammars:
+            _advance_grammars(grammars, sampled, request_ids)
         result = RunnerOutput()
         for rid, req, (tokens, logprobs) in zip(request_ids, requests, sampled):
             req.output_token_ids.extend(tokens)
@@ -131,6 +155,63 @@ class ModelRunner:
             if logprobs is not None:
                 result.logprobs[rid] = logprobs
         return result
+
+
+class BrokenGrammar:
+    """A constraint that failed to compile on this worker: its request's rows raise."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _apply_grammars(logits: torch.Tensor, grammars: list, drafts: list[list[int]], request_ids: list[str]) -> None:
+    """Mask each constrained request's rows to the tokens its grammar allows there.
+
+    A request's rows are its last token's and then one per draft (in order). Row j's mask holds
+    after drafts 0..j-1, so those are accepted tentatively and rolled back: the matcher only moves
+    on with the tokens actually sampled (``_advance_grammars``). Rows after a draft the grammar
+    refuses stay unmasked: verification stops at that draft, whose own row forbids it.
+    """
+    starts, row = [], 0
+    for draft in drafts:
+        starts.append(row)
+        row += 1 + len(draft)
+    bitmask = allocate_bitmask(logits.shape[0], logits.shape[1])
+    rows = []
+    for i, req in grammars:
+        grammar = req.grammar
+        if isinstance(grammar, BrokenGrammar):
+            raise RuntimeError(f"request {request_ids[i]!r}: its structured output did not compile: "
+                               f"{grammar.error}") from grammar.error
+        tentative = 0
+        for j in range(len(drafts[i]) + 1):
+            grammar.fill_bitmask(bitmask, starts[i] + j)
+            rows.append(starts[i] + j)
+            if j == len(drafts[i]) or not grammar.accept(drafts[i][j]):
+                break
+            tentative += 1
+        grammar.rollback(tentative)
+    apply_bitmask(logits, bitmask, rows)
+
+
+def _advance_grammars(grammars: list, sampled: list, request_ids: list[str]) -> None:
+    """Move each constrained request's matcher on by the tokens sampled for it. The masks make every
+    one acceptable; if one is not, the step's advances are undone (the step may be re-run to pin
+    the fault) and the step fails."""
+    advanced = []
+    for i, req in grammars:
+        tokens = sampled[i][0]
+        taken = 0
+        for token in tokens:
+            if not req.grammar.accept(token):
+                break
+            taken += 1
+        advanced.append((req.grammar, taken))
+        if taken < len(tokens):
+            for grammar, n in advanced:
+                grammar.rollback(n)
+            raise RuntimeError(f"request {request_ids[i]!r}: sampled token {tokens[taken]} that its "
+                               "structured output does not allow")
 
 
 def _load_cpu_kernels():

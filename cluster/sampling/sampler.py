@@ -26,6 +26,7 @@ class SamplingRequest:
     output_token_ids: list[int]  # tokens generated so far, for all penalties and min_tokens
     # EOS + params.stop_token_ids: masked to -inf while len(output_token_ids) < params.min_tokens
     stop_token_ids_for_min_tokens: frozenset[int]
+    grammar: object | None = None  # structured outputs: the request's Grammar (cluster.sampling.grammar)
 
     @property
     def uses_penalties(self) -> bool:

@@ -25,6 +25,7 @@ from cluster.errors import (
 from cluster.request_limits import CHAT_ROLES, MAX_REQUEST_ID_CHARS, check_text
 from cluster.sampling_params import SamplingParams
 from cluster.serving.engine_request import EngineRequest
+from cluster.structured_outputs import StructuredOutputs
 from cluster.serving.generation_chunk import GenerationChunk
 from cluster.v1 import generation_pb2 as pb
 
@@ -132,6 +133,15 @@ def sampling_from_proto(sampling: pb.SamplingParameters, default_max_tokens: int
         kwargs["stop_token_ids"] = list(sampling.stop_token_ids)
     if "max_tokens" not in kwargs and default_max_tokens is not None:
         kwargs["max_tokens"] = default_max_tokens
+    kind = sampling.WhichOneof("structured_output")
+    if kind is not None:  # built here, so its errors name the proto field
+        value = getattr(sampling, kind)
+        if kind == "choice":
+            value = list(value.choices)
+        if kind == "json_object" and not value:
+            raise InvalidRequestError("sampling.json_object", "must be true, or left unset")
+        so = {{"json_schema": "json"}.get(kind, kind): value}
+        kwargs["structured_outputs"] = StructuredOutputs(**so, origin=f"sampling.{kind}")
     return _params(kwargs, prefix="sampling.")
 
 
@@ -239,8 +249,11 @@ _OPENAI_SAMPLING = {"max_tokens": "max_tokens", "max_completion_tokens": "max_to
                     "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
                     "skip_special_tokens": "skip_special_tokens", "n": "n"}
 _OPENAI_COMMON = {"model", "stream", "stream_options", "user", "request_id"}
+# Structured outputs: OpenAI's response_format, and vLLM's guided_* and structured_outputs.
+_OPENAI_STRUCTURED = {"response_format": None, "guided_json": "json", "guided_regex": "regex",
+                      "guided_choice": "choice", "guided_grammar": "grammar", "structured_outputs": None}
 _UNSUPPORTED = {"logit_bias", "best_of", "echo", "suffix", "tools", "tool_choice", "functions", "function_call",
-                "response_format", "parallel_tool_calls", "audio", "modalities", "prediction"}
+                "parallel_tool_calls", "audio", "modalities", "prediction"}
 
 
 def parse_json_body(data: bytes) -> Any:
@@ -268,9 +281,39 @@ def _check_keys(body: Any, allowed: set[str]) -> dict:
     return body
 
 
+def _openai_structured(body: dict) -> StructuredOutputs | None:
+    """At most one structured-output field of an OpenAI body, as StructuredOutputs naming it."""
+    given = [k for k in _OPENAI_STRUCTURED if body.get(k) is not None]
+    if len(given) > 1:
+        raise InvalidRequestError(given[1], f"cannot be combined with {given[0]}: one structured output per request")
+    if not given:
+        return None
+    key, value = given[0], body[given[0]]
+    if key == "structured_outputs":
+        return StructuredOutputs.build(value)
+    if key != "response_format":
+        return StructuredOutputs(**{_OPENAI_STRUCTURED[key]: value}, origin=key)
+    if not isinstance(value, dict):
+        raise InvalidRequestError("response_format", f"must be an object, got {type(value).__name__}")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True, origin="response_format")
+    if kind != "json_schema":
+        raise InvalidRequestError("response_format.type", f"must be text, json_object or json_schema, got {kind!r:.80}")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+        raise InvalidRequestError("response_format.json_schema", "must be an object with a \"schema\"")
+    return StructuredOutputs(json=spec["schema"], origin="response_format.json_schema.schema")
+
+
 def _openai_params(body: dict, extra: dict, default_max_tokens: int | None) -> SamplingParams:
     kwargs = {_OPENAI_SAMPLING[k]: v for k, v in body.items() if k in _OPENAI_SAMPLING and v is not None}
     kwargs.update(extra)
+    structured = _openai_structured(body)
+    if structured is not None:
+        kwargs["structured_outputs"] = structured
     if "max_tokens" not in kwargs and default_max_tokens is not None:
         kwargs["max_tokens"] = default_max_tokens
     if isinstance(kwargs.get("stop"), str):
@@ -279,7 +322,7 @@ def _openai_params(body: dict, extra: dict, default_max_tokens: int | None) -> S
 
 
 def completion_request(body: Any) -> EngineRequest:
-    body = _check_keys(body, set(_OPENAI_SAMPLING) | _OPENAI_COMMON | {"prompt", "logprobs"})
+    body = _check_keys(body, set(_OPENAI_SAMPLING) | _OPENAI_COMMON | set(_OPENAI_STRUCTURED) | {"prompt", "logprobs"})
     extra = {}
     if body.get("logprobs") is not None:
         extra["logprobs"] = body["logprobs"]
@@ -296,7 +339,8 @@ def completion_request(body: Any) -> EngineRequest:
 
 
 def chat_request(body: Any, chat_max_tokens: int) -> EngineRequest:
-    body = _check_keys(body, set(_OPENAI_SAMPLING) | _OPENAI_COMMON | {"messages", "logprobs", "top_logprobs"})
+    body = _check_keys(body, set(_OPENAI_SAMPLING) | _OPENAI_COMMON | set(_OPENAI_STRUCTURED)
+                       | {"messages", "logprobs", "top_logprobs"})
     extra = {}
     if body.get("logprobs"):
         extra["logprobs"] = body.get("top_logprobs") or 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63luster/v1/generation.proto\x12\ncluster.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.cluster.v1.ChatMessage\"\xd2\x04\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xc7\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.cluster.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.cluster.v1.ChatMessagesH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.cluster.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xa6\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12?\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32).cluster.v1.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.cluster.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.cluster.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.cluster.v1.TokenLogprob\"\xcc\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.cluster.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.cluster.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.cluster.v1.TokenLogprob\"V\n\x0fTokenizeRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.cluster.v1.ChatMessagesH\x00\x42\x07\n\x05input\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\x86\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xbe\x02\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.cluster.v1.GenerateRequest\x1a\x1c.cluster.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.cluster.v1.GenerateRequest\x1a\".cluster.v1.GenerateStreamResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.cluster.v1.TokenizeRequest\x1a\x1c.cluster.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.cluster.v1.GetModelInfoRequest\x1a\x15.cluster.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63luster/v1/generation.proto\x12\ncluster.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.cluster.v1.ChatMessage\"\xe0\x05\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\t\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x17\n\nignore_eos\x18\r \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\r\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x10 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x11 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x12 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x13 \x01(\x0b\x32\x13.cluster.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x14 \x01(\tH\x00\x42\x13\n\x11structured_outputB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xc7\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.cluster.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.cluster.v1.ChatMessagesH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.cluster.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xa6\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12?\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32).cluster.v1.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.cluster.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.cluster.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.cluster.v1.TokenLogprob\"\xcc\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.cluster.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.cluster.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.cluster.v1.TokenLogprob\"V\n\x0fTokenizeRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.cluster.v1.ChatMessagesH\x00\x42\x07\n\x05input\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\x86\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xbe\x02\n\x11GenerationService\x12\x45\n\x08Generate\x12\x1b.cluster.v1.GenerateRequest\x1a\x1c.cluster.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.cluster.v1.GenerateRequest\x1a\".cluster.v1.GenerateStreamResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.cluster.v1.TokenizeRequest\x1a\x1c.cluster.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.cluster.v1.GetModelInfoRequest\x1a\x15.cluster.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._loaded_options = None
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1940
-  _globals['_FINISHREASON']._serialized_end=2060
+  _globals['_FINISHREASON']._serialized_start=2110
+  _globals['_FINISHREASON']._serialized_end=2230
   _globals['_TOKENIDS']._serialized_start=43
   _globals['_TOKENIDS']._serialized_end=66
   _globals['_CHATMESSAGE']._serialized_start=68
@@ -42,27 +42,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=114
   _globals['_CHATMESSAGES']._serialized_end=171
   _globals['_SAMPLINGPARAMETERS']._serialized_start=174
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=768
-  _globals['_GENERATEREQUEST']._serialized_start=771
-  _globals['_GENERATEREQUEST']._serialized_end=970
-  _globals['_USAGE']._serialized_start=972
-  _globals['_USAGE']._serialized_end=1059
-  _globals['_TOKENLOGPROB']._serialized_start=1062
-  _globals['_TOKENLOGPROB']._serialized_end=1228
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=1178
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=1228
-  _globals['_GENERATERESPONSE']._serialized_start=1231
-  _globals['_GENERATERESPONSE']._serialized_end=1429
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1432
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1636
-  _globals['_TOKENIZEREQUEST']._serialized_start=1638
-  _globals['_TOKENIZEREQUEST']._serialized_end=1724
-  _globals['_TOKENIZERESPONSE']._serialized_start=1726
-  _globals['_TOKENIZERESPONSE']._serialized_end=1778
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1780
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1801
-  _globals['_MODELINFO']._serialized_start=1804
-  _globals['_MODELINFO']._serialized_end=1938
-  _globals['_GENERATIONSERVICE']._serialized_start=2063
-  _globals['_GENERATIONSERVICE']._serialized_end=2381
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=910
+  _globals['_CHOICES']._serialized_start=912
+  _globals['_CHOICES']._serialized_end=938
+  _globals['_GENERATEREQUEST']._serialized_start=941
+  _globals['_GENERATEREQUEST']._serialized_end=1140
+  _globals['_USAGE']._serialized_start=1142
+  _globals['_USAGE']._serialized_end=1229
+  _globals['_TOKENLOGPROB']._serialized_start=1232
+  _globals['_TOKENLOGPROB']._serialized_end=1398
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=1348
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=1398
+  _globals['_GENERATERESPONSE']._serialized_start=1401
+  _globals['_GENERATERESPONSE']._serialized_end=1599
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1602
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1806
+  _globals['_TOKENIZEREQUEST']._serialized_start=1808
+  _globals['_TOKENIZEREQUEST']._serialized_end=1894
+  _globals['_TOKENIZERESPONSE']._serialized_start=1896
+  _globals['_TOKENIZERESPONSE']._serialized_end=1948
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1950
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1971
+  _globals['_MODELINFO']._serialized_start=1974
+  _globals['_MODELINFO']._serialized_end=2108
+  _globals['_GENERATIONSERVICE']._serialized_start=2233
+  _globals['_GENERATIONSERVICE']._serialized_end=2551
 # @@protoc_insertion_point(module_scope)

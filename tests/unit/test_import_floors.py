@@ -20,7 +20,7 @@ PACKAGE = ROOT / "cluster"
 # Bottom to top; a module belongs to the floor of its longest matching prefix. The step contracts are
 # a leaf both sides import; the engine's core (scheduler, block manager) sits below its frontend.
 FLOORS: list[tuple[str, ...]] = [
-    ("cluster.errors", "cluster.request_limits", "cluster.sampling_params", "cluster.config",
+    ("cluster.errors", "cluster.request_limits", "cluster.sampling_params", "cluster.structured_outputs", "cluster.config",
      "cluster.contracts", "cluster.v1", "cluster.kernels", "cluster.swiftkv.checkpoint"),
     ("cluster.distributed",),
     ("cluster.model.layers",),
@@ -35,7 +35,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("cluster.serving",),
     ("cluster.cli", "cluster.bench", "cluster.bench_chat", "cluster.bench_micro", "cluster.bench_serve", "cluster.gpu_check",
      "cluster.bench_vllm", "cluster.bench_vllm_runner",
-     "cluster.bench_tp", "cluster.soak", "cluster.swiftkv"),
+     "cluster.bench_tp", "cluster.bench_spec", "cluster.soak", "cluster.swiftkv"),
 ]
 # The package's own __init__ is the public facade (it re-exports LLM lazily), not a floor.
 FACADES = {"cluster"}
