@@ -261,6 +261,43 @@ def test_http_errors_name_the_field(smollm2_app):
     assert status == 200
 
 
+def test_structured_outputs_over_grpc_and_http(smollm2_app, stub):
+    """The gRPC oneof and OpenAI's response_format / guided_choice constrain the served output; a
+    constraint that does not compile is INVALID_ARGUMENT / 400 naming the client's field."""
+    from openai import OpenAI
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer", "minimum": 0, "maximum": 10 ** 8}},
+              "required": ["city", "population"], "additionalProperties": False}
+    ask = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="The largest city of France, as JSON.")])
+    reply = stub.Generate(pb.GenerateRequest(chat=ask, sampling=pb.SamplingParameters(
+        max_tokens=64, temperature=0.0, json_schema=json.dumps(schema))), metadata=METADATA)
+    assert reply.finish_reason == pb.FINISH_REASON_STOP, reply
+    parsed = json.loads(reply.text)
+    assert set(parsed) == {"city", "population"} and isinstance(parsed["population"], int)
+    reply = stub.Generate(pb.GenerateRequest(prompt="Is water wet? Answer:", sampling=pb.SamplingParameters(
+        max_tokens=8, temperature=0.0, choice=pb.Choices(choices=["yes", "no"]))), metadata=METADATA)
+    assert reply.text in ("yes", "no")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(greedy("hi", regex="a(b"), metadata=METADATA)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.regex" in err.value.details()
+
+    client = OpenAI(base_url=smollm2_app[1] + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "The largest city of Spain, as JSON."}], max_tokens=64,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    assert set(json.loads(chat.choices[0].message.content)) == {"city", "population"}
+    status, body = post_json(smollm2_app[1] + "/v1/completions",
+                             {"prompt": "Colour:", "max_tokens": 8, "guided_choice": ["red", "blue"]})
+    assert status == 200 and body["choices"][0]["text"] in ("red", "blue"), body
+    status, body = post_json(smollm2_app[1] + "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}})
+    assert status == 400 and body["error"]["param"] == "response_format.json_schema.schema", body
+    assert wait_for_free_blocks()["num_running"] == 0
+
+
 def test_more_work_than_the_queue_bound_is_resource_exhausted_at_once(smollm2_app, stub, offline):
     """100 gRPC streams, then 20 HTTP requests while they run, against bounds of 40 ongoing + 32
     queued (Serve) and 32 running + 40 waiting (the engine): the excess is refused at once
