@@ -4,29 +4,21 @@ later load: the loader takes an flock and clears the stale lock."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 from cluster.kernels import loader
 
 
-def test_a_stale_torch_lock_does_not_hang_the_next_load(tmp_path):
-    from torch.utils import cpp_extension
-
-    built = loader.build_directory()
-    extensions_root = os.path.dirname(os.path.dirname(cpp_extension._get_build_directory(
-        "llm_cluster_cpu_kernels", verbose=False)))
-    extensions = tmp_path / "ext"
-    if os.path.isfile(os.path.join(built, "llm_cluster_cpu_kernels.so")):  # reuse this machine's build
-        shutil.copytree(built, extensions / os.path.relpath(built, extensions_root),
-                        ignore=shutil.ignore_patterns("lock", "*.flock"))
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+def test_a_stale_torch_lock_does_not_hang_the_next_load():
+    """A killed build leaves torch's ``lock`` file, on which torch's own loader waits forever; ours
+    removes it (under its flock) and loads. In this checkout's real build directory: a copy of the
+    build elsewhere made ninja rebuild it (new paths), 50-107 s of the suite for a file check."""
     script = ("import os; from cluster.kernels import loader; d = loader.build_directory(); "
               "open(os.path.join(d, 'lock'), 'w').close(); "  # what a killed build leaves
               "m = loader.load(); "
               "print('loaded' if m is not None else 'none', os.path.exists(os.path.join(d, 'lock')))")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["loaded", "False"], (out.stdout, out.stderr[-2000:])
 
