@@ -104,6 +104,19 @@ def _stream_request(i: int, max_tokens: int) -> pb.GenerateRequest:
                               sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0, ignore_eos=True))
 
 
+async def _first_answer(stub, metadata, timeout_s: float = 60) -> None:
+    """Once one request of a newly deployed app is answered: the proxy's route table (pushed to it
+    asynchronously) and the app's handles know it, as a client would see it after deploying."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await stub.Generate(_stream_request(0, 1), metadata=metadata, timeout=10)
+            return
+        except grpc.aio.AioRpcError as err:
+            assert time.monotonic() < deadline, f"the new app never answered: {err.code()}: {err.details()}"
+            await asyncio.sleep(0.5)
+
+
 def _wait_idle(timeout_s: float = 60) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -252,11 +265,15 @@ def test_cancelling_100_of_200_streams_aborts_them_at_once(app, tiny_llama_dir):
     async def run():
         async with grpc.aio.insecure_channel(app[0]) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
+            await _first_answer(stub, metadata)
             calls = [stub.GenerateStream(_stream_request(i, 900), metadata=metadata) for i in range(200)]
             # Admitting 200 streams beside 64 that stream tokens took up to a minute on a loaded
             # 2-core machine: the bound is generous, this is not what the test measures.
             deadline = time.monotonic() + 180
             while await in_engine() < 200:  # every stream admitted: 64 running, 136 queued
+                ended = [c for c in calls if c.done()]
+                assert not ended, f"{len(ended)} streams ended before admission, e.g. " \
+                                  f"{await ended[0].code()}: {await ended[0].details()}"
                 assert time.monotonic() < deadline, await handle.engine_stats.remote()
                 await asyncio.sleep(0.02)
             for call in calls[::2]:
