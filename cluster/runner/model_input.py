@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from cluster.contracts.scheduler_output import ScheduledSequence, SchedulerOutput
@@ -62,10 +62,12 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
     the token rows and the logits rows are padded to ``padded_rows`` buckets (the caller keeps the
     first ``len(sample_request_ids)`` logits).
     """
-    # A decode that verifies speculative drafts runs several causal tokens after a cached prefix:
-    # the attention of a prefill chunk.
-    decodes = sorted((s for s in out.sequences if s.is_single_decode), key=lambda s: s.context_length)
-    prefills = [s for s in out.sequences if not s.is_single_decode]
+    # A decode that verifies speculative drafts runs as 1 + d decode rows of one context, each a
+    # token longer than the one before (all rows' K/V is written before any attends): the batched
+    # decode kernels then serve it, where a prefill chunk's path cost a gathered copy of the context.
+    ordered = sorted((s for s in out.sequences if not s.is_prefill), key=lambda s: s.start_position)
+    decodes = [row for seq in ordered for row in _decode_rows(seq)]
+    prefills = [s for s in out.sequences if s.is_prefill]
     token_ids, positions, slots, logits_rows, sample_ids = [], [], [], [], []
     prefill_starts: list[int] = []
     for seq in decodes + prefills:
@@ -173,6 +175,14 @@ def _prefill_chunk(seq: ScheduledSequence, token_start: int, block_size: int, de
     return prefill_chunk(token_start, seq.num_tokens, seq.start_position, table, _quantum(device))
 
 
+def _decode_rows(seq: ScheduledSequence) -> list[ScheduledSequence]:
+    """A decode as single-token rows: itself, or with drafts one row per token (row j sees j more)."""
+    if not seq.num_draft_tokens:
+        return [seq]
+    return [replace(seq, token_ids=[token], start_position=seq.start_position + j, needs_sample=True,
+                    num_draft_tokens=0) for j, token in enumerate(seq.token_ids)]
+
+
 def _decode_groups(decodes: list[ScheduledSequence], block_size: int, device,
                    spread: float | None) -> list[DecodeGroup]:
     """Split length-sorted decodes into groups of similar context length (one group if spread is None)."""
@@ -188,7 +198,7 @@ def _decode_groups(decodes: list[ScheduledSequence], block_size: int, device,
 
 def _decode_group(decodes: list[ScheduledSequence], token_start: int, block_size: int, device) -> DecodeGroup:
     """Block tables of every decode's context, padded, and the mask of real keys."""
-    max_len = decodes[-1].context_length
+    max_len = max(s.context_length for s in decodes)
     max_blocks = -(-max_len // block_size)
     table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
     for row, seq in enumerate(decodes):
@@ -197,6 +207,6 @@ def _decode_group(decodes: list[ScheduledSequence], token_start: int, block_size
     mask = None
     padded_len = max_blocks * block_size
     lens = torch.tensor([s.context_length for s in decodes], dtype=torch.long)
-    if decodes[0].context_length != padded_len:
+    if min(s.context_length for s in decodes) != padded_len:
         mask = (torch.arange(padded_len)[None, :] < lens[:, None]).to(device)
     return DecodeGroup(token_start, len(decodes), table.to(device), max_len, lens.to(device), mask)
