@@ -55,6 +55,25 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _spec_bench_parser(sub) -> None:
+    p = sub.add_parser("bench-spec", help="speculative decoding off vs n-gram vs suffix: extraction and random prompts")
+    _add_engine_args(p)
+    p.add_argument("--methods", default="off,ngram,suffix", help="comma-separated; the first is the baseline")
+    p.add_argument("--num-tokens", type=int, default=4, help="drafted tokens per step at most (k)")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request at most")
+    p.add_argument("--single-requests", type=int, default=4, help="requests per single-stream run, one after another")
+    p.add_argument("--streams", type=int, default=16, help="requests at once in the batched run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per method; medians are reported")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_spec_bench)
+
+
+def _cmd_spec_bench(args) -> int:
+    from cluster.bench_spec import run_spec_bench
+
+    return run_spec_bench(args)
+
+
 def _serve_bench_parser(sub) -> None:
     p = sub.add_parser("bench-serve", help="served vs in-process throughput, gRPC sweep, router comparison")
     _add_engine_args(p)
@@ -270,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _soak_parser(sub)
     _serve_bench_parser(sub)
+    _spec_bench_parser(sub)
     _swiftkv_parser(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[2:] if args.command == "swiftkv" else []
