@@ -66,11 +66,16 @@ def tiny_reference(tiny_llama_dir):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tiny_model_matches_tp1(local_ray, tiny_reference, tp):
-    """tp=2 splits 2 KV heads one per rank; tp=4 replicates each KV head on two ranks."""
+    """tp=2 splits 2 KV heads one per rank; tp=4 replicates each KV head on two ranks. At tp=2 the
+    group also speculates (n-gram drafts verified across the ranks): greedy output stays tp=1's."""
     path, reference, prompts, expected = tiny_reference
-    llm = LLM(model=path, dtype="float32", tensor_parallel_size=tp, worker_num_cpus=1)
+    speculative = {"method": "ngram", "num_tokens": 3, "prompt_lookup_min": 1} if tp == 2 else None
+    llm = LLM(model=path, dtype="float32", tensor_parallel_size=tp, worker_num_cpus=1, speculative=speculative)
     try:
         assert generate_tokens(llm, prompts) == expected
+        if speculative:
+            stats = llm.engine.stats()
+            assert stats["spec_accepted_tokens"] > 0, stats
         sequences = [p + t for p, t in zip(prompts[:3], expected[:3])]
         assert max_logit_difference(reference, llm, sequences) <= LOGIT_TOLERANCE
         assert_rank_bytes_about_one_over_tp(reference, llm, tp)
