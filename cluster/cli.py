@@ -56,7 +56,7 @@ def _bench_parser(sub) -> None:
 
 
 def _spec_bench_parser(sub) -> None:
-    p = sub.add_parser("bench-spec", help="speculative decoding off vs n-gram vs suffix: extraction and random prompts")
+    p = sub.add_parser("bench-spec", help="speculative decoding off vs n-gram vs suffix; structured-output mask overhead")
     _add_engine_args(p)
     p.add_argument("--methods", default="off,ngram,suffix", help="comma-separated; the first is the baseline")
     p.add_argument("--num-tokens", type=int, default=4, help="drafted tokens per step at most (k)")
@@ -65,6 +65,7 @@ def _spec_bench_parser(sub) -> None:
     p.add_argument("--streams", type=int, default=16, help="requests at once in the batched run")
     p.add_argument("--repeats", type=int, default=3, help="runs per method; medians are reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-structured", action="store_true", help="leave out the structured-output overhead table")
     p.set_defaults(func=_cmd_spec_bench)
 
 
