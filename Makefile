@@ -12,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench bench-tp bench-swiftkv bench-vllm vllm-install gpu-check generate serve protos clean
+.PHONY: install test test-fast bench bench-tp bench-spec bench-swiftkv bench-vllm vllm-install gpu-check generate serve protos clean
 
 install: $(STAMP)
 
@@ -47,6 +47,9 @@ bench: install
 
 bench-tp: install
 	$(VENV)/bin/llm-cluster bench-tp
+
+bench-spec: install
+	$(VENV)/bin/llm-cluster bench-spec
 
 bench-swiftkv: install
 	$(VENV)/bin/llm-cluster swiftkv bench

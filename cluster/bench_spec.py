@@ -169,11 +169,11 @@ def run_spec_bench(args) -> int:
     results: dict[str, dict[str, list[Run]]] = {s: {m: [] for m in methods} for s in scenarios}
     for r in range(args.repeats):
         rng = random.Random(args.seed + r)
-        singles = [extraction_prompt(tokenizer, rng) for _ in range(args.single_requests)]
-        batch = [extraction_prompt(tokenizer, rng) for _ in range(args.streams)]
-        as_json = [extraction_prompt(tokenizer, rng, QUESTIONS["json"]) for _ in range(args.single_requests)]
-        noise = [[rng.randrange(100, vocab) for _ in range(rng.randint(500, 1500))]
-                 for _ in range(args.single_requests)]
+        lo, hi = args.prompt_tokens
+        singles = [extraction_prompt(tokenizer, rng, QUESTIONS["copy"], lo, hi) for _ in range(args.single_requests)]
+        batch = [extraction_prompt(tokenizer, rng, QUESTIONS["copy"], lo, hi) for _ in range(args.streams)]
+        as_json = [extraction_prompt(tokenizer, rng, QUESTIONS["json"], lo, hi) for _ in range(args.single_requests)]
+        noise = [[rng.randrange(100, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(args.single_requests)]
         # Random prompts decoded greedily make this model loop (drafts then all accepted); sampled at
         # temperature 1 its output does not repeat, which is the case where speculation can only cost.
         sampled = SamplingParams(temperature=1.0, seed=args.seed + r, max_tokens=args.max_tokens, ignore_eos=True)

@@ -66,6 +66,8 @@ def _spec_bench_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="runs per method; medians are reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-structured", action="store_true", help="leave out the structured-output overhead table")
+    p.add_argument("--prompt-tokens", type=lambda v: tuple(int(x) for x in v.split(",")), default=(500, 1500),
+                   metavar="MIN,MAX", help="prompt lengths (documents and random prompts) in tokens")
     p.set_defaults(func=_cmd_spec_bench)
 
 

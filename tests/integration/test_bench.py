@@ -35,3 +35,35 @@ def test_engine_burst_times_every_requests_first_token(tiny_llama_dir):
 def test_cpu_summary_names_the_cpu_and_its_cores():
     summary = cpu_summary()
     assert "cores" in summary and summary.split(",")[0]
+
+
+def test_bench_spec_measures_every_method_on_the_same_tokens(tiny_llama_dir, capsys):
+    """`llm-cluster bench-spec` end to end on a tiny float32 model: every scenario and method gets a
+    figure, greedy outputs equal speculation off (float32 is exact), and the structured table runs."""
+    import random
+
+    from cluster import LLM, SamplingParams
+    from cluster.bench_spec import batched, extraction_prompt, single_stream
+    from cluster.cli import main
+
+    model = tiny_llama_dir("llama3_rope")
+    args = ["bench-spec", "--model", model, "--dtype", "float32", "--repeats", "1", "--single-requests", "1",
+            "--streams", "2", "--max-tokens", "8", "--threads", "1", "--prompt-tokens", "100,300"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith(("copy lines", "as JSON", "random tokens"))]
+    assert len(table) == 4 * 3, out  # four scenarios x off, ngram, suffix
+    assert "schema compile: median" in out and "mask ms/step" in out
+    llms = [LLM(model, dtype="float32", enable_prefix_caching=False, speculative=spec)
+            for spec in (None, {"method": "ngram", "num_tokens": 4, "prompt_lookup_min": 1})]
+    tokenizer = llms[0].get_tokenizer()
+    prompts = [extraction_prompt(tokenizer, random.Random(1), min_tokens=100, max_tokens=200) for _ in range(2)]
+    assert all(100 < len(p) <= 260 for p in prompts)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    runs = [single_stream(llm, prompts, params) for llm in llms] + [batched(llm, prompts, params) for llm in llms]
+    assert runs[0].tokens == runs[1].tokens and runs[2].tokens == runs[3].tokens
+    assert all(run.decode_tok_s > 0 and sum(map(len, run.tokens)) == 24 for run in runs)
+    assert runs[1].drafted >= runs[1].accepted and runs[0].drafted == 0
+    for llm in llms:
+        assert_no_leak(llm)
+        llm.engine.shutdown()
