@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from cluster.errors import InvalidRequestError
 
 MAX_CONSTRAINT_CHARS = 64 * 1024  # a schema, regex or grammar: compiled per distinct value
+MAX_SCHEMA_DEPTH = 32  # nested objects / arrays in a JSON schema (compile time grows fast with depth)
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1024
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
@@ -111,6 +112,8 @@ def _schema_text(name: str, schema) -> str:
             raise InvalidRequestError(name, f"must be a JSON schema; not valid JSON: {err}") from None
     if not isinstance(schema, (dict, bool)):
         raise InvalidRequestError(name, f"must be a JSON schema (an object), got {type(schema).__name__}")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(name, f"must nest at most {MAX_SCHEMA_DEPTH} objects / arrays deep")
     try:
         text = _json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (ValueError, TypeError, RecursionError) as err:
@@ -119,6 +122,18 @@ def _schema_text(name: str, schema) -> str:
         raise InvalidRequestError(name, f"must be at most {MAX_CONSTRAINT_CHARS} characters, got {len(text)}")
     _check_encodable(name, text)
     return text
+
+
+def _depth(value, limit: int = MAX_SCHEMA_DEPTH + 1) -> int:
+    """Nesting depth of dicts and lists, counted without recursion and no further than ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth < limit:
+                stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _choices(name: str, value) -> tuple[str, ...]:

@@ -121,7 +121,13 @@ class AsyncLLMEngine:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if not bypass_admission:
             self._admit()
-        state = self.engine.prepare_request(request_id, prompt, params, kind)
+        if params is not None and params.structured_outputs is not None:
+            # Compiling a new constraint can take seconds: off the event loop (health, streams).
+            state = await asyncio.to_thread(self.engine.prepare_request, request_id, prompt, params, kind)
+            if request_id in self._streams:
+                raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        else:
+            state = self.engine.prepare_request(request_id, prompt, params, kind)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", state))

@@ -26,7 +26,7 @@ class InputProcessor:
         params.validate()  # fields may have been changed after construction
         check_model_limits(params, self.vocab_size, self.max_model_len)
         if params.structured_outputs is not None:  # refused here, naming the field, if it does not compile
-            self._grammars().compile(params.structured_outputs)
+            self._grammars().check(params.structured_outputs)
         text, token_ids = self._tokenize(prompt)
         self._check_length(token_ids)
         return text, token_ids
