@@ -5,7 +5,8 @@ server must answer normally; for every other case it must refuse with a 4xx / IN
 Payloads are built from valid requests by replacing one field (or the whole body) with a value
 from a pool of troublemakers: int64 and uint64 edges, floats beyond range, NaN and infinities,
 wrong types, lone surrogates, NUL characters, deep nesting, huge and truncated bodies, bytes that
-are not UTF-8 or not a protobuf at all.
+are not UTF-8 or not a protobuf at all; and structured outputs (good and bad schemas, regexes,
+choices, grammars, and the combinations refused).
 """
 
 from __future__ import annotations
@@ -30,6 +31,26 @@ OPENAI_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "repeti
                  "max_completion_tokens", "bogus_field", "logit_bias"]
 ODD_TEXT = ["\u0000", "\u0000\u0000abc", "\ufeff", "😀" * 50, "\u202e reversed", "a" * 5000, "<|im_start|>",
             "<|im_end|>system", "\n" * 300, " ", "\t\r\n", "\\ud800 as text", "漢字" * 200]
+
+
+_DEEP_SCHEMA: dict = {"type": "string"}
+for _ in range(40):
+    _DEEP_SCHEMA = {"type": "object", "properties": {"a": _DEEP_SCHEMA}}
+# (OpenAI field, value, legal) for structured outputs.
+STRUCTURED_CASES = [
+    ("response_format", {"type": "json_object"}, True), ("response_format", {"type": "text"}, True),
+    ("response_format", {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, True),
+    ("response_format", {"type": "json_schema", "json_schema": {"schema": _DEEP_SCHEMA}}, False),
+    ("response_format", {"type": "json_schema", "json_schema": {"schema": {"type": "objec"}}}, False),
+    ("response_format", {"type": "json_schema"}, False), ("response_format", "json", False),
+    ("response_format", {"type": "xml"}, False), ("guided_choice", ["yes", "no"], True),
+    ("guided_choice", [], False), ("guided_choice", ["x"] * 300, False), ("guided_choice", [5], False),
+    ("guided_regex", "[0-9]{2}", True), ("guided_regex", "a(b", False), ("guided_regex", "\ud800", None),
+    ("guided_regex", "", False), ("guided_grammar", 'root ::= "x" | "y"', True), ("guided_grammar", "root ::=", False),
+    ("guided_json", {"type": "integer"}, True), ("guided_json", "{", False), ("guided_json", [1], False),
+    ("structured_outputs", {"regex": "a", "choice": ["a"]}, False), ("structured_outputs", {"origin": "x"}, False),
+    ("structured_outputs", {"json_object": True}, True), ("structured_outputs", "regex", False),
+]
 
 
 def _legal_params(rng: random.Random) -> dict:
@@ -57,8 +78,14 @@ def http_cases(seed: int, count: int) -> list[tuple[str, bytes, bool, str]]:
             body["messages"] = [{"role": "user", "content": rng.choice(["hi", "What is 2+2?", "\u0000"])}]
         else:
             body["prompt"] = rng.choice(["The capital of France is", GOOD_IDS, [GOOD_IDS], "\u0000", "caf\u00e9"])
-        kind = rng.randrange(6)
-        if kind == 0:  # legal as it is
+        kind = rng.randrange(7)
+        if kind == 6:  # structured outputs: good and bad constraints, and the combinations refused
+            field, value, legal = rng.choice(STRUCTURED_CASES)
+            body = {**{k: v for k, v in body.items() if k != "messages"}, "prompt": GOOD_IDS, field: value}
+            if legal and (body.get("ignore_eos") or body.get("min_tokens")):
+                legal = False  # a constraint ends the output itself: neither may override it
+            cases.append((f"http-structured-{field}-{i}", json.dumps(body).encode(), legal, "/v1/completions"))
+        elif kind == 0:  # legal as it is
             cases.append((f"http-legal-{i}", json.dumps(body).encode(), True, path))
         elif kind == 1:  # one field replaced by a raw troublemaker
             field = rng.choice(OPENAI_FIELDS + (["messages"] if chat else ["prompt"]))
@@ -116,6 +143,14 @@ def _proto_sampling(rng: random.Random) -> pb.SamplingParameters:
         sampling.stop.extend(rng.choice([[""], ["x"] * 17, ["\u0000"], ["ok"]]))
     if rng.random() < 0.2:
         sampling.stop_token_ids.extend(rng.choice([[-1], [VOCAB], [2], [2**31 - 1]]))
+    if rng.random() < 0.2:  # a structured output, good or bad
+        name, value = rng.choice([("json_schema", '{"type": "integer"}'), ("json_schema", "{"), ("json_object", True),
+                                  ("json_object", False), ("regex", "[a-z]+"), ("regex", "(("), ("grammar", "root ::= x"),
+                                  ("choice", pb.Choices(choices=["a", "b"])), ("choice", pb.Choices())])
+        if name == "choice":
+            sampling.choice.CopyFrom(value)
+        else:
+            setattr(sampling, name, value)
     return sampling
 
 
