@@ -46,10 +46,16 @@ def test_bench_spec_measures_every_method_on_the_same_tokens(tiny_llama_dir, cap
     from cluster.bench_spec import batched, extraction_prompt, single_stream
     from cluster.cli import main
 
+    import torch
+
     model = tiny_llama_dir("llama3_rope")
     args = ["bench-spec", "--model", model, "--dtype", "float32", "--repeats", "1", "--single-requests", "1",
             "--streams", "2", "--max-tokens", "8", "--threads", "1", "--prompt-tokens", "100,300"]
-    assert main(args) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(args) == 0
+    finally:  # --threads is process-wide: the rest of the suite must not run on one thread
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith(("copy lines", "as JSON", "random tokens"))]
     assert len(table) == 4 * 3, out  # four scenarios x off, ngram, suffix
