@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from cluster.errors import InvalidRequestError
 from cluster.request_limits import CHAT_ROLES, check_model_limits, check_text
 from cluster.sampling_params import SamplingParams
 
 PromptType = str | dict | list
+logger = logging.getLogger(__name__)
 
 
 class InputProcessor:
@@ -30,6 +33,14 @@ class InputProcessor:
         text, token_ids = self._tokenize(prompt)
         self._check_length(token_ids)
         return text, token_ids
+
+    def warm_grammars(self) -> None:
+        """Build the structured-output compiler now (a server does it at start-up); a missing or
+        broken xgrammar is left for the first constrained request to report."""
+        try:
+            self._grammars()
+        except Exception as err:  # noqa: BLE001 - logged; requests report it with their field
+            logger.warning("structured outputs unavailable until a request needs them: %s", err)
 
     def _grammars(self):
         if self._grammar_compiler is None:

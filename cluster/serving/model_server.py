@@ -62,6 +62,12 @@ class ModelServer:
             engine = AsyncLLMEngine(LLMEngine(engine_config, core_process=config.uses_core_process),
                                     stream_messages_per_s=config.stream_messages_per_s)
         self.engine = engine
+        # Structured outputs' compiler (xgrammar's import, the vocabulary's token table), built now:
+        # built on the first constrained request it held this process's GIL long enough for a
+        # routing-stats report to miss and health to read NOT_SERVING once (the fuzz test, cold).
+        processor = getattr(getattr(engine, "engine", None), "input_processor", None)
+        if processor is not None:
+            processor.warm_grammars()
         self.model_name = config.model_name or os.path.basename(engine_config.model.model.rstrip("/"))
         self.metrics = ServerMetrics(self.model_name)
         self.step_timeout_s = engine_config.parallel.step_timeout_s
