@@ -131,10 +131,6 @@ def batched(llm, prompts: list[list[int]], params) -> Run:
     return Run((sum(map(len, tokens)) - at_start) / max(elapsed, 1e-9), tokens, d1 - d0, a1 - a0)
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def run_spec_bench(args) -> int:
     from transformers import AutoTokenizer
 
@@ -196,13 +192,13 @@ def run_spec_bench(args) -> int:
     print(f"{'scenario':32s} {'method':7s} {'tok/s':>8s} {'ratio':>7s} {'accept':>7s} {'out tok':>8s} "
           f"{'same':>7s}")
     for s in scenarios:
-        base_tps = _median([run.decode_tok_s for run in results[s][base]])
+        base_tps = statistics.median([run.decode_tok_s for run in results[s][base]])
         for m in methods:
             runs = results[s][m]
-            tps = _median([run.decode_tok_s for run in runs])
+            tps = statistics.median([run.decode_tok_s for run in runs])
             drafted, accepted = sum(r.drafted for r in runs), sum(r.accepted for r in runs)
             rate = f"{accepted / drafted:.2f}" if drafted else "-"
-            out = _median([sum(map(len, run.tokens)) for run in runs])
+            out = statistics.median([sum(map(len, run.tokens)) for run in runs])
             same = "-" if m == base or runs[0].same_as_base is None else \
                 f"{sum(r.same_as_base for r in runs)}/{sum(len(r.tokens) for r in runs)}"
             print(f"{s:32s} {m:7s} {tps:8.1f} {tps / base_tps:6.2f}x {rate:>7s} {out:8.0f} {same:>7s}")
@@ -263,8 +259,8 @@ def structured_overhead(llm, tokenizer, args) -> None:
     print(f"{'batch':>5s} {'free step ms':>13s} {'schema step ms':>15s} {'overhead':>9s} {'mask ms/step':>13s}")
     compiler = GrammarCompiler(tokenizer, llm.engine.arch.vocab_size, llm.engine.eos_token_ids)
     for batch in (1, args.streams):
-        free_s = _median([_decode_step_s(llm, prompts[:batch], free)[0] for _ in range(args.repeats)])
-        so_s = _median([_decode_step_s(llm, prompts[:batch], constrained)[0] for _ in range(args.repeats)])
+        free_s = statistics.median([_decode_step_s(llm, prompts[:batch], free)[0] for _ in range(args.repeats)])
+        so_s = statistics.median([_decode_step_s(llm, prompts[:batch], constrained)[0] for _ in range(args.repeats)])
         # The masks alone: fill every row's bitmask and apply it to a [batch, V] logits tensor.
         grammars = [compiler.matcher(StructuredOutputs(json=RECORD_SCHEMA)) for _ in range(batch)]
         path = tokenizer.encode('{"supplier": "Northwind Traders", "invoice": "INV-2024-12345", "amount": 1')
@@ -279,7 +275,7 @@ def structured_overhead(llm, tokenizer, args) -> None:
             for grammar in grammars:
                 grammar.accept(token)
             timings.append(time.perf_counter() - begin)
-        mask_ms = 1e3 * _median(timings)
+        mask_ms = 1e3 * statistics.median(timings)
         print(f"{batch:5d} {1e3 * free_s:13.2f} {1e3 * so_s:15.2f} {so_s / free_s - 1:8.1%} {mask_ms:13.3f}")
     compile_ms = []
     for i in range(20):  # distinct schemas: nothing cached
@@ -291,5 +287,5 @@ def structured_overhead(llm, tokenizer, args) -> None:
     begin = time.perf_counter()
     compiler.compile(StructuredOutputs(json=RECORD_SCHEMA))
     cached_ms = 1e3 * (time.perf_counter() - begin)
-    print(f"schema compile: median {_median(compile_ms):.1f} ms, max {max(compile_ms):.1f} ms over 20 distinct "
+    print(f"schema compile: median {statistics.median(compile_ms):.1f} ms, max {max(compile_ms):.1f} ms over 20 distinct "
           f"schemas; a cached one {cached_ms:.3f} ms")
