@@ -7,6 +7,7 @@ that directory directly.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -77,15 +78,22 @@ def _convert_gguf(gguf_path: str, cache_dir: str, key: str) -> str:
     if os.path.isfile(os.path.join(target, _DONE_MARKER)):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=key + ".", dir=os.path.dirname(target))
-    try:
-        _write_safetensors_dir(gguf_path, staging)
-        with open(os.path.join(staging, _DONE_MARKER), "w") as f:
-            json.dump({"source": os.path.abspath(gguf_path)}, f)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)  # atomic: concurrent loaders never see a half-written dir
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # One conversion at a time per model (replicas or test workers starting together on a fresh
+    # node): the others wait, then find it done. Without the lock, a second finisher would replace
+    # the directory while the first one's caller reads it. flock is freed if its holder dies.
+    with open(target + ".lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if os.path.isfile(os.path.join(target, _DONE_MARKER)):
+            return target
+        staging = tempfile.mkdtemp(prefix=key + ".", dir=os.path.dirname(target))
+        try:
+            _write_safetensors_dir(gguf_path, staging)
+            with open(os.path.join(staging, _DONE_MARKER), "w") as f:
+                json.dump({"source": os.path.abspath(gguf_path)}, f)
+            shutil.rmtree(target, ignore_errors=True)  # a conversion that died half-way
+            os.replace(staging, target)  # atomic: a reader never sees a half-written dir
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
