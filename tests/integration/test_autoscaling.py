@@ -17,10 +17,10 @@ import pytest
 
 from cluster.serving.config import ServingConfig
 from cluster.serving.serve_start import start_serve
-from tests.conftest import free_port
+from tests.conftest import free_port, start_local_ray
 from tests.integration.test_serving import post_json
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # its own Ray cluster
 
 APP = "autoscale"
 # Replicas push their stats every 0.5 s instead of Serve's 10 s, so the test takes seconds, not minutes.
@@ -36,9 +36,7 @@ def autoscaling_cluster():
 
     saved = {k: os.environ.get(k) for k in FAST_METRICS}
     os.environ.update(FAST_METRICS)  # inherited by the raylet, the Serve controller and the replicas
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=8, log_to_driver=False)
+    start_local_ray(num_cpus=8)
     http_port = free_port()
     start_serve(http_options=HTTPOptions(host="127.0.0.1", port=http_port))
     try:

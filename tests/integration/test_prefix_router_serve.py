@@ -6,6 +6,8 @@ import pytest
 
 from cluster.serving.engine_request import EngineRequest
 
+from tests.conftest import start_local_ray
+
 ROUTER_PATH = "cluster.serving.router:PrefixAffinityRouter"
 
 
@@ -14,9 +16,7 @@ def serve_on_private_ray():
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, include_dashboard=False)
     serve.start(proxy_location="Disabled")
     try:
         yield serve

@@ -22,9 +22,9 @@ from cluster.serving.config import ServingConfig
 from cluster.serving.serve_start import start_serve
 from cluster.v1 import generation_pb2 as pb
 from cluster.v1 import generation_pb2_grpc as pb_grpc
-from tests.conftest import free_port
+from tests.conftest import free_port, start_local_ray
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # its own Ray cluster
 
 APP = "secure"
 KEY = "k3y-" + "7f1c9a0e5b2d4c68"
@@ -52,9 +52,7 @@ def secure_app(tls_files, tiny_llama_dir, tmp_path_factory):
 
     key_file = tmp_path_factory.mktemp("secret") / "api-key"
     key_file.write_text(KEY + "\n")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=8, log_to_driver=False)
+    start_local_ray(num_cpus=8)
     grpc_port, http_port = free_port(), free_port()
     cert, key = tls_files
     start_serve(http_options=HTTPOptions(host="127.0.0.1", port=http_port, ssl_certfile=cert, ssl_keyfile=key),

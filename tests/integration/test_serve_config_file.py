@@ -23,7 +23,7 @@ from tests.conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "deploy", "serve-cpu.yaml")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # its own Ray cluster
 
 
 def test_config_validates_against_serves_schema_and_builds():
