@@ -105,6 +105,19 @@ def _micro_parser(sub) -> None:
     p.set_defaults(func=_cmd_micro)
 
 
+def _openmp_parser(sub) -> None:
+    p = sub.add_parser("bench-openmp", help="decode steps, OpenMP threads spinning vs sleeping, idle and beside load")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, HF directory or .gguf file")
+    p.add_argument("--dtype", default="bfloat16", choices=SUPPORTED_DTYPES)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
+    p.add_argument("--busy", type=int, default=2, help="CPU-burning processes beside the engine in the loaded case")
+    p.add_argument("--batch", type=int, default=32, help="sequences decoding together")
+    p.add_argument("--context", type=int, default=600, help="prompt tokens per sequence")
+    p.add_argument("--steps", type=int, default=30, help="decode steps timed per child")
+    p.add_argument("--repeats", type=int, default=2)
+    p.set_defaults(func=_cmd_openmp)
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="deploy the Ray Serve app (gRPC + OpenAI HTTP) and wait for Ctrl-C")
     _add_engine_args(p)
@@ -187,6 +200,12 @@ def _cmd_tp(args) -> int:
     from cluster.bench_tp import run_bench_tp
 
     return run_bench_tp(args)
+
+
+def _cmd_openmp(args) -> int:
+    from cluster.bench_openmp import run_bench_openmp
+
+    return run_bench_openmp(args)
 
 
 def _cmd_micro(args) -> int:
@@ -288,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     _generate_parser(sub)
     _bench_parser(sub)
     _micro_parser(sub)
+    _openmp_parser(sub)
     _tp_parser(sub)
     _serve_parser(sub)
     _soak_parser(sub)

@@ -34,7 +34,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("cluster.engine", "cluster.outputs", "cluster.llm"),
     ("cluster.serving",),
     ("cluster.cli", "cluster.bench", "cluster.bench_chat", "cluster.bench_micro", "cluster.bench_serve", "cluster.gpu_check",
-     "cluster.bench_vllm", "cluster.bench_vllm_runner",
+     "cluster.bench_vllm", "cluster.bench_vllm_runner", "cluster.bench_openmp",
      "cluster.bench_tp", "cluster.bench_spec", "cluster.soak", "cluster.swiftkv"),
 ]
 # The package's own __init__ is the public facade (it re-exports LLM lazily), not a floor.
