@@ -63,9 +63,10 @@ def run_bench_openmp(args) -> int:
 
     from cluster.bench import cpu_summary
 
-    job = {"model": args.model, "dtype": args.dtype, "threads": args.threads, "batch": args.batch,
+    threads = args.threads or len(os.sched_getaffinity(0))
+    job = {"model": args.model, "dtype": args.dtype, "threads": threads, "batch": args.batch,
            "context": args.context, "steps": args.steps}
-    print(f"CPU: {cpu_summary()}; torch threads {args.threads}; decode steps of {args.batch} sequences at "
+    print(f"CPU: {cpu_summary()}; torch threads {threads}; decode steps of {args.batch} sequences at "
           f"~{args.context} tokens of context; {args.repeats} repeats", flush=True)
     cells: dict[tuple[int, str], list[float]] = {}
     context = multiprocessing.get_context("spawn")

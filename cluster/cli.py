@@ -107,9 +107,7 @@ def _micro_parser(sub) -> None:
 
 def _openmp_parser(sub) -> None:
     p = sub.add_parser("bench-openmp", help="decode steps, OpenMP threads spinning vs sleeping, idle and beside load")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, HF directory or .gguf file")
-    p.add_argument("--dtype", default="bfloat16", choices=SUPPORTED_DTYPES)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
+    _add_engine_args(p)  # --threads: default, every core this process may use
     p.add_argument("--busy", type=int, default=2, help="CPU-burning processes beside the engine in the loaded case")
     p.add_argument("--batch", type=int, default=32, help="sequences decoding together")
     p.add_argument("--context", type=int, default=600, help="prompt tokens per sequence")
