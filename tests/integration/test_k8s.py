@@ -352,6 +352,24 @@ def test_optional_parts(helm):
     ServingConfig.from_dict(app["args"]).engine_config()  # the engine takes what the chart renders
 
 
+def test_every_ray_container_gets_serves_throughput_settings(rendered):
+    """Serve's controller, proxies and replicas read these when they start, on any node: the same
+    values the local clusters get from prepare_environment() (one source of truth, checked here)."""
+    from cluster.serving.serve_start import SERVE_THROUGHPUT_ENV
+
+    for template in ray_templates(rendered):
+        (container,) = template["spec"]["containers"]
+        env = {item["name"]: item.get("value") for item in container.get("env", [])}
+        assert {name: env.get(name) for name in SERVE_THROUGHPUT_ENV} == SERVE_THROUGHPUT_ENV
+
+
+def test_throughput_settings_can_be_turned_off(helm):
+    docs = parse_documents(run_helm(helm, "template", "llm", CHART, "--set", "serve.throughputOptimized=false").stdout)
+    for template in ray_templates(docs):
+        (container,) = template["spec"]["containers"]
+        assert not {item["name"] for item in container.get("env", [])} & {"RAY_SERVE_USE_GRPC_BY_DEFAULT"}
+
+
 # ---- client-facing security (API key, HTTPS, request limit, gRPC TLS at an Ingress) ----------
 
 

@@ -296,6 +296,12 @@ RAY_SERVE_GRPC_MAX_MESSAGE_SIZE when it starts; the app checks the same limit (m
 {{- define "llm-cluster.commonEnv" -}}
 - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
   value: {{ int64 .Values.serve.maxRequestBytes | quote }}
+{{- if .Values.serve.throughputOptimized }}
+- name: RAY_SERVE_USE_GRPC_BY_DEFAULT
+  value: "1"
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: "0"
+{{- end }}
 {{- if .Values.tls.enabled }}
 - name: RAY_USE_TLS
   value: "1"
