@@ -363,6 +363,15 @@ def test_every_ray_container_gets_serves_throughput_settings(rendered):
         assert {name: env.get(name) for name in SERVE_THROUGHPUT_ENV} == SERVE_THROUGHPUT_ENV
 
 
+def test_the_image_sets_the_same_throughput_settings():
+    """`serve run` inside the image starts Ray without prepare_environment(): the image's ENV carries them."""
+    from cluster.serving.serve_start import SERVE_THROUGHPUT_ENV
+
+    with open(os.path.join(REPO, "deploy", "Dockerfile")) as f:
+        dockerfile = f.read()
+    assert all(f"{name}={value}" in dockerfile for name, value in SERVE_THROUGHPUT_ENV.items())
+
+
 def test_throughput_settings_can_be_turned_off(helm):
     docs = parse_documents(run_helm(helm, "template", "llm", CHART, "--set", "serve.throughputOptimized=false").stdout)
     for template in ray_templates(docs):
