@@ -17,8 +17,12 @@ _PACKABLE_DTYPES = (torch.bfloat16,)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN takes this weight packed: a bfloat16 CPU weight, on a CPU whose instruction
+    set oneDNN runs bfloat16 on (AVX-512 BW/VL/DQ, or AVX-NE-CONVERT). On others (AVX2 only) its
+    reorder raises, and ``F.linear`` is the path."""
     return (weight.device.type == "cpu" and weight.dtype in _PACKABLE_DTYPES
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 GEMV_MAX_ROWS = 4  # up to this many rows the native GEMV streams the weight faster than oneDNN
