@@ -193,7 +193,10 @@ def _median(values: list[float]) -> float:
 def _bench_engine(args, work: Workload, single_ids: list[int], burst: Workload | None = None) -> dict:
     from cluster import LLM
 
-    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads)
+    from cluster.bench_vllm import KV_CACHE_GIB
+
+    # vLLM's KV budget on ours too: in float32 our 1 GiB default holds half the workload at once
+    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, kv_cache_memory_bytes=KV_CACHE_GIB << 30)
     engine_single_stream(llm, single_ids)  # warm-up
     engine_throughput(llm, Workload(work.prompts[:4], [16] * 4))
     tput = [engine_throughput(llm, work) for _ in range(args.repeats)]

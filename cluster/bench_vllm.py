@@ -35,6 +35,9 @@ def vllm_python(venv: str) -> pathlib.Path:
     return python
 
 
+KV_CACHE_GIB = 4  # both engines' KV cache budget in the side-by-side (ours: kv_cache_memory_bytes)
+
+
 def vllm_env(venv: str, scratch: str, cpus: list[int]) -> dict[str, str]:
     """The environment the runner gets: ours, plus vLLM's CPU settings and preloads."""
     lib = pathlib.Path(venv).resolve() / "lib"
@@ -43,7 +46,7 @@ def vllm_env(venv: str, scratch: str, cpus: list[int]) -> dict[str, str]:
     for key in ("PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS"):  # nothing of ours leaks in
         env.pop(key, None)
     env.update({
-        "VLLM_CPU_KVCACHE_SPACE": "4",
+        "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
         "VLLM_CPU_OMP_THREADS_BIND": _cpu_list(cpus),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CACHE_ROOT": os.path.join(scratch, "vllm-cache"),

@@ -11,7 +11,8 @@ from cluster.config import DEFAULT_MODEL, SUPPORTED_DTYPES
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, HF directory or .gguf file")
-    p.add_argument("--dtype", default="bfloat16", choices=SUPPORTED_DTYPES)
+    p.add_argument("--dtype", default="auto", choices=SUPPORTED_DTYPES,
+                   help="auto: bfloat16 where this CPU/GPU computes it natively, else float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
@@ -160,7 +161,7 @@ def _cmd_serve(args) -> int:
 def _soak_parser(sub) -> None:
     p = sub.add_parser("soak", help="hold N gRPC streams against a served app; check memory stays flat")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", choices=SUPPORTED_DTYPES)
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -184,7 +185,7 @@ def _cmd_soak(args) -> int:
 def _tp_parser(sub) -> None:
     p = sub.add_parser("bench-tp", help="Ray executor dispatch overhead; decode tokens/s at tp=1 vs tp=N")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", choices=SUPPORTED_DTYPES)
     p.add_argument("--tp", default="3", help="comma-separated tensor-parallel sizes to compare with tp=1")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads at tp=1")
     p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs (and threads) per worker at tp>1")
@@ -266,7 +267,7 @@ def _swiftkv_parser(sub) -> None:
     e.set_defaults(func=_cmd_swiftkv_export)
     b = actions.add_parser("bench", help="SwiftKV vs the same engine without it: TTFT, throughput, KV memory")
     b.add_argument("--model", default=DEFAULT_MODEL)
-    b.add_argument("--dtype", default="bfloat16", choices=SUPPORTED_DTYPES)
+    b.add_argument("--dtype", default="auto", choices=SUPPORTED_DTYPES)
     b.add_argument("--params", default=None, help="parameter file (default: the one shipped for --model)")
     b.add_argument("--prompt-tokens", type=int, default=2000)
     b.add_argument("--repeats", type=int, default=5)
@@ -297,6 +298,18 @@ def _cmd_swiftkv_bench(args) -> int:
     return run_swiftkv_bench(args)
 
 
+# Commands whose engines run in Serve replicas: "auto" resolves there, on the replica's own device.
+_DTYPE_RESOLVED_BY_REPLICAS = ("serve", "soak")
+
+
+def _local_dtype(dtype: str) -> str:
+    import torch
+
+    from cluster.config import resolve_dtype
+
+    return resolve_dtype(dtype, "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     from cluster.errors import InvalidConfigError, InvalidRequestError
 
@@ -314,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     _swiftkv_parser(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[2:] if args.command == "swiftkv" else []
+    if getattr(args, "dtype", None) == "auto" and args.command not in _DTYPE_RESOLVED_BY_REPLICAS:
+        args.dtype = _local_dtype(args.dtype)  # benchmarks compare, print and pass on the dtype they ran
     try:
         return args.func(args)
     except (InvalidRequestError, InvalidConfigError) as err:

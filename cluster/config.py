@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from cluster.errors import InvalidConfigError
 
-SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 DEFAULT_MODEL = "smollm2-135m"
 _MiB = 1 << 20
@@ -26,6 +26,27 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (oneDNN's bfloat16 kernels: AVX-512 BW/VL/DQ,
+    AVX512-BF16, AMX or AVX-NE-CONVERT). On AVX2-only CPUs it emulates them: a SmolLM2-sized
+    bfloat16 linear ran 5x slower than float32 there, and the engine's workload 4x (docs/benchmarks.md)."""
+    import torch
+
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype to run ("auto" resolved for ``device``): bfloat16 on a GPU that has it (else float16)
+    and on a CPU that computes it natively, float32 on other CPUs."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_native_bfloat16() else "float32"
+
+
 def _triton_installed() -> bool:
     import importlib.util
 
@@ -41,7 +62,7 @@ class ModelConfig:
     """Which checkpoint to run and how."""
 
     model: str = DEFAULT_MODEL  # a built-in name, a Hugging Face directory or a .gguf file
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (GPU only)
+    dtype: str = "float32"  # auto | float32 | bfloat16 | float16 (GPU only); auto: see resolve_dtype
     max_model_len: int | None = None  # context length; None = the model's max_position_embeddings
     cache_dir: str | None = None  # where converted checkpoints live; None = ~/.cache/llm-cluster
     seed: int = 0  # engine seed for requests that give none
@@ -85,6 +106,10 @@ class ModelConfig:
         if self.attention_backend != "auto":
             return self.attention_backend
         return "triton" if self.resolved_device() == "cuda" and _triton_installed() else "torch"
+
+    def resolved_dtype(self) -> str:
+        """The dtype this process runs ("auto" resolved on this machine; see ``resolve_dtype``)."""
+        return resolve_dtype(self.dtype, self.resolved_device())
 
     def resolved_device(self) -> str:
         """The device this process will run on ("auto" resolved)."""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cluster.config import EngineConfig, ParallelConfig
+from cluster.config import EngineConfig, ParallelConfig, cpu_has_native_bfloat16
 from cluster.contracts.core_output import CoreOutput
 from cluster.contracts.core_request import CoreRequest
 from cluster.contracts.runner_output import TokenLogprobs
@@ -81,8 +81,12 @@ class LLMEngine:
             self.core = CoreClient(config, self.plan)
         else:
             self.core = EngineCore(config, self.plan, executor_factory)
+        dtype = config.model.resolved_dtype()
+        if dtype == "bfloat16" and config.model.resolved_device() == "cpu" and not cpu_has_native_bfloat16():
+            logger.warning("dtype bfloat16 on a CPU that does not compute it natively (no AVX-512/AMX): it is "
+                           "emulated, several times slower than float32 here; dtype='auto' picks float32")
         logger.info("%s (%s): KV cache of %d blocks x %d tokens = %d tokens; context %d",
-                    self.source.name, config.model.dtype, self.num_blocks, config.cache.block_size,
+                    self.source.name, dtype, self.num_blocks, config.cache.block_size,
                     self.max_num_cached_tokens, self.max_model_len)
 
     def is_healthy(self) -> bool:

@@ -83,8 +83,9 @@ class ServingConfig:
         return self.engine_config().parallel.tensor_parallel_size == 1
 
     def engine_config(self) -> EngineConfig:
-        """The engine's config: bfloat16 by default, and a bounded queue (as deep as the running set)."""
-        options = {"dtype": "bfloat16", **self.engine}
+        """The engine's config: dtype "auto" by default (bfloat16 where the replica's CPU or GPU computes
+        it natively, else float32), and a bounded queue (as deep as the running set)."""
+        options = {"dtype": "auto", **self.engine}
         config = EngineConfig.from_kwargs(**options)
         if config.scheduler.max_waiting_requests is None:
             config.scheduler.max_waiting_requests = config.scheduler.max_num_seqs

@@ -117,7 +117,7 @@ class ModelServer:
         processor = engine.input_processor
         return {"model": self.model_name, "max_model_len": engine.max_model_len,
                 "tensor_parallel_size": engine.config.parallel.tensor_parallel_size,
-                "dtype": engine.config.model.dtype, "vocab_size": engine.arch.vocab_size,
+                "dtype": engine.config.model.resolved_dtype(), "vocab_size": engine.arch.vocab_size,
                 "block_size": engine.config.cache.block_size, "max_cache_tokens": processor.max_cache_tokens}
 
     def engine_stats(self) -> dict:

@@ -9,7 +9,12 @@ comparison of that prompt ends there: the exact (float32) model puts our token w
 steps of its top. Seen: the "quiz" prompt's 7th token (33 and 34 both 35.25 in transformers'
 bfloat16; float32 prefers 34 by 0.1) and the "chat" prompt's 5th (float32: 11355 at 31.369, 67 at
 31.296, 344 at 31.280; transformers' bfloat16 31.625 / 31.5 / 31.375; ours 31.5 for both 11355 and
-344), which one is picked moving with the day's machine.
+344), which one is picked moving with the day's machine. At most two prompts may end on such a
+near-tie; a prompt where transformers' own bfloat16 logits of the two tokens are equal (its argmax
+took the lower id) is not counted: there its token is arbitrary. Seen on an AVX2-only CPU (no
+oneDNN bfloat16, every bfloat16 matmul emulated): "quiz" and "chat" exact ties in transformers (both
+ours the float32 model's top) and "multilingual"'s 2nd token one bfloat16 step apart (253 vs 838:
+float32 20.121 vs 20.329, transformers 20.375 vs 20.5).
 """
 
 from __future__ import annotations
@@ -44,20 +49,22 @@ def test_first_greedy_tokens_equal_transformers_bfloat16(engine_bf16, hf_bf16, h
     # One batch: decodes and the long prompt's chunks share steps, rows are padded to buckets.
     outputs = engine_bf16.generate([{"prompt_token_ids": smollm2_prompts[n]} for n in names],
                                    SamplingParams(temperature=0.0, max_tokens=FIRST_TOKENS))
-    ties = 0
+    near_ties = 0
     for name, out in zip(names, outputs):
         ours, expected = out.outputs[0].token_ids, hf_greedy(hf_bf16, smollm2_prompts[name], FIRST_TOKENS)
         if ours == expected:
             continue
         i = next(i for i, (a, b) in enumerate(zip(ours, expected)) if a != b)
-        with torch.no_grad():  # the exact model's view of the two candidates
-            logits = hf_smollm2(torch.tensor([smollm2_prompts[name] + ours[:i]])).logits[0, -1]
+        context = torch.tensor([smollm2_prompts[name] + ours[:i]])
+        with torch.no_grad():  # the exact model's view of the two candidates, and the reference's own
+            logits = hf_smollm2(context).logits[0, -1]
+            reference = hf_bf16(context).logits[0, -1]
         top = logits.max()
         step = 2.0 ** (torch.floor(torch.log2(top.abs())).item() - 7)  # one bfloat16 step at that size
         assert logits[ours[i]] >= top - 2 * step, f"{name}: token {i} is {ours[i]}, transformers' {expected[i]} " \
                                                   f"(float32 logits {logits[ours[i]].item():.3f} vs {top.item():.3f})"
-        ties += 1
-    assert ties <= 2, f"{ties} of 8 prompts ended on a bfloat16 tie"
+        near_ties += bool(reference[ours[i]] != reference[expected[i]])  # equal there: its pick was arbitrary
+    assert near_ties <= 2, f"{near_ties} of 8 prompts ended on a bfloat16 near-tie"
 
 
 def test_teacher_forced_top1_agrees_with_transformers_bfloat16(engine_bf16, hf_bf16, smollm2_prompts):
