@@ -6,12 +6,16 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tenso
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);
 bool has_gemv_bf16();
+torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);
+bool has_gemv_f32();
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU)");
   m.def("rms_norm", &rms_norm, "fused residual add + RMSNorm (CPU)");
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T (+ b) for 1-4 bfloat16 rows (CPU, AVX512-BF16)");
-  m.def("rotary_", &rotary_, "rotary embedding of [T, H, D] heads in place (CPU, 16-bit floats)");
+  m.def("rotary_", &rotary_, "rotary embedding of [T, H, D] heads in place (CPU)");
   m.def("has_gemv_bf16", &has_gemv_bf16, "whether gemv_bf16 was built (AVX512-BF16)");
+  m.def("gemv_f32", &gemv_f32, "y = x W^T (+ b) for a few float32 rows, each weight read once (CPU, AVX2 + FMA)");
+  m.def("has_gemv_f32", &has_gemv_f32, "whether gemv_f32 was built (AVX2 + FMA)");
 }

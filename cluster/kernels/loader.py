@@ -2,9 +2,10 @@
 
 - ``paged_decode``: decode attention reading K/V where they lie in the paged cache (torch's
   CPU attention needs each context gathered into a contiguous copy first).
-- ``rms_norm``: fused residual add + RMSNorm for bfloat16/float16 activations.
+- ``rms_norm``: fused residual add + RMSNorm.
 - ``gemv_bf16``: decode-sized bfloat16 linears (1-4 rows), where AVX512-BF16 is there.
-- ``rotary_``: RoPE in place, one pass, for 16-bit activations.
+- ``gemv_f32``: decode-sized float32 linears (1-4 rows), where AVX2 + FMA are there.
+- ``rotary_``: RoPE in place, one pass.
 
 They are built with the machine's C++ compiler through torch.utils.cpp_extension on first
 use (about 30 s, cached under ~/.cache/torch_extensions); if that fails, ``load()`` returns
@@ -48,7 +49,7 @@ def _build():
 
         here = os.path.dirname(__file__)
         sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp",
-                                                          "gemv_bf16.cpp", "rotary.cpp")]
+                                                          "gemv_bf16.cpp", "gemv_f32.cpp", "rotary.cpp")]
         build_dir = build_directory()
         with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die

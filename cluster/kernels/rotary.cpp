@@ -1,10 +1,11 @@
-// Rotary position embedding applied in place to the query and key heads (CPU, 16-bit floats).
+// Rotary position embedding applied in place to the query and key heads (CPU).
 //
 // torch's rotate-half formula, x * cos + cat(-x2, x1) * sin, runs as five ops over the step's
 // q and k heads (chunk, neg + cat, two multiplies, add), each a full pass that allocates its
 // output. Here one pass per token rewrites each head where it lies in the QKV projection's
 // output. Every product and the sum are rounded to the activation dtype exactly where torch's
-// ops round them, so the result is bit-identical to the torch path. bfloat16 is widened and
+// ops round them, so in 16-bit the result is bit-identical to the torch path (in float32 the
+// compiler may fuse a product into the sum, one rounding fewer). bfloat16 is widened and
 // rounded with integer ops so the loops vectorise (c10::BFloat16's conversions do not).
 #include "aten_lite.h"
 
@@ -86,7 +87,7 @@ void rotary_(at::Tensor x, at::Tensor cos, at::Tensor sin) {
   TORCH_CHECK(cos.size(0) == x.size(0) && cos.size(-1) == x.size(2), "rotary_: one cos/sin row per token");
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
               "rotary_: cos and sin must have x's dtype");
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "rotary_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_", [&] {
     rotate_rows<scalar_t>(x.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), x.stride(0),
                           cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(), cos.size(-1));
   });

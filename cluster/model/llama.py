@@ -58,8 +58,8 @@ class LlamaAttention(nn.Module):
         self._kernels = None
 
     def finalize_weights(self, kernels) -> None:
-        """Rotate half-precision CPU activations in place with the native kernel (bit-identical)."""
-        self._kernels = _half_precision_kernels(self.o_proj.weight, kernels)
+        """Rotate CPU activations in place with the native kernel (one pass, no copies)."""
+        self._kernels = _cpu_kernels(self.o_proj.weight, kernels)
 
     def forward(self, cos_sin, x, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         if self.swiftkv:
@@ -87,11 +87,12 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def _half_precision_kernels(weight: torch.Tensor, kernels):
-    """The native kernels where a layer's activations are bfloat16/float16 on CPU, else None
-    (float32 stays on torch: it is the exactness reference against transformers)."""
-    on_cpu = weight.device.type == "cpu"
-    return kernels if on_cpu and weight.dtype in (torch.bfloat16, torch.float16) else None
+def _cpu_kernels(weight: torch.Tensor, kernels):
+    """The native kernels where a layer runs on CPU, else None. In 16-bit they round where torch's
+    ops round (bit-identical); in float32 the fused products may round once where torch rounds
+    twice (a last-bit difference; the float32 greedy checks against transformers hold)."""
+    return kernels if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16,
+                                                                       torch.float32) else None
 
 
 class LlamaDecoderLayer(nn.Module):

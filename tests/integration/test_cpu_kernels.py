@@ -44,21 +44,23 @@ def _gather(cache, table):
     return gather_blocks(cache, table)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_fused_rms_norm_matches_torch(kernel, with_residual):
+def test_fused_rms_norm_matches_torch(kernel, with_residual, dtype, tol):
     from cluster.model.layers.norm import RMSNorm
 
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(37, 576, generator=gen).bfloat16()
-    residual = torch.randn(37, 576, generator=gen).bfloat16()
-    norm = RMSNorm(576, 1e-5, torch.bfloat16)
+    x = torch.randn(37, 576, generator=gen).to(dtype)
+    residual = torch.randn(37, 576, generator=gen).to(dtype)
+    norm = RMSNorm(576, 1e-5, dtype)
     norm.weight.data.copy_(1 + 0.1 * torch.randn(576, generator=gen))
     expected_residual = residual + x
     expected = torch.nn.functional.rms_norm(expected_residual if with_residual else x, (576,), norm.weight, 1e-5)
     norm.finalize_weights(kernel)
     got_residual = residual.clone()
     got = norm(x, got_residual) if with_residual else norm(x)
-    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert norm._kernels is kernel
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
     if with_residual:
         assert torch.equal(got_residual, expected_residual), "the residual stream must hold residual + x"
 
@@ -103,12 +105,60 @@ def test_packed_linear_takes_the_gemv_for_decode_rows_and_onednn_above(kernel):
         torch.testing.assert_close(packed.linear(x).float(), (x.float() @ weight.float().T), atol=0.1, rtol=2e-2)
     assert calls == [1, GEMV_MAX_ROWS]
     assert kernel.gemv_bf16(torch.empty(0, 576).bfloat16(), weight, None).shape == (0, 960)
-    assert PackedWeight(weight.float(), kernel).gemv is None  # float32 stays on F.linear, our exactness reference
+    assert PackedWeight(weight.float(), kernel).gemv is None  # float32 never takes the bfloat16 GEMV
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def _has_avx2_fma() -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    return " avx2" in flags and " fma" in flags
+
+
+@pytest.mark.parametrize("rows, out_features, in_features", [
+    (1, 960, 576), (2, 3072, 576), (3, 576, 1536), (4, 49152, 576),  # SmolLM2's linears at decode rows
+    (5, 576, 1536), (33, 3072, 576), (48, 960, 576),  # batches: four rows at a time, then the rest
+    (1, 3, 576), (7, 13, 43), (6, 25, 8),  # fewer outputs than a block; inputs off the 8-wide loop
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_f32_is_the_product_to_float32_accuracy(kernel, rows, out_features, in_features, with_bias):
+    if not kernel.has_gemv_f32():
+        assert not _has_avx2_fma(), "built without AVX2/FMA on a CPU that has them"
+        pytest.skip("this CPU has no AVX2/FMA")
+    gen = torch.Generator().manual_seed(rows * out_features + in_features)
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen) if with_bias else None
+    got = kernel.gemv_f32(x, w, b)
+    exact = x.double() @ w.double().T + (b.double() if with_bias else 0)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    # float32 sums of in_features products: error grows like sqrt(K) ulps of the terms' size.
+    assert ((got.double() - exact).abs() <= 1e-6 * in_features ** 0.5 * (1 + exact.abs())).all()
+    # A row's result does not depend on the rows beside it (batch-invariant): row 0 alone, the same bits.
+    assert torch.equal(kernel.gemv_f32(x[:1], w, b)[0], got[0])
+
+
+def test_float32_linear_takes_the_gemv_for_decode_batches_and_torch_above(kernel):
+    from cluster.model.layers.packed_weight import GEMV_F32_MAX_ROWS, PackedWeight
+
+    if not kernel.has_gemv_f32():
+        pytest.skip("this CPU has no AVX2/FMA")
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(960, 576, generator=gen)
+    packed = PackedWeight(weight, kernel)
+    calls = []
+    packed.gemv_f32 = lambda x, w, b: calls.append(x.shape[0]) or kernel.gemv_f32(x, w, b)
+    for rows in (0, 1, GEMV_F32_MAX_ROWS, GEMV_F32_MAX_ROWS + 1):  # 0: a step whose chunk needs no logits
+        x = torch.randn(rows, 576, generator=gen)
+        torch.testing.assert_close(packed.linear(x), x @ weight.T, atol=1e-4, rtol=1e-5)
+    assert calls == [1, GEMV_F32_MAX_ROWS]
+    assert PackedWeight(weight.bfloat16(), kernel).gemv_f32 is None
+    assert PackedWeight(weight, None).gemv_f32 is None  # native kernels off: torch's linear
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rotary_in_place_is_bit_identical_to_torch(kernel, dtype):
-    """The projection's q and k heads rotated where they lie (a strided view of [T, q + k + v heads])."""
+    """The projection's q and k heads rotated where they lie (a strided view of [T, q + k + v heads]);
+    16-bit bit-identical to torch's ops, float32 within its last bits."""
     from cluster.model.layers.rotary import RotaryEmbedding
 
     gen = torch.Generator().manual_seed(3)
@@ -120,13 +170,16 @@ def test_rotary_in_place_is_bit_identical_to_torch(kernel, dtype):
     expected = RotaryEmbedding.apply(cos_sin, qk)
     untouched = qkv[:, 12:].clone()
     kernel.rotary_(qk, *cos_sin)
-    assert torch.equal(qkv[:, :12], expected)
+    if dtype == torch.float32:  # a product may be fused into the sum: one rounding fewer than torch
+        torch.testing.assert_close(qkv[:, :12], expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(qkv[:, :12], expected)
     assert torch.equal(qkv[:, 12:], untouched)  # the v heads beside them are left alone
     with pytest.raises(RuntimeError, match="one cos/sin row per token"):
         kernel.rotary_(qk, cos_sin[0][:3], cos_sin[1][:3])
 
 
-def test_llama_attention_rotates_in_place_for_bfloat16_only(kernel):
+def test_llama_attention_rotates_in_place_on_cpu_in_every_dtype(kernel):
     from cluster.distributed.tp_group import TPGroup
     from cluster.model.arch import ModelArch
     from cluster.model.llama import LlamaAttention
@@ -134,10 +187,12 @@ def test_llama_attention_rotates_in_place_for_bfloat16_only(kernel):
     arch = ModelArch._from_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
                                      "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
                                      "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 64}, "llama")
-    for dtype, fused in ((torch.bfloat16, True), (torch.float32, False)):
+    for dtype in (torch.bfloat16, torch.float32):
         attn = LlamaAttention(arch, TPGroup(), dtype)
         attn.finalize_weights(kernel)
-        assert (attn._kernels is kernel) == fused
+        assert attn._kernels is kernel
+        attn.finalize_weights(None)  # native kernels off: torch's ops
+        assert attn._kernels is None
 
 
 def test_bfloat16_engine_with_chunked_prefill_and_few_rows_runs_every_request(tiny_llama_dir):

@@ -1,11 +1,15 @@
-"""Linear weights pre-packed for oneDNN on CPU.
+"""Linear weights pre-packed for oneDNN on CPU, and the native kernels for decode-sized inputs.
 
 oneDNN re-lays a plain weight into its blocked (AMX / AVX-512) format on every call;
 for decode-sized inputs that reorder costs as much as the matmul itself. Packing once
 after loading makes small-batch bfloat16 matmuls faster with bit-identical results
-(`llm-cluster bench-micro`; figures in docs/benchmarks.md). float32 stays on ``F.linear``: its packed path sums in a
-different order (about 1e-6 relative), and float32 is our exactness reference against
-transformers. GPUs use ``F.linear`` too.
+(`llm-cluster bench-micro`; figures in docs/benchmarks.md). float32 is not packed (its packed
+path sums in a different order, about 1e-6 relative): prefill-sized float32 inputs take
+``F.linear``, decode-sized ones (up to ``GEMV_F32_MAX_ROWS`` rows) the native ``gemv_f32``, which
+reads each weight once for all rows at close to the memory's bandwidth where MKL's small-M
+float32 GEMM reached a quarter of it (float32 is what AVX2-only CPUs run). Its sums run in its own
+fixed order, the same for a row whatever the batch; the float32 greedy checks against
+transformers hold with it. GPUs use ``F.linear``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 GEMV_MAX_ROWS = 4  # up to this many rows the native GEMV streams the weight faster than oneDNN
+# float32, 2-core AMD EPYC (AVX2), all of SmolLM2's weights: MKL vs gemv_f32 37.7 vs 21.1 ms at 1 row,
+# 76.3 vs 20.9 at 4, 77.0 vs 44.1 at 16, 101.0 vs 78.5 at 32, 128.5 vs 112.3 at 48, 153.8 vs 148.2 at 64.
+GEMV_F32_MAX_ROWS = 48
 
 
 class PackedWeight:
@@ -43,8 +50,12 @@ class PackedWeight:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach()) if can_pack(weight) else None
         self.gemv = kernels.gemv_bf16 if self.packed is not None and kernels is not None and \
             kernels.has_gemv_bf16() else None
+        self.gemv_f32 = kernels.gemv_f32 if weight.dtype == torch.float32 and weight.device.type == "cpu" and \
+            kernels is not None and kernels.has_gemv_f32() else None
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gemv_f32 is not None and x.dim() == 2 and 0 < x.shape[0] <= GEMV_F32_MAX_ROWS:
+            return self.gemv_f32(x, self.dense, bias)
         if self.packed is None or x.dim() != 2:
             return F.linear(x, self.dense, bias)
         if self.gemv is not None and 0 < x.shape[0] <= GEMV_MAX_ROWS:
