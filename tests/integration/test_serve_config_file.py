@@ -49,7 +49,7 @@ def test_config_validates_against_serves_schema_and_builds():
     preload = malloc.runtime_env("auto")  # jemalloc where installed (make install puts it in the venv)
     assert server.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0, **({"runtime_env": preload} if preload else {})}
     assert server._deployment_config.request_router_config.request_router_class == ROUTER_CLASS
-    assert config.engine == {"model": "smollm2-135m", "dtype": "bfloat16", "tensor_parallel_size": 1,
+    assert config.engine == {"model": "smollm2-135m", "dtype": "auto", "tensor_parallel_size": 1,
                              "num_threads": 2}  # tp=1: the engine gets the replica's 2 CPUs as threads
     with pytest.raises(InvalidConfigError, match="bogus_option"):
         app_builder({**app["args"], "bogus_option": 1})
