@@ -33,7 +33,7 @@ class ModelRunner:
         self.varlen = spec.attention_backend == "triton"  # the Triton kernels read per-sequence metadata
         self.swiftkv = spec.arch.skips_prefill
         # oneDNN matmuls are built per row count: pad 16-bit CPU batches to buckets (padded_rows).
-        # float32 stays unpadded, our exactness reference against transformers.
+        # float32 stays unpadded: MKL builds nothing per row count, and gemv_f32 takes decode batches.
         self.pad_rows = on_cpu and not self.varlen and self.model.lm_head.weight.dtype in (torch.bfloat16,
                                                                                               torch.float16)
         self.kv_caches: list[torch.Tensor] = []
