@@ -68,6 +68,7 @@ class ModelConfig:
     seed: int = 0  # engine seed for requests that give none
     device: str = "auto"  # auto | cpu | cuda; auto picks cuda when present
     use_native_kernels: bool = True  # C++ paged decode attention on CPU, built on first use (torch fallback)
+    gguf_blocks: bool = True  # CPU float32: weights that are exact GGUF Q4_1/Q8_0 values read as those blocks
     swiftkv: bool | None = None  # SwiftKV prefill skipping; None = the checkpoint's own `swiftkv` setting
     swiftkv_params: str | None = None  # SwiftKV parameter file to apply (default for built-ins: the shipped one)
     onednn_cache_capacity: int | None = 64  # CPU: entries in oneDNN's shape-keyed caches (bounds memory); None = 1024
@@ -82,6 +83,7 @@ class ModelConfig:
                      f"must be an integer >= 1, got {self.max_model_len!r}")
         _require(_is_int(self.seed) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
         _require(isinstance(self.use_native_kernels, bool), "use_native_kernels", "must be a bool")
+        _require(isinstance(self.gguf_blocks, bool), "gguf_blocks", f"must be a bool, got {self.gguf_blocks!r}")
         _require(self.swiftkv is None or isinstance(self.swiftkv, bool), "swiftkv", "must be a bool or None")
         _require(self.swiftkv_params is None or (isinstance(self.swiftkv_params, str) and bool(self.swiftkv_params)),
                  "swiftkv_params", "must be a path to a SwiftKV parameter file")

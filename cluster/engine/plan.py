@@ -42,7 +42,7 @@ class EnginePlan:
             max_model_len=self.max_model_len, num_blocks=self.num_blocks, block_size=self.block_size,
             tp_size=config.parallel.tensor_parallel_size, eos_token_ids=self.eos_token_ids,
             device=config.model.resolved_device(), num_threads=config.parallel.num_threads,
-            use_native_kernels=config.model.use_native_kernels,
+            use_native_kernels=config.model.use_native_kernels, gguf_blocks=config.model.gguf_blocks,
             onednn_cache_capacity=config.model.onednn_cache_capacity,
             attention_backend=backend,
             decode_graph_batch=config.scheduler.max_num_seqs if graphs else 0,

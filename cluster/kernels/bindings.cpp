@@ -8,6 +8,8 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<tor
 bool has_gemv_bf16();
 torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);
 bool has_gemv_f32();
+torch::Tensor gemv_q4_1(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, c10::optional<torch::Tensor> bias);
+torch::Tensor gemv_q8_0(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, c10::optional<torch::Tensor> bias);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -18,4 +20,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_gemv_bf16", &has_gemv_bf16, "whether gemv_bf16 was built (AVX512-BF16)");
   m.def("gemv_f32", &gemv_f32, "y = x W^T (+ b) for a few float32 rows, each weight read once (CPU, AVX2 + FMA)");
   m.def("has_gemv_f32", &has_gemv_f32, "whether gemv_f32 was built (AVX2 + FMA)");
+  m.def("gemv_q4_1", &gemv_q4_1, "gemv_f32 over a weight held as GGUF Q4_1 blocks, decoded exactly (CPU, AVX2)");
+  m.def("gemv_q8_0", &gemv_q8_0, "gemv_f32 over a weight held as GGUF Q8_0 blocks, decoded exactly (CPU, AVX2)");
 }

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -26,11 +27,12 @@ static inline float reduce8(__m256 v) {
 }
 
 // R output rows by MC activation rows: R * MC accumulators (<= 12 of AVX2's 16 registers).
-// ``prefetch``: the first pass over these weight rows asks for the rows after them; later passes
-// (the next activation rows) find them in L1.
+// ``w`` points at the first of the R weight rows (``k_size`` floats apart). ``ahead``, when not null,
+// points at the rows to prefetch (the first pass over these rows; later passes, the next activation
+// rows, find them in L1).
 template <int R, int MC>
-static void gemv_block(const float* x, const float* w, const float* bias, float* y, int64_t k_size, int64_t n_size,
-                       int64_t n, bool prefetch) {
+static void gemv_block(const float* x, const float* w, const float* ahead, const float* bias, float* y,
+                       int64_t k_size, int64_t n_size, int64_t n) {
   const int64_t k_full = k_size / 8 * 8;
   __m256 acc[R][MC];
   for (int r = 0; r < R; ++r)
@@ -38,8 +40,8 @@ static void gemv_block(const float* x, const float* w, const float* bias, float*
   for (int64_t k = 0; k < k_full; k += 8) {
     __m256 wv[R];
     for (int r = 0; r < R; ++r) {
-      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + (n + r + 2 * R) * k_size + k), _MM_HINT_T0);
-      wv[r] = _mm256_loadu_ps(w + (n + r) * k_size + k);
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * k_size + k), _MM_HINT_T0);
+      wv[r] = _mm256_loadu_ps(w + r * k_size + k);
     }
     for (int m = 0; m < MC; ++m) {
       const __m256 xv = _mm256_loadu_ps(x + m * k_size + k);
@@ -49,34 +51,62 @@ static void gemv_block(const float* x, const float* w, const float* bias, float*
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < MC; ++m) {
       float sum = reduce8(acc[r][m]);
-      for (int64_t k = k_full; k < k_size; ++k) sum += w[(n + r) * k_size + k] * x[m * k_size + k];
+      for (int64_t k = k_full; k < k_size; ++k) sum += w[r * k_size + k] * x[m * k_size + k];
       y[m * n_size + n + r] = sum + (bias ? bias[n + r] : 0.f);
     }
   }
 }
 
-// Output rows [n0, n1) for all m_size activation rows: each block of R weight rows is read from
-// memory once and used for every activation row, four at a time.
+// Rows [n, n + R) of the output for all m_size activation rows, from R weight rows at ``w``: the
+// block is read once and used for every activation row, four at a time.
 template <int R>
-static void gemv_rows(const float* x, const float* w, const float* bias, float* y, int64_t m_size, int64_t k_size,
-                      int64_t n_size, int64_t n0, int64_t n1) {
-  auto block = [&](auto rows, int64_t n) {
-    constexpr int kR = decltype(rows)::value;
-    for (int64_t m = 0; m < m_size; m += 4) {
-      const float* xm = x + m * k_size;
-      float* ym = y + m * n_size;
-      const bool first = m == 0;
-      switch (std::min<int64_t>(4, m_size - m)) {
-        case 1: gemv_block<kR, 1>(xm, w, bias, ym, k_size, n_size, n, first); break;
-        case 2: gemv_block<kR, 2>(xm, w, bias, ym, k_size, n_size, n, first); break;
-        case 3: gemv_block<kR, 3>(xm, w, bias, ym, k_size, n_size, n, first); break;
-        default: gemv_block<kR, 4>(xm, w, bias, ym, k_size, n_size, n, first); break;
-      }
+static void gemv_rows_block(const float* x, const float* w, const float* ahead, const float* bias, float* y,
+                            int64_t m_size, int64_t k_size, int64_t n_size, int64_t n) {
+  for (int64_t m = 0; m < m_size; m += 4) {
+    const float* xm = x + m * k_size;
+    float* ym = y + m * n_size;
+    const float* pf = m == 0 ? ahead : nullptr;
+    switch (std::min<int64_t>(4, m_size - m)) {
+      case 1: gemv_block<R, 1>(xm, w, pf, bias, ym, k_size, n_size, n); break;
+      case 2: gemv_block<R, 2>(xm, w, pf, bias, ym, k_size, n_size, n); break;
+      case 3: gemv_block<R, 3>(xm, w, pf, bias, ym, k_size, n_size, n); break;
+      default: gemv_block<R, 4>(xm, w, pf, bias, ym, k_size, n_size, n); break;
     }
-  };
+  }
+}
+
+// Output rows [n0, n1) for all m_size activation rows, R weight rows at a time; ``rows_at(n, r,
+// scratch)`` gives a pointer to weight rows [n, n + r) (the plain weight, or rows decoded into
+// ``scratch``), and ``ahead_of(n, r)`` the rows to prefetch while reading them (or null).
+template <int R, typename RowsAt, typename AheadOf>
+static void gemv_span(const float* x, const float* bias, float* y, int64_t m_size, int64_t k_size,
+                      int64_t n_size, int64_t n0, int64_t n1, RowsAt rows_at, AheadOf ahead_of, float* scratch) {
   int64_t n = n0;
-  for (; n + R <= n1; n += R) block(std::integral_constant<int, R>{}, n);
-  for (; n < n1; ++n) block(std::integral_constant<int, 1>{}, n);
+  for (; n + R <= n1; n += R)
+    gemv_rows_block<R>(x, rows_at(n, R, scratch), ahead_of(n, R), bias, y, m_size, k_size, n_size, n);
+  for (; n < n1; ++n)
+    gemv_rows_block<1>(x, rows_at(n, 1, scratch), ahead_of(n, 1), bias, y, m_size, k_size, n_size, n);
+}
+
+// Splits the n_size output rows over torch's intra-op threads in spans of 12 (a multiple of every
+// block height) and runs each span with 4 weight rows per block for 1-2 activation rows, else 3.
+// ``scratch_floats`` per thread are handed to ``rows_at`` (0 for the plain weight).
+template <typename RowsAt, typename AheadOf>
+static void gemv_parallel(const float* x, const float* bias, float* y, int64_t m_size, int64_t k_size,
+                          int64_t n_size, RowsAt rows_at, AheadOf ahead_of, int64_t scratch_floats) {
+  auto rows = [&](int64_t n0, int64_t n1) {
+    std::vector<float> scratch(scratch_floats);
+    if (m_size <= 2) gemv_span<4>(x, bias, y, m_size, k_size, n_size, n0, n1, rows_at, ahead_of, scratch.data());
+    else gemv_span<3>(x, bias, y, m_size, k_size, n_size, n0, n1, rows_at, ahead_of, scratch.data());
+  };
+  const int64_t spans = n_size / 12;
+  if (spans == 0) {
+    rows(0, n_size);
+  } else {
+    at::parallel_for(0, spans, 8, [&](int64_t a, int64_t b) {
+      rows(a * 12, b == spans ? n_size : b * 12);  // the last chunk takes the rows past the last span
+    });
+  }
 }
 
 bool has_gemv_f32() { return true; }
@@ -96,20 +126,100 @@ at::Tensor gemv_f32(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> b
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  auto rows = [&](int64_t n0, int64_t n1) {  // 4 weight rows per block for 1-2 activation rows, else 3
-    if (m_size <= 2) gemv_rows<4>(xp, wp, bp, yp, m_size, k_size, n_size, n0, n1);
-    else gemv_rows<3>(xp, wp, bp, yp, m_size, k_size, n_size, n0, n1);
-  };
-  // Threads split the output rows in spans of 12 (a multiple of every block height).
-  const int64_t spans = n_size / 12;
-  if (spans == 0) {
-    rows(0, n_size);
-  } else {
-    at::parallel_for(0, spans, 8, [&](int64_t a, int64_t b) {
-      rows(a * 12, b == spans ? n_size : b * 12);  // the last chunk takes the rows past the last span
-    });
-  }
+  gemv_parallel(xp, bp, yp, m_size, k_size, n_size,
+                [&](int64_t n, int, float*) { return wp + n * k_size; },
+                [&](int64_t n, int r) { return wp + std::min(n + 2 * r, n_size - r) * k_size; }, 0);
   return y;
+}
+
+// ---- Weights held as GGUF blocks (cluster/model/layers/gguf_blocks.py) ----------------------------
+// A weight whose float32 values are exactly a GGUF Q4_1 or Q8_0 dequantisation (a model converted
+// from such a file) is held as those blocks: 32 weights of a row share a scale (and, for Q4_1, a
+// minimum). Each block of R rows is decoded into a per-thread scratch, to the very float32 values
+// the plain weight holds (gguf's own arithmetic: Q4_1 d * q + m, two roundings; Q8_0 d * q), and
+// then runs through the same loop as the plain weight: outputs are bit-identical to gemv_f32 over
+// the decoded weight, and a decode step reads 5 (Q4_1) or 8.5 (Q8_0) bits a weight instead of 32.
+
+// Keeps the compiler (-ffast-math) from fusing a product into the add that follows it: the decode
+// must round the product before adding, as gguf's numpy dequantisation does.
+static inline __m256 rounded(__m256 v) {
+  asm volatile("" : "+x"(v));
+  return v;
+}
+
+// Q4_1: per block, scales [d, m] (float32) and 16 bytes; byte j holds weight j in its low nibble and
+// weight j + 16 in its high one.
+static void decode_q4_1_rows(const uint8_t* qs, const float* scales, int64_t blocks, int rows, float* out) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks * rows; ++b) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + b * 16));
+    const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+    const __m256 d = _mm256_set1_ps(scales[2 * b]), m = _mm256_set1_ps(scales[2 * b + 1]);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; ++i) {
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+      _mm256_storeu_ps(out + b * 32 + i * 8, _mm256_add_ps(rounded(_mm256_mul_ps(d, q)), m));
+    }
+  }
+}
+
+// Q8_0: per block, a scale d (float32) and 32 signed bytes.
+static void decode_q8_0_rows(const int8_t* qs, const float* scales, int64_t blocks, int rows, float* out) {
+  for (int64_t b = 0; b < blocks * rows; ++b) {
+    const __m256 d = _mm256_set1_ps(scales[b]);
+    for (int i = 0; i < 4; ++i) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + b * 32 + i * 8));
+      _mm256_storeu_ps(out + b * 32 + i * 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw))));
+    }
+  }
+}
+
+static void check_blocks(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t bytes,
+                         int64_t scale_floats, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, name, ": x must be float32 [M, K]");
+  TORCH_CHECK(qs.dim() == 3 && qs.size(2) == bytes && qs.size(1) * 32 == x.size(1), name,
+              ": qs must be [N, K / 32, ", bytes, "]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == qs.size(0) * qs.size(1) * scale_floats,
+              name, ": scales must be float32 with ", scale_floats, " per block");
+  TORCH_CHECK(qs.is_contiguous() && scales.is_contiguous(), name, ": blocks must be contiguous");
+}
+
+template <typename Decode>
+static at::Tensor gemv_blocks(at::Tensor x, const at::Tensor& qs, std::optional<at::Tensor> bias, Decode decode) {
+  x = x.contiguous();
+  const int64_t m_size = x.size(0), k_size = x.size(1), n_size = qs.size(0), blocks = qs.size(1);
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) bias_c = bias->to(at::kFloat).contiguous();
+  auto y = at::empty({m_size, n_size}, x.options());
+  if (m_size == 0) return y;
+  gemv_parallel(x.data_ptr<float>(), bias_c.defined() ? bias_c.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                m_size, k_size, n_size,
+                [&](int64_t n, int r, float* scratch) {
+                  decode(n, blocks, r, scratch);
+                  return static_cast<const float*>(scratch);
+                },
+                [](int64_t, int) { return static_cast<const float*>(nullptr); }, 4 * k_size);
+  return y;
+}
+
+at::Tensor gemv_q4_1(at::Tensor x, at::Tensor qs, at::Tensor scales, std::optional<at::Tensor> bias) {
+  check_blocks(x, qs, scales, 16, 2, "gemv_q4_1");
+  TORCH_CHECK(qs.scalar_type() == at::kByte, "gemv_q4_1: qs must be uint8");
+  const uint8_t* q = qs.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  return gemv_blocks(x, qs, bias, [&](int64_t n, int64_t blocks, int r, float* out) {
+    decode_q4_1_rows(q + n * blocks * 16, s + n * blocks * 2, blocks, r, out);
+  });
+}
+
+at::Tensor gemv_q8_0(at::Tensor x, at::Tensor qs, at::Tensor scales, std::optional<at::Tensor> bias) {
+  check_blocks(x, qs, scales, 32, 1, "gemv_q8_0");
+  TORCH_CHECK(qs.scalar_type() == at::kChar, "gemv_q8_0: qs must be int8");
+  const int8_t* q = qs.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  return gemv_blocks(x, qs, bias, [&](int64_t n, int64_t blocks, int r, float* out) {
+    decode_q8_0_rows(q + n * blocks * 32, s + n * blocks, blocks, r, out);
+  });
 }
 
 #else
@@ -118,6 +228,14 @@ bool has_gemv_f32() { return false; }
 
 at::Tensor gemv_f32(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias) {
   TORCH_CHECK(false, "gemv_f32: built without AVX2/FMA");
+}
+
+at::Tensor gemv_q4_1(at::Tensor x, at::Tensor qs, at::Tensor scales, std::optional<at::Tensor> bias) {
+  TORCH_CHECK(false, "gemv_q4_1: built without AVX2/FMA");
+}
+
+at::Tensor gemv_q8_0(at::Tensor x, at::Tensor qs, at::Tensor scales, std::optional<at::Tensor> bias) {
+  TORCH_CHECK(false, "gemv_q8_0: built without AVX2/FMA");
 }
 
 #endif

@@ -4,7 +4,8 @@
   CPU attention needs each context gathered into a contiguous copy first).
 - ``rms_norm``: fused residual add + RMSNorm.
 - ``gemv_bf16``: decode-sized bfloat16 linears (1-4 rows), where AVX512-BF16 is there.
-- ``gemv_f32``: decode-sized float32 linears (1-4 rows), where AVX2 + FMA are there.
+- ``gemv_f32``: decode-sized float32 linears (up to 48 rows), where AVX2 + FMA are there; and
+  ``gemv_q4_1`` / ``gemv_q8_0``, the same loop over a weight held as exact GGUF blocks.
 - ``rotary_``: RoPE in place, one pass.
 
 They are built with the machine's C++ compiler through torch.utils.cpp_extension on first

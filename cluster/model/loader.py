@@ -46,10 +46,13 @@ def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtyp
     return model.eval()
 
 
-def finalize_weights(model: torch.nn.Module, kernels=None) -> None:
-    """Let layers prepare their loaded weights for the device (pack for oneDNN, pick native kernels)."""
+def finalize_weights(model: torch.nn.Module, kernels=None, gguf_blocks: bool = False) -> None:
+    """Let layers prepare their loaded weights for the device (pack for oneDNN, pick native kernels;
+    ``gguf_blocks``: linears whose float32 weights are exact GGUF blocks keep those, see PackedWeight)."""
     for module in model.modules():
-        if hasattr(module, "finalize_weights"):
+        if hasattr(module, "_matmul"):  # the linears and the LM head: they hold a PackedWeight
+            module.finalize_weights(kernels, gguf_blocks=gguf_blocks)
+        elif hasattr(module, "finalize_weights"):
             module.finalize_weights(kernels)
 
 

@@ -28,7 +28,8 @@ class ModelRunner:
         self.model = load_model(spec.model_path, spec.arch, spec.max_model_len, tp, spec.dtype).to(self.device)
         on_cpu = self.device.type == "cpu"
         self.kernels = _load_cpu_kernels() if spec.use_native_kernels and on_cpu else None
-        finalize_weights(self.model, self.kernels)  # after the move: packing is device-specific
+        # after the move: packing is device-specific
+        finalize_weights(self.model, self.kernels, gguf_blocks=spec.gguf_blocks)
         self.spec = spec
         self.varlen = spec.attention_backend == "triton"  # the Triton kernels read per-sequence metadata
         self.swiftkv = spec.arch.skips_prefill

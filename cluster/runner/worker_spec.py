@@ -20,6 +20,7 @@ class WorkerSpec:
     device: str = "cpu"  # cpu | cuda
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     use_native_kernels: bool = True  # compile and use cluster/kernels on CPU (falls back to torch)
+    gguf_blocks: bool = True  # decode-sized float32 matmuls read exact GGUF blocks (layers/gguf_blocks.py)
     onednn_cache_capacity: int | None = 64  # oneDNN's primitive caches, in entries (CPU); None = its default
     attention_backend: str = "torch"  # torch | triton (resolved: see ModelConfig.attention_backend)
     decode_graph_batch: int = 0  # capture CUDA graphs of decode steps up to this batch (0: eager; see plan)

@@ -60,6 +60,22 @@ def llm(smollm2_path) -> LLM:
     return LLM(smollm2_path, num_threads=NUM_THREADS, num_blocks=NUM_BLOCKS)
 
 
+def test_smollm2_decodes_from_its_gguf_blocks(llm):
+    """SmolLM2's linears are Q4_1 and its tied embedding Q8_0 in the GGUF file: on a CPU with the
+    native GEMV the engine holds them as those blocks, so every greedy check here runs through them."""
+    from cluster.kernels.loader import load
+    from cluster.model.layers.packed_weight import PackedWeight
+
+    kernels = load()
+    if kernels is None or not kernels.has_gemv_f32():
+        pytest.skip("no native float32 GEMV on this CPU: the dense path runs")
+    model = llm.engine.executor.worker.runner.model
+    packed = [m._matmul for m in model.modules() if isinstance(getattr(m, "_matmul", None), PackedWeight)]
+    assert len(packed) == 30 * 4 + 1  # qkv, o, gate_up, down in each layer, and the LM head
+    assert all(p.blocks is not None for p in packed)
+    assert {p.blocks.kind for p in packed} == {"q4_1", "q8_0"}
+
+
 def test_prompts_cover_the_intended_cases(smollm2_prompts, smollm2_references):
     assert len(smollm2_prompts) >= 8
     assert len(smollm2_prompts["long"]) > 1024  # longer than the default per-step token budget

@@ -231,3 +231,68 @@ def test_batches_padded_to_row_buckets_give_the_unpadded_tokens(tiny_llama_dir):
     assert llm.engine.executor.worker.runner.pad_rows
     bf16 = LLM(model=tiny_llama_dir("llama_untied"), dtype="bfloat16", block_size=4, max_num_batched_tokens=40)
     assert bf16.engine.executor.worker.runner.pad_rows
+
+
+def _gguf_weight(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
+    import gguf
+    import numpy as np
+
+    qtype = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).copy())
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows, out_features, in_features", [
+    (1, 960, 576), (2, 3072, 576), (3, 576, 1536), (4, 4096, 576),  # SmolLM2's linears at decode rows
+    (5, 576, 1536), (33, 3072, 576), (48, 960, 576),  # batches
+    (1, 3, 64), (7, 13, 32), (2, 25, 96),  # fewer outputs than a block of rows; one-block rows
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_over_gguf_blocks_is_bit_identical_to_the_dense_weight(kernel, kind, rows, out_features, in_features,
+                                                                     with_bias):
+    from cluster.model.layers.gguf_blocks import recover
+
+    if not kernel.has_gemv_f32():
+        pytest.skip("this CPU has no AVX2/FMA")
+    weight = _gguf_weight(kind, out_features, in_features, seed=rows + out_features)
+    blocks = recover(weight)
+    assert blocks is not None and blocks.kind == kind
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen) if with_bias else None
+    gemv = kernel.gemv_q4_1 if kind == "q4_1" else kernel.gemv_q8_0
+    got = gemv(x, blocks.qs, blocks.scales, b)
+    assert torch.equal(got, kernel.gemv_f32(x, weight, b))  # decoded to the same floats, summed the same way
+    assert gemv(x[:0], blocks.qs, blocks.scales, b).shape == (0, out_features)
+
+
+def test_gemv_over_gguf_blocks_rejects_mismatched_shapes(kernel):
+    from cluster.model.layers.gguf_blocks import recover
+
+    if not kernel.has_gemv_f32():
+        pytest.skip("this CPU has no AVX2/FMA")
+    blocks = recover(_gguf_weight("q4_1", 8, 64, seed=1))
+    with pytest.raises(RuntimeError, match="qs must be"):
+        kernel.gemv_q4_1(torch.randn(2, 96), blocks.qs, blocks.scales, None)
+    with pytest.raises(RuntimeError, match="uint8"):
+        kernel.gemv_q4_1(torch.randn(2, 64), blocks.qs.view(torch.int8), blocks.scales, None)
+    with pytest.raises(RuntimeError, match="scales"):
+        kernel.gemv_q4_1(torch.randn(2, 64), blocks.qs, blocks.scales[:4], None)
+
+
+def test_linear_holds_exact_gguf_weights_as_blocks_for_decode_rows(kernel):
+    from cluster.model.layers.packed_weight import GEMV_F32_MAX_ROWS, PackedWeight
+
+    if not kernel.has_gemv_f32():
+        pytest.skip("this CPU has no AVX2/FMA")
+    weight = _gguf_weight("q4_1", 960, 576, seed=3)
+    packed = PackedWeight(weight, kernel, gguf_blocks=True)
+    assert packed.blocks is not None and packed.blocks.kind == "q4_1"
+    dense = PackedWeight(weight, kernel)  # gguf_blocks off: the float32 weight
+    assert dense.blocks is None
+    for rows in (1, 5, GEMV_F32_MAX_ROWS, GEMV_F32_MAX_ROWS + 1):
+        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(packed.linear(x), dense.linear(x))
+    assert PackedWeight(torch.randn(960, 576), kernel, gguf_blocks=True).blocks is None  # not blocks: dense
+    assert PackedWeight(weight, None, gguf_blocks=True).blocks is None  # native kernels off

@@ -41,9 +41,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     _matmul: PackedWeight | None = None
 
-    def finalize_weights(self, kernels=None) -> None:
+    def finalize_weights(self, kernels=None, gguf_blocks: bool = False) -> None:
         """Called once after loading (and after tying): pack the weight for the CPU matmul library."""
-        self._matmul = PackedWeight(self.weight, kernels)
+        self._matmul = PackedWeight(self.weight, kernels, gguf_blocks)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Return float32 logits [N, vocab_size] on rank 0, None on other ranks."""

@@ -32,9 +32,9 @@ class ColumnParallelLinear(nn.Module):
             p.weight_loader = self.weight_loader
         self._matmul: PackedWeight | None = None
 
-    def finalize_weights(self, kernels=None) -> None:
+    def finalize_weights(self, kernels=None, gguf_blocks: bool = False) -> None:
         """Called once after loading: pack the weight for the CPU matmul library."""
-        self._matmul = PackedWeight(self.weight, kernels)
+        self._matmul = PackedWeight(self.weight, kernels, gguf_blocks)
 
     def weight_loader(self, param: nn.Parameter, source, shard_id=None) -> None:
         n = param.shape[0]
@@ -133,9 +133,9 @@ class RowParallelLinear(nn.Module):
             p.weight_loader = self.weight_loader
         self._matmul: PackedWeight | None = None
 
-    def finalize_weights(self, kernels=None) -> None:
+    def finalize_weights(self, kernels=None, gguf_blocks: bool = False) -> None:
         """Called once after loading: pack the weight for the CPU matmul library."""
-        self._matmul = PackedWeight(self.weight, kernels)
+        self._matmul = PackedWeight(self.weight, kernels, gguf_blocks)
 
     def weight_loader(self, param: nn.Parameter, source, shard_id=None) -> None:
         if param.dim() == 1:  # the bias is added once, after the reduction

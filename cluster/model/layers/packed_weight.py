@@ -9,13 +9,19 @@ path sums in a different order, about 1e-6 relative): prefill-sized float32 inpu
 reads each weight once for all rows at close to the memory's bandwidth where MKL's small-M
 float32 GEMM reached a quarter of it (float32 is what AVX2-only CPUs run). Its sums run in its own
 fixed order, the same for a row whatever the batch; the float32 greedy checks against
-transformers hold with it. GPUs use ``F.linear``.
+transformers hold with it. A float32 weight whose values are exactly GGUF Q4_1 / Q8_0 blocks (a
+model converted from a quantised GGUF file, as SmolLM2 is) is also held as those blocks
+(``gguf_blocks.recover``): decode-sized inputs then read 5 or 8.5 bits a weight instead of 32 and
+get the very same outputs (``gemv_q4_1`` / ``gemv_q8_0`` decode the blocks to the dense values and
+run the ``gemv_f32`` loop). GPUs use ``F.linear``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from cluster.model.layers import gguf_blocks as gguf
 
 _PACKABLE_DTYPES = (torch.bfloat16,)
 
@@ -45,16 +51,21 @@ class PackedWeight:
     oneDNN's by a rounding step.
     """
 
-    def __init__(self, weight: torch.Tensor, kernels=None):
+    def __init__(self, weight: torch.Tensor, kernels=None, gguf_blocks: bool = False):
         self.dense = weight
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach()) if can_pack(weight) else None
         self.gemv = kernels.gemv_bf16 if self.packed is not None and kernels is not None and \
             kernels.has_gemv_bf16() else None
         self.gemv_f32 = kernels.gemv_f32 if weight.dtype == torch.float32 and weight.device.type == "cpu" and \
             kernels is not None and kernels.has_gemv_f32() else None
+        self.blocks = gguf.recover(weight) if gguf_blocks and self.gemv_f32 is not None else None
+        if self.blocks is not None:
+            self.gemv_blocks = kernels.gemv_q4_1 if self.blocks.kind == "q4_1" else kernels.gemv_q8_0
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.gemv_f32 is not None and x.dim() == 2 and 0 < x.shape[0] <= GEMV_F32_MAX_ROWS:
+            if self.blocks is not None:
+                return self.gemv_blocks(x, self.blocks.qs, self.blocks.scales, bias)
             return self.gemv_f32(x, self.dense, bias)
         if self.packed is None or x.dim() != 2:
             return F.linear(x, self.dense, bias)
