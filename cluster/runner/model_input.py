@@ -34,6 +34,11 @@ def padded_rows(n: int) -> int:
 # Decodes are grouped by context length so padding wastes little gather and attention work:
 # a group closes when its longest context would exceed this many times its shortest.
 DECODE_GROUP_SPREAD = 1.5
+# Prefill chunks of up to this many tokens attend as decode rows through the native decode kernel
+# (CPU): a 34-token SmolLM2 prompt's attention, K/V write included, took 260 us a layer with torch's
+# flash attention (its fixed costs) and 115 with the kernel (AVX2 EPYC). Past this the chunk's rows
+# re-read the context once each, and flash's tiles win.
+SMALL_PREFILL_ROWS = 64
 
 
 @dataclass
@@ -86,12 +91,14 @@ def build_model_input(out: SchedulerOutput, block_size: int, device: torch.devic
             [(seq.num_tokens, seq.context_length, seq.block_ids) for seq in decodes + prefills], len(decodes),
             block_size, device))
     else:
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping,
-            decodes=_decode_groups(decodes, block_size, device, spread=None if decode_kernel else DECODE_GROUP_SPREAD),
-            prefills=[_prefill_chunk(seq, start, block_size, device) for seq, start in zip(prefills, prefill_starts)],
-            decode_kernel=decode_kernel,
-        )
+        groups = _decode_groups(decodes, block_size, device, spread=None if decode_kernel else DECODE_GROUP_SPREAD)
+        chunks = []
+        for seq, start in zip(prefills, prefill_starts):
+            if decode_kernel is not None and not swiftkv and seq.num_tokens <= SMALL_PREFILL_ROWS:
+                groups.append(_decode_group(_chunk_rows(seq), start, block_size, device))
+            else:
+                chunks.append(_prefill_chunk(seq, start, block_size, device))
+        meta = AttentionMetadata(slot_mapping=slot_mapping, decodes=groups, prefills=chunks, decode_kernel=decode_kernel)
     tail = None
     if swiftkv:
         tail, logits_rows = _tail_batch(decodes, prefills, prefill_starts, meta, logits_rows, block_size, device,
@@ -181,6 +188,14 @@ def _decode_rows(seq: ScheduledSequence) -> list[ScheduledSequence]:
         return [seq]
     return [replace(seq, token_ids=[token], start_position=seq.start_position + j, needs_sample=True,
                     num_draft_tokens=0) for j, token in enumerate(seq.token_ids)]
+
+
+def _chunk_rows(seq: ScheduledSequence) -> list[ScheduledSequence]:
+    """A short prefill chunk as one decode row per token, row j seeing the context up to its own
+    position (the chunk's K/V is written before any row attends): the native decode kernel reads it
+    in place, causal by construction. Attention metadata only: sampling keeps the chunk's rows."""
+    return [replace(seq, token_ids=[token], start_position=seq.start_position + j, num_draft_tokens=0)
+            for j, token in enumerate(seq.token_ids)]
 
 
 def _decode_groups(decodes: list[ScheduledSequence], block_size: int, device,

@@ -75,3 +75,36 @@ def test_chunk_shapes_are_multiples_of_the_quantum():
     assert (exact.padded_tokens, exact.split, exact.causal_rows) == (10, 37, 10)
     plain = prefill_chunk(3, 10, 0, None, 32)
     assert plain.padded_tokens == 32 and plain.split == 0
+
+
+@pytest.mark.parametrize("start,tokens", [(0, 1), (0, 34), (5, 12), (40, 64), (17, 65), (0, 200)])
+def test_short_chunks_attend_as_decode_rows_through_the_native_kernel(start, tokens):
+    """With the native decode kernel, a prefill chunk of up to SMALL_PREFILL_ROWS tokens becomes one
+    decode row per token (row j sees the context up to its own position); longer ones stay chunks.
+    Either way the result is causal attention over the whole context."""
+    from cluster.contracts.scheduler_output import ScheduledSequence, SchedulerOutput
+    from cluster.kernels.loader import load
+    from cluster.runner.model_input import SMALL_PREFILL_ROWS, build_model_input
+
+    kernel = load()
+    if kernel is None:
+        pytest.skip("the native CPU kernels did not build here")
+    torch.manual_seed(start + tokens)
+    ctx = start + tokens
+    blocks = torch.randperm(NB)[: -(-ctx // BS)].tolist()
+    seq = ScheduledSequence("r", list(range(tokens)), start, blocks, needs_sample=True, is_prefill=True)
+    model_input = build_model_input(SchedulerOutput([seq]), BS, torch.device("cpu"), decode_kernel=kernel)
+    meta = model_input.meta
+    if tokens <= SMALL_PREFILL_ROWS:
+        assert not meta.prefills and len(meta.decodes) == 1
+        group = meta.decodes[0]
+        assert group.token_start == 0 and group.num_seqs == tokens
+        assert group.context_lens.tolist() == list(range(start + 1, ctx + 1))
+    else:
+        assert not meta.decodes and len(meta.prefills) == 1
+    assert model_input.logits_indices.tolist() == [tokens - 1]  # sampling still takes the chunk's last row
+    cache = torch.randn(2, HKV, NB, BS, D)
+    q, k, v = torch.randn(tokens, HQ, D), torch.randn(tokens, HKV, D), torch.randn(tokens, HKV, D)
+    got = PagedAttention(HQ, HKV, D)(q, k, v, cache, meta)  # writes the chunk's K/V first, then attends
+    table = torch.tensor(blocks)
+    torch.testing.assert_close(got.double(), _reference(q, cache, start, table, None, None), rtol=1e-5, atol=1e-5)
