@@ -282,7 +282,7 @@ def test_gemv_over_gguf_blocks_rejects_mismatched_shapes(kernel):
 
 
 def test_linear_holds_exact_gguf_weights_as_blocks_for_decode_rows(kernel):
-    from cluster.model.layers.packed_weight import GEMV_F32_MAX_ROWS, PackedWeight
+    from cluster.model.layers.packed_weight import GEMV_F32_MAX_ROWS, GGUF_BLOCKS_MAX_ROWS, PackedWeight
 
     if not kernel.has_gemv_f32():
         pytest.skip("this CPU has no AVX2/FMA")
@@ -291,8 +291,12 @@ def test_linear_holds_exact_gguf_weights_as_blocks_for_decode_rows(kernel):
     assert packed.blocks is not None and packed.blocks.kind == "q4_1"
     dense = PackedWeight(weight, kernel)  # gguf_blocks off: the float32 weight
     assert dense.blocks is None
-    for rows in (1, 5, GEMV_F32_MAX_ROWS, GEMV_F32_MAX_ROWS + 1):
+    calls = []
+    gemv_blocks = packed.gemv_blocks
+    packed.gemv_blocks = lambda x, qs, scales, b: calls.append(x.shape[0]) or gemv_blocks(x, qs, scales, b)
+    for rows in (1, 5, GGUF_BLOCKS_MAX_ROWS, GGUF_BLOCKS_MAX_ROWS + 1, GEMV_F32_MAX_ROWS, GEMV_F32_MAX_ROWS + 1):
         x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
         assert torch.equal(packed.linear(x), dense.linear(x))
+    assert calls == [1, 5, GGUF_BLOCKS_MAX_ROWS]  # larger batches: the dense loop, as fast there
     assert PackedWeight(torch.randn(960, 576), kernel, gguf_blocks=True).blocks is None  # not blocks: dense
     assert PackedWeight(weight, None, gguf_blocks=True).blocks is None  # native kernels off
