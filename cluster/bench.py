@@ -196,7 +196,8 @@ def _bench_engine(args, work: Workload, single_ids: list[int], burst: Workload |
     from cluster.bench_vllm import KV_CACHE_GIB
 
     # vLLM's KV budget on ours too: in float32 our 1 GiB default holds half the workload at once
-    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, kv_cache_memory_bytes=KV_CACHE_GIB << 30)
+    llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, kv_cache_memory_bytes=KV_CACHE_GIB << 30,
+              gguf_blocks=not args.dense_weights)
     engine_single_stream(llm, single_ids)  # warm-up
     engine_throughput(llm, Workload(work.prompts[:4], [16] * 4))
     tput = [engine_throughput(llm, work) for _ in range(args.repeats)]
@@ -286,7 +287,8 @@ def run_bench(args) -> int:
     print(f"CPU: {cpu_summary()}")
     print(f"workload: {len(work.prompts)} requests, {sum(map(len, work.prompts))} prompt tokens, "
           f"{work.num_output_tokens} output tokens; dtype {args.dtype}; single-stream prompt "
-          f"{len(single_ids)} tokens, {SINGLE_STREAM_TOKENS} new tokens")
+          f"{len(single_ids)} tokens, {SINGLE_STREAM_TOKENS} new tokens; our weights: "
+          f"{'dense' if args.dense_weights else 'GGUF blocks where exact (decode-sized matmuls)'}")
     if args.against == "vllm":
         burst = make_burst_workload(args.burst_requests, arch.vocab_size, args.seed + 1)
         print(f"prefill-heavy burst: {len(burst.prompts)} requests at once, {sum(map(len, burst.prompts))} prompt "

@@ -48,6 +48,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--burst-requests", type=int, default=16,
                    help="with --against vllm: requests in the prefill-heavy burst (1-1.8k-token prompts, 10:1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense-weights", action="store_true",
+                   help="hold every weight as dense floats (no GGUF blocks; the same outputs, more bytes a step)")
     p.add_argument("--server", default=None, metavar="HOST:PORT",
                    help="instead: sweep 1/8/32/64 gRPC streams against a running server")
     p.add_argument("--application", default="llm-cluster", help="with --server: the Serve application")

@@ -68,3 +68,23 @@ def test_a_column_shard_on_block_boundaries_keeps_its_blocks():
     shard = weight[:, 288:].contiguous()  # the second rank's half of a row-parallel weight
     blocks = recover(shard)
     assert isinstance(blocks, GGUFBlocks) and torch.equal(blocks.dequantize(), shard)
+
+
+def test_bench_runs_our_engine_with_or_without_gguf_blocks(monkeypatch):
+    """`llm-cluster bench --dense-weights` gives the same comparison with every weight held dense."""
+    import cluster.bench as bench
+    from cluster.cli import main
+
+    seen = []
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen.append(kwargs["gguf_blocks"])
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr("cluster.LLM", FakeLLM)
+    monkeypatch.setattr(bench, "run_bench", lambda args: bench._bench_engine(args, None, []))
+    for argv, blocks in ((["bench", "--skip-hf"], True), (["bench", "--skip-hf", "--dense-weights"], False)):
+        with pytest.raises(RuntimeError, match="stop here"):
+            main(argv)
+        assert seen[-1] is blocks
