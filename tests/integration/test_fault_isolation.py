@@ -18,6 +18,7 @@ import torch
 from cluster import LLM, EngineDeadError, SamplingParams
 from cluster.engine.async_engine import AsyncLLMEngine
 from cluster.errors import RequestFailedError
+from cluster.runner import model_input
 from cluster.swiftkv.checkpoint import save_params
 from tests.conftest import NUM_THREADS, assert_no_leak
 from tests.fault_models import (
@@ -83,7 +84,11 @@ def test_a_poisoned_prompt_ends_alone_and_the_batch_keeps_its_tokens(poisoned_di
     assert_no_leak(llm)
 
 
-def test_a_decode_kernel_fault_ends_only_the_request_whose_shape_triggers_it(tiny_llama_dir, reference):
+def test_a_decode_kernel_fault_ends_only_the_request_whose_shape_triggers_it(tiny_llama_dir, reference,
+                                                                             monkeypatch):
+    # Prompts attend through flash attention here (short chunks would take the decode kernel too, and
+    # every prompt of 6 tokens or more has a row at a 6-token context): only decodes meet the fault.
+    monkeypatch.setattr(model_input, "SMALL_PREFILL_ROWS", 0)
     llm = LLM(tiny_llama_dir("llama_tied"), dtype="float32", num_threads=NUM_THREADS, block_size=4)
     runner = llm.engine.executor.worker.runner
     if runner.kernels is None:
@@ -96,6 +101,25 @@ def test_a_decode_kernel_fault_ends_only_the_request_whose_shape_triggers_it(tin
     assert victim.finish_reason == "error" and "decode kernel fault" in outs[2].error
     assert victim.token_ids == reference[2][:2]
     assert tokens(outs[:2] + outs[3:]) == reference[:2] + reference[3:]
+    assert_no_leak(llm)
+
+
+def test_a_decode_kernel_fault_in_a_short_prompt_ends_only_that_prompt(tiny_llama_dir, reference):
+    """Short prompts attend as decode rows through the same kernel (SMALL_PREFILL_ROWS): a fault there
+    is pinned on the prompt whose row triggers it, before it produced a token."""
+    llm = LLM(tiny_llama_dir("llama_tied"), dtype="float32", num_threads=NUM_THREADS, block_size=4)
+    runner = llm.engine.executor.worker.runner
+    if runner.kernels is None:
+        pytest.skip("the native CPU kernels are not built on this machine")
+    assert len(GOOD[3]) == 41 <= model_input.SMALL_PREFILL_ROWS
+    # GOOD[3]'s last prompt row sees 41 tokens; the others' prompts and decodes never reach 41.
+    runner.kernels = FailingDecodeKernel(runner.kernels, fail_at=41)
+    outs = llm.generate(as_prompts(GOOD), GREEDY)
+    assert runner.kernels.num_failures >= 1
+    victim = outs[3].outputs[0]
+    assert victim.finish_reason == "error" and "decode kernel fault" in outs[3].error
+    assert victim.token_ids == []
+    assert tokens(outs[:3]) == reference[:3]
     assert_no_leak(llm)
 
 

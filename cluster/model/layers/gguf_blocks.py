@@ -4,7 +4,7 @@ A model converted from a quantised GGUF file (SmolLM2's is Q4_1, its embedding Q
 values that are each a block's ``d * q + m`` (Q4_1: 4-bit ``q``, float16 ``d`` and ``m`` shared by
 32 weights of a row) or ``d * q`` (Q8_0: 8-bit ``q``). Those 32-bit values carry 5 or 8.5 bits of
 information; a decode step streams every weight once, so reading the blocks instead of the floats
-moves a fifth of the bytes. ``recover`` finds the blocks behind a weight and keeps them only when
+moves about a fifth of the bytes (6 and 9 bits a weight as held here: the scales widened to float32). ``recover`` finds the blocks behind a weight and keeps them only when
 decoding them, with gguf's own arithmetic (product rounded, then the sum), gives back every value
 bit for bit: anything else (a float checkpoint, a shard not aligned to 32 columns) returns None and
 stays dense. The native ``gemv_q4_1`` / ``gemv_q8_0`` decode a few rows at a time into the same
