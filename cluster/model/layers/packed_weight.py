@@ -12,9 +12,8 @@ fixed order, the same for a row whatever the batch; the float32 greedy checks ag
 transformers hold with it. A float32 weight whose values are exactly GGUF Q4_1 / Q8_0 blocks (a
 model converted from a quantised GGUF file, as SmolLM2 is) is also held as those blocks
 (``gguf_blocks.recover``): inputs of up to ``GGUF_BLOCKS_MAX_ROWS`` then read 6 or 9 bits a weight
-instead of 32 and
-get the very same outputs (``gemv_q4_1`` / ``gemv_q8_0`` decode the blocks to the dense values and
-run the ``gemv_f32`` loop). GPUs use ``F.linear``.
+instead of 32 and get the very same outputs (``gemv_q4_1`` / ``gemv_q8_0`` decode the blocks to the
+dense values and sum as ``gemv_f32`` does). GPUs use ``F.linear``.
 """
 
 from __future__ import annotations
