@@ -89,16 +89,9 @@ static void gemv_span(const float* x, const float* bias, float* y, int64_t m_siz
 }
 
 // Splits the n_size output rows over torch's intra-op threads in spans of 12 (a multiple of every
-// block height) and runs each span with 4 weight rows per block for 1-2 activation rows, else 3.
-// ``scratch_floats`` per thread are handed to ``rows_at`` (0 for the plain weight).
-template <typename RowsAt, typename AheadOf>
-static void gemv_parallel(const float* x, const float* bias, float* y, int64_t m_size, int64_t k_size,
-                          int64_t n_size, RowsAt rows_at, AheadOf ahead_of, int64_t scratch_floats) {
-  auto rows = [&](int64_t n0, int64_t n1) {
-    std::vector<float> scratch(scratch_floats);
-    if (m_size <= 2) gemv_span<4>(x, bias, y, m_size, k_size, n_size, n0, n1, rows_at, ahead_of, scratch.data());
-    else gemv_span<3>(x, bias, y, m_size, k_size, n_size, n0, n1, rows_at, ahead_of, scratch.data());
-  };
+// block height: 4 weight rows per block for 1-2 activation rows, else 3) and calls rows(n0, n1).
+template <typename Rows>
+static void split_output_rows(int64_t n_size, Rows rows) {
   const int64_t spans = n_size / 12;
   if (spans == 0) {
     rows(0, n_size);
@@ -107,6 +100,18 @@ static void gemv_parallel(const float* x, const float* bias, float* y, int64_t m
       rows(a * 12, b == spans ? n_size : b * 12);  // the last chunk takes the rows past the last span
     });
   }
+}
+
+// The plain loop over every output row; ``scratch_floats`` per thread are handed to ``rows_at``
+// (0 for the plain weight).
+template <typename RowsAt, typename AheadOf>
+static void gemv_parallel(const float* x, const float* bias, float* y, int64_t m_size, int64_t k_size,
+                          int64_t n_size, RowsAt rows_at, AheadOf ahead_of, int64_t scratch_floats) {
+  split_output_rows(n_size, [&](int64_t n0, int64_t n1) {
+    std::vector<float> scratch(scratch_floats);
+    if (m_size <= 2) gemv_span<4>(x, bias, y, m_size, k_size, n_size, n0, n1, rows_at, ahead_of, scratch.data());
+    else gemv_span<3>(x, bias, y, m_size, k_size, n_size, n0, n1, rows_at, ahead_of, scratch.data());
+  });
 }
 
 bool has_gemv_f32() { return true; }
@@ -222,12 +227,12 @@ static void blocks_rows(const float* x, const typename F::q_t* qs, const float* 
   }
 }
 
-// Up to 4 activation rows: output rows split over the threads in spans of 12 as gemv_parallel does,
-// with the same block heights (4 weight rows for 1-2 activation rows, else 3; single rows at the end).
+// Up to 4 activation rows, split over the threads as gemv_parallel does, with the same block heights
+// (4 weight rows for 1-2 activation rows, else 3; single rows at the end).
 template <typename F>
 static void blocks_in_registers(const float* x, const typename F::q_t* qs, const float* scales, const float* bias,
                                 float* y, int64_t m_size, int64_t blocks, int64_t n_size) {
-  auto rows = [&](int64_t n0, int64_t n1) {
+  split_output_rows(n_size, [&](int64_t n0, int64_t n1) {
     auto span = [&](auto height) {
       constexpr int R = decltype(height)::value;
       int64_t n = n0;
@@ -236,13 +241,7 @@ static void blocks_in_registers(const float* x, const typename F::q_t* qs, const
     };
     if (m_size <= 2) span(std::integral_constant<int, 4>{});
     else span(std::integral_constant<int, 3>{});
-  };
-  const int64_t spans = n_size / 12;
-  if (spans == 0) {
-    rows(0, n_size);
-  } else {
-    at::parallel_for(0, spans, 8, [&](int64_t a, int64_t b) { rows(a * 12, b == spans ? n_size : b * 12); });
-  }
+  });
 }
 
 static void check_blocks(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t bytes,
