@@ -137,22 +137,75 @@ def test_gemv_f32_is_the_product_to_float32_accuracy(kernel, rows, out_features,
     assert torch.equal(kernel.gemv_f32(x[:1], w, b)[0], got[0])
 
 
-def test_float32_linear_takes_the_gemv_for_decode_batches_and_torch_above(kernel):
+@pytest.mark.parametrize("rows, out_features, in_features", [
+    (34, 960, 576), (33, 3072, 576), (6, 576, 1536), (34, 49152, 576),  # SmolLM2: a short prompt, decode rows
+    (1, 3, 576), (5, 16, 1), (7, 17, 43), (13, 33, 8), (40, 47, 100),  # a part panel; tiles of 1-6 rows
+    (1030, 64, 64),  # a prefill chunk's worth of rows
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_f32_over_packed_panels_is_the_product_to_float32_accuracy(kernel, rows, out_features, in_features,
+                                                                        with_bias):
+    if not kernel.has_gemm_f32():
+        assert not _has_avx2_fma(), "built without AVX2/FMA on a CPU that has them"
+        pytest.skip("this CPU has no AVX2/FMA")
+    gen = torch.Generator().manual_seed(rows * out_features + in_features)
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen) if with_bias else None
+    panels = kernel.pack_f32(w)
+    count = -(-out_features // 16)
+    assert panels.shape == (count, in_features, 16)
+    # Panel p, row k: W[16p .. 16p + 15, k], zeros past the last output.
+    padded = torch.cat([w, torch.zeros(count * 16 - out_features, in_features)])
+    assert torch.equal(panels, padded.view(count, 16, in_features).transpose(1, 2))
+    got = kernel.gemm_f32(x, panels, out_features, b)
+    exact = x.double() @ w.double().T + (b.double() if with_bias else 0)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    # One float32 FMA chain down k: the error grows like k ulps of the terms' size at worst.
+    assert ((got.double() - exact).abs() <= 1e-6 * in_features * (1 + exact.abs())).all()
+    # A row's result does not depend on the rows beside it or the tile it falls in: the same bits
+    # alone, and as the last row of another batch.
+    assert torch.equal(kernel.gemm_f32(x[:1], panels, out_features, b)[0], got[0])
+    assert torch.equal(kernel.gemm_f32(x[-3:], panels, out_features, b)[-1], got[-1])
+
+
+def test_gemm_f32_rejects_mismatched_shapes(kernel):
+    if not kernel.has_gemm_f32():
+        pytest.skip("this CPU has no AVX2/FMA")
+    panels = kernel.pack_f32(torch.randn(40, 64))  # 3 panels
+    with pytest.raises(RuntimeError, match="panels"):
+        kernel.gemm_f32(torch.randn(2, 63), panels, 40, None)  # K differs
+    with pytest.raises(RuntimeError, match="n_size"):
+        kernel.gemm_f32(torch.randn(2, 64), panels, 49, None)  # more outputs than the panels hold
+    with pytest.raises(RuntimeError, match="n_size"):
+        kernel.gemm_f32(torch.randn(2, 64), panels, 32, None)  # a whole panel too many
+    with pytest.raises(RuntimeError, match="bias"):
+        kernel.gemm_f32(torch.randn(2, 64), panels, 40, torch.randn(39))
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel.gemm_f32(torch.randn(2, 64).double(), panels, 40, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel.pack_f32(torch.randn(4, 4).bfloat16())
+    assert kernel.gemm_f32(torch.randn(0, 64), panels, 40, None).shape == (0, 40)
+
+
+def test_float32_linear_takes_the_gemv_for_few_rows_and_the_panels_above(kernel):
     from cluster.model.layers.packed_weight import GEMV_F32_MAX_ROWS, PackedWeight
 
     if not kernel.has_gemv_f32():
         pytest.skip("this CPU has no AVX2/FMA")
     gen = torch.Generator().manual_seed(4)
     weight = torch.randn(960, 576, generator=gen)
+    bias = torch.randn(960, generator=gen)
     packed = PackedWeight(weight, kernel)
     calls = []
-    packed.gemv_f32 = lambda x, w, b: calls.append(x.shape[0]) or kernel.gemv_f32(x, w, b)
-    for rows in (0, 1, GEMV_F32_MAX_ROWS, GEMV_F32_MAX_ROWS + 1):  # 0: a step whose chunk needs no logits
+    packed.gemv_f32 = lambda x, w, b: calls.append(("gemv", x.shape[0])) or kernel.gemv_f32(x, w, b)
+    packed.gemm_f32 = lambda x, p, n, b: calls.append(("gemm", x.shape[0])) or kernel.gemm_f32(x, p, n, b)
+    for rows in (0, 1, GEMV_F32_MAX_ROWS, GEMV_F32_MAX_ROWS + 1, 700):  # 0: a step whose chunk needs no logits
         x = torch.randn(rows, 576, generator=gen)
-        torch.testing.assert_close(packed.linear(x), x @ weight.T, atol=1e-4, rtol=1e-5)
-    assert calls == [1, GEMV_F32_MAX_ROWS]
-    assert PackedWeight(weight.bfloat16(), kernel).gemv_f32 is None
-    assert PackedWeight(weight, None).gemv_f32 is None  # native kernels off: torch's linear
+        torch.testing.assert_close(packed.linear(x, bias), x @ weight.T + bias, atol=1e-4, rtol=1e-5)
+    assert calls == [("gemv", 1), ("gemv", GEMV_F32_MAX_ROWS), ("gemm", GEMV_F32_MAX_ROWS + 1), ("gemm", 700)]
+    assert PackedWeight(weight.bfloat16(), kernel).panels is None
+    assert PackedWeight(weight, None).panels is None  # native kernels off: torch's linear
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -282,7 +335,7 @@ def test_gemv_over_gguf_blocks_rejects_mismatched_shapes(kernel):
 
 
 def test_linear_holds_exact_gguf_weights_as_blocks_for_decode_rows(kernel):
-    from cluster.model.layers.packed_weight import GEMV_F32_MAX_ROWS, GGUF_BLOCKS_MAX_ROWS, PackedWeight
+    from cluster.model.layers.packed_weight import GGUF_BLOCKS_MAX_ROWS, PackedWeight
 
     if not kernel.has_gemv_f32():
         pytest.skip("this CPU has no AVX2/FMA")
@@ -294,9 +347,12 @@ def test_linear_holds_exact_gguf_weights_as_blocks_for_decode_rows(kernel):
     calls = []
     gemv_blocks = packed.gemv_blocks
     packed.gemv_blocks = lambda x, qs, scales, b: calls.append(x.shape[0]) or gemv_blocks(x, qs, scales, b)
-    for rows in (1, 5, GGUF_BLOCKS_MAX_ROWS, GGUF_BLOCKS_MAX_ROWS + 1, GEMV_F32_MAX_ROWS, GEMV_F32_MAX_ROWS + 1):
+    for rows in (1, 5, GGUF_BLOCKS_MAX_ROWS):  # the blocks: the plain weight's gemv_f32 bits
+        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(packed.linear(x), kernel.gemv_f32(x, weight, None))
+    for rows in (GGUF_BLOCKS_MAX_ROWS + 1, 40):  # larger batches: the panels, as for a plain weight
         x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
         assert torch.equal(packed.linear(x), dense.linear(x))
-    assert calls == [1, 5, GGUF_BLOCKS_MAX_ROWS]  # larger batches: the dense loop, as fast there
+    assert calls == [1, 5, GGUF_BLOCKS_MAX_ROWS]
     assert PackedWeight(torch.randn(960, 576), kernel, gguf_blocks=True).blocks is None  # not blocks: dense
     assert PackedWeight(weight, None, gguf_blocks=True).blocks is None  # native kernels off

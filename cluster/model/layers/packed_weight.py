@@ -1,19 +1,24 @@
-"""Linear weights pre-packed for oneDNN on CPU, and the native kernels for decode-sized inputs.
+"""Linear weights pre-packed for oneDNN on CPU, and the native kernels for float32.
 
 oneDNN re-lays a plain weight into its blocked (AMX / AVX-512) format on every call;
 for decode-sized inputs that reorder costs as much as the matmul itself. Packing once
 after loading makes small-batch bfloat16 matmuls faster with bit-identical results
-(`llm-cluster bench-micro`; figures in docs/benchmarks.md). float32 is not packed (its packed
-path sums in a different order, about 1e-6 relative): prefill-sized float32 inputs take
-``F.linear``, decode-sized ones (up to ``GEMV_F32_MAX_ROWS`` rows) the native ``gemv_f32``, which
-reads each weight once for all rows at close to the memory's bandwidth where MKL's small-M
-float32 GEMM reached a quarter of it (float32 is what AVX2-only CPUs run). Its sums run in its own
-fixed order, the same for a row whatever the batch; the float32 greedy checks against
-transformers hold with it. A float32 weight whose values are exactly GGUF Q4_1 / Q8_0 blocks (a
-model converted from a quantised GGUF file, as SmolLM2 is) is also held as those blocks
+(`llm-cluster bench-micro`; figures in docs/benchmarks.md).
+
+float32 (what AVX2-only CPUs run) takes the native kernels where they are built. The weight is
+re-laid once into column panels (``pack_f32``) and every input of more than a few rows runs
+``gemm_f32`` over them: a register tile of 5-6 rows by 16 columns, no per-call re-layout; it beats
+torch's float32 linear (MKL) at every row count measured, 1.6x at 34 rows (a short prompt, a decode
+step of 33 sequences), 1.05x at 1,024. Inputs of up to ``GEMV_F32_MAX_ROWS`` read the plain weight
+through ``gemv_f32`` instead (a decode step of a few sequences streams the weight once at close to
+the memory's bandwidth). A float32 weight whose values are exactly GGUF Q4_1 / Q8_0 blocks (a model
+converted from a quantised GGUF file, as SmolLM2 is) is also held as those blocks
 (``gguf_blocks.recover``): inputs of up to ``GGUF_BLOCKS_MAX_ROWS`` then read 6 or 9 bits a weight
-instead of 32 and get the very same outputs (``gemv_q4_1`` / ``gemv_q8_0`` decode the blocks to the
-dense values and sum as ``gemv_f32`` does). GPUs use ``F.linear``.
+instead of 32 and get the very same outputs as ``gemv_f32`` (``gemv_q4_1`` / ``gemv_q8_0`` decode the
+blocks to the dense values and sum as ``gemv_f32`` does). Each kernel sums in its own fixed order,
+the same for a row whatever the batch; the float32 greedy checks against transformers hold with all
+of them. The panels are a second float32 copy of the weight (the plain one stays the parameter).
+GPUs use ``F.linear``.
 """
 
 from __future__ import annotations
@@ -36,14 +41,15 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 GEMV_MAX_ROWS = 4  # up to this many rows the native GEMV streams the weight faster than oneDNN
-# float32, 2-core AMD EPYC (AVX2), all of SmolLM2's weights: MKL vs gemv_f32 37.7 vs 21.1 ms at 1 row,
-# 76.3 vs 20.9 at 4, 77.0 vs 44.1 at 16, 101.0 vs 78.5 at 32, 128.5 vs 112.3 at 48, 153.8 vs 148.2 at 64.
-GEMV_F32_MAX_ROWS = 48
-# Up to this many rows a weight held as GGUF blocks is read as them (the same outputs either way);
-# past it the dense float32 loop is as fast: all of SmolLM2's weights, 2-core AMD EPYC (AVX2), ms,
-# dense vs blocks: 21.5 vs 12.4 at 1 row, 22.8 vs 18.0 at 4, 33.7 vs 28.3 at 8, 42.7 vs 37.5 at 12,
-# 52.3 vs 55.7 at 16; a decode step of 33 rows spent 34.1 vs 37.2 in its gate/up projections.
-GGUF_BLOCKS_MAX_ROWS = 12
+# float32 over the plain weight up to this many rows, then the packed panels. All of SmolLM2's weights
+# (with the tied head), 2-core AMD EPYC (AVX2), ms, gemv_f32 vs gemm_f32 (MKL): 22.0 vs 23.3 (40.0) at
+# 1 row, 21.1 vs 21.8 (70.7) at 4, 28.7 vs 27.8 (77.4) at 8, 47.4 vs 37.4 (88.9) at 16, 85.8 vs 58.1
+# (126.5) at 33, 155.8 vs 103.5 (182.6) at 64.
+GEMV_F32_MAX_ROWS = 4
+# Up to this many rows a weight held as GGUF blocks is read as them (the same outputs as gemv_f32);
+# past it the panels are faster: the same weights, ms, blocks vs gemm_f32: 12.0 vs 23.3 at 1 row,
+# 16.0 vs 21.8 at 4, 28.1 vs 27.8 at 8, 38.1 vs 33.2 at 12, 45.4 vs 37.4 at 16.
+GGUF_BLOCKS_MAX_ROWS = 8
 
 
 class PackedWeight:
@@ -61,17 +67,23 @@ class PackedWeight:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach()) if can_pack(weight) else None
         self.gemv = kernels.gemv_bf16 if self.packed is not None and kernels is not None and \
             kernels.has_gemv_bf16() else None
-        self.gemv_f32 = kernels.gemv_f32 if weight.dtype == torch.float32 and weight.device.type == "cpu" and \
-            kernels is not None and kernels.has_gemv_f32() else None
-        self.blocks = gguf.recover(weight) if gguf_blocks and self.gemv_f32 is not None else None
+        f32 = weight.dtype == torch.float32 and weight.device.type == "cpu" and kernels is not None and \
+            kernels.has_gemv_f32() and kernels.has_gemm_f32()  # one build condition (AVX2 + FMA) for both
+        self.gemv_f32 = kernels.gemv_f32 if f32 else None
+        self.gemm_f32 = kernels.gemm_f32 if f32 else None
+        self.panels = kernels.pack_f32(weight.detach()) if f32 else None
+        self.blocks = gguf.recover(weight) if gguf_blocks and f32 else None
         if self.blocks is not None:
             self.gemv_blocks = kernels.gemv_q4_1 if self.blocks.kind == "q4_1" else kernels.gemv_q8_0
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.gemv_f32 is not None and x.dim() == 2 and 0 < x.shape[0] <= GEMV_F32_MAX_ROWS:
-            if self.blocks is not None and x.shape[0] <= GGUF_BLOCKS_MAX_ROWS:
+        if self.panels is not None and x.dim() == 2 and x.shape[0] > 0:
+            rows = x.shape[0]
+            if self.blocks is not None and rows <= GGUF_BLOCKS_MAX_ROWS:
                 return self.gemv_blocks(x, self.blocks.qs, self.blocks.scales, bias)
-            return self.gemv_f32(x, self.dense, bias)
+            if rows <= GEMV_F32_MAX_ROWS:
+                return self.gemv_f32(x, self.dense, bias)
+            return self.gemm_f32(x, self.panels, self.dense.shape[0], bias)
         if self.packed is None or x.dim() != 2:
             return F.linear(x, self.dense, bias)
         if self.gemv is not None and 0 < x.shape[0] <= GEMV_MAX_ROWS:

@@ -1,0 +1,162 @@
+// y = x W^T (+ b) in float32 over a weight packed once into column panels: CPU linears of more than
+// a few rows (prefill chunks, decode steps of many sequences) where float32 is the dtype (AVX2-only
+// CPUs run float32: dtype "auto").
+//
+// The weight [N, K] is re-laid once, after loading, as panels of 16 output columns: panel p holds
+// W[16p .. 16p + 15, k] for every k as 16 consecutive floats (the last panel zero-padded). A
+// register tile of 5-6 activation rows by one panel (12 accumulators) then runs down k with two
+// loads of the panel and one broadcast of each row's x[m, k] feeding two FMAs per row: no
+// horizontal sums, no re-layout per call. Each panel is read from memory once (the next one
+// prefetched while the first tile runs) and reused from cache by the other tiles. All of SmolLM2's
+// layer weights at 34 rows, 2-core AMD EPYC (AVX2, 102 GFLOP/s a core of FMAs): 45-48 ms, where
+// torch's float32 linear (MKL) took 79 and the row-blocked GEMV 68; at 1,024 rows 1.16 s against
+// MKL's 1.24 (docs/benchmarks.md).
+//
+// Each output is one FMA chain down k from zero, the same whichever tile its row falls in or how
+// many rows the call has: a row's result does not depend on the rows beside it. The chain differs
+// from MKL's and from gemv_f32's blocked sums (both also float32): outputs agree to rounding.
+//
+// Built where the compiler targets AVX2 and FMA (-march=native); elsewhere has_gemm_f32() is false.
+#include "aten_lite.h"
+
+#include <algorithm>
+
+namespace {
+constexpr int64_t kPanel = 16;  // output columns a panel (two 8-float vectors)
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+// Rows [0, MR) of x (``ldx`` floats apart) against one panel over all k: y[m, 0..15] (``ldy`` apart),
+// ``cols`` of them stored (16 but in the last, padded panel). ``ahead``: the next panel, prefetched a
+// line per k (null but in a panel's first tile).
+template <int MR>
+static void tile(const float* __restrict x, int64_t ldx, const float* __restrict panel, int64_t k_size,
+                 const float* __restrict bias, float* __restrict y, int64_t ldy, int64_t cols, const float* ahead) {
+  __m256 lo[MR], hi[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k_size; ++k) {
+    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + k * kPanel), _MM_HINT_T0);
+    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 a = _mm256_broadcast_ss(x + m * ldx + k);
+      lo[m] = _mm256_fmadd_ps(a, w0, lo[m]);
+      hi[m] = _mm256_fmadd_ps(a, w1, hi[m]);
+    }
+  }
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  alignas(32) float pad[kPanel];
+  if (bias) {
+    if (cols == kPanel) {
+      b0 = _mm256_loadu_ps(bias);
+      b1 = _mm256_loadu_ps(bias + 8);
+    } else {
+      std::fill(pad, pad + kPanel, 0.f);
+      std::copy(bias, bias + cols, pad);
+      b0 = _mm256_load_ps(pad);
+      b1 = _mm256_load_ps(pad + 8);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    const __m256 v0 = _mm256_add_ps(lo[m], b0), v1 = _mm256_add_ps(hi[m], b1);
+    if (cols == kPanel) {
+      _mm256_storeu_ps(y + m * ldy, v0);
+      _mm256_storeu_ps(y + m * ldy + 8, v1);
+    } else {
+      _mm256_store_ps(pad, v0);
+      _mm256_store_ps(pad + 8, v1);
+      std::copy(pad, pad + cols, y + m * ldy);
+    }
+  }
+}
+
+// All m_size rows against panel ``p``: ceil(m_size / 6) tiles as even as can be (34 rows: 6, 6, 6, 6,
+// 5, 5), the first prefetching the next panel.
+static void panel_rows(const float* x, int64_t m_size, int64_t k_size, const float* panel, const float* ahead,
+                       const float* bias, float* y, int64_t n_size, int64_t cols) {
+  const int64_t tiles = (m_size + 5) / 6, base = m_size / tiles, extra = m_size % tiles;
+  int64_t m = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t rows = base + (t < extra ? 1 : 0);
+    const float* xm = x + m * k_size;
+    float* ym = y + m * n_size;
+    const float* pf = t == 0 ? ahead : nullptr;
+    switch (rows) {
+      case 1: tile<1>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
+      case 2: tile<2>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
+      case 3: tile<3>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
+      case 4: tile<4>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
+      case 5: tile<5>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
+      default: tile<6>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
+    }
+    m += rows;
+  }
+}
+
+bool has_gemm_f32() { return true; }
+
+at::Tensor gemm_f32(at::Tensor x, at::Tensor panels, int64_t n_size, std::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemm_f32: x must be float32 [M, K]");
+  TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat && panels.is_contiguous() &&
+                  panels.size(2) == kPanel && panels.size(1) == x.size(1),
+              "gemm_f32: panels must be float32 [ceil(N / 16), K, 16] from pack_f32");
+  TORCH_CHECK(n_size > (panels.size(0) - 1) * kPanel && n_size <= panels.size(0) * kPanel,
+              "gemm_f32: n_size ", n_size, " does not match ", panels.size(0), " panels");
+  x = x.contiguous();
+  const int64_t m_size = x.size(0), k_size = x.size(1), count = panels.size(0);
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_c.numel() == n_size, "gemm_f32: bias must have ", n_size, " values");
+  }
+  TORCH_CHECK(k_size > 0, "gemm_f32: x has no columns");
+  auto y = at::empty({m_size, n_size}, x.options());
+  if (m_size == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = panels.data_ptr<float>();
+  const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, count, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* panel = wp + p * k_size * kPanel;
+      const float* ahead = p + 1 < p1 ? panel + k_size * kPanel : nullptr;
+      panel_rows(xp, m_size, k_size, panel, ahead, bp ? bp + p * kPanel : nullptr, yp + p * kPanel, n_size,
+                 std::min(kPanel, n_size - p * kPanel));
+    }
+  });
+  return y;
+}
+
+#else
+
+bool has_gemm_f32() { return false; }
+
+at::Tensor gemm_f32(at::Tensor x, at::Tensor panels, int64_t n_size, std::optional<at::Tensor> bias) {
+  TORCH_CHECK(false, "gemm_f32: built without AVX2/FMA");
+}
+
+#endif
+
+// The weight [N, K] as panels [ceil(N / 16), K, 16]: panel p, row k = W[16p .. 16p + 15, k], zeros
+// past N. Plain C++ (it runs once a weight, after loading).
+at::Tensor pack_f32(at::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat, "pack_f32: weight must be float32 [N, K]");
+  weight = weight.contiguous();
+  const int64_t n_size = weight.size(0), k_size = weight.size(1), count = (n_size + kPanel - 1) / kPanel;
+  auto panels = at::empty({count, k_size, kPanel}, weight.options());
+  const float* w = weight.data_ptr<float>();
+  float* out = panels.data_ptr<float>();
+  at::parallel_for(0, count, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t k = 0; k < k_size; ++k)
+        for (int64_t j = 0; j < kPanel; ++j) {
+          const int64_t n = p * kPanel + j;
+          out[(p * k_size + k) * kPanel + j] = n < n_size ? w[n * k_size + k] : 0.f;
+        }
+  });
+  return panels;
+}
