@@ -257,18 +257,104 @@ static inline __m128 reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+static inline void prefetch_row(const float* row, int64_t bytes, int hint) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t c = 0; c < bytes; c += 64) {
+    if (hint == 0) _mm_prefetch(p + c, _MM_HINT_T0);
+    else _mm_prefetch(p + c, _MM_HINT_T1);
+  }
+}
+
+// Rows of blocks to prefetch while a block is read (null where there is none): this block's V (to
+// L1, read right after its K), the next block's K (to L1) and the K and V two blocks ahead (to L2).
+struct Ahead {
+  const float *v, *next_k, *far_k, *far_v;
+};
+
+// Query heads [0, GP) of a pass (GP <= 3; ``qs`` their scaled queries) against one block of n tokens:
+// each K row is loaded once for all GP heads, then an online-softmax update of ``max``/``sum`` and
+// p.V, 32 dims at a time with V's row loaded once for all GP heads (GP x 4 accumulators).
+template <int kHeadDim, int GP>
+static void block_pass(const float* qs, const float* kb, const float* vb, int64_t n, float* scores, int64_t padded,
+                       float* max, float* sum, float* acc, const Ahead& ahead) {
+  constexpr int kVecs = kHeadDim / 8;
+  constexpr int64_t kRowBytes = kHeadDim * sizeof(float);
+  for (int64_t t = 0; t < n; ++t) {
+    if (ahead.v) prefetch_row(ahead.v + t * kHeadDim, kRowBytes, 0);
+    if (ahead.far_k) prefetch_row(ahead.far_k + t * kHeadDim, kRowBytes, 1);
+    const float* k = kb + t * kHeadDim;
+    __m256 a[3];
+    for (int g = 0; g < GP; ++g) a[g] = _mm256_setzero_ps();
+    for (int i = 0; i < kVecs; ++i) {
+      const __m256 kv = _mm256_loadu_ps(k + i * 8);
+      for (int g = 0; g < GP; ++g) a[g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qs + g * kHeadDim + i * 8), a[g]);
+    }
+    const __m256 z = _mm256_setzero_ps();
+    alignas(16) float dots[4];
+    _mm_store_ps(dots, reduce4x8(a[0], GP > 1 ? a[1] : z, GP > 2 ? a[2] : z, z));
+    for (int g = 0; g < GP; ++g) scores[g * padded + t] = dots[g];
+  }
+  // Online softmax over the block (scores past n are masked out of the sum and of p.V).
+  float correction[3];
+  for (int g = 0; g < GP; ++g) {
+    float* s = scores + g * padded;
+    float block_max = kNoScore;
+    for (int64_t u = 0; u < n; ++u) block_max = std::max(block_max, s[u]);
+    const float new_max = std::max(max[g], block_max);
+    correction[g] = std::exp(max[g] - new_max);
+    max[g] = new_max;
+    __m256 total = _mm256_setzero_ps();
+    const __m256 m = _mm256_set1_ps(new_max);
+    for (int64_t u = 0; u < n; u += 8) {
+      __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + u), m));
+      if (n - u < 8) {  // zero the lanes past the block's last token
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        p = _mm256_and_ps(p, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - u)), lane)));
+      }
+      _mm256_storeu_ps(s + u, p);
+      total = _mm256_add_ps(total, p);
+    }
+    const __m256 z = _mm256_setzero_ps();
+    sum[g] = sum[g] * correction[g] + _mm_cvtss_f32(reduce4x8(total, z, z, z));
+  }
+  for (int d = 0; d < kHeadDim; d += 32) {
+    __m256 ac[3][4];
+    for (int g = 0; g < GP; ++g) {
+      const __m256 corr = _mm256_set1_ps(correction[g]);
+      for (int i = 0; i < 4; ++i) ac[g][i] = _mm256_mul_ps(_mm256_loadu_ps(acc + g * kHeadDim + d + i * 8), corr);
+    }
+    const float* next = d == 0 ? ahead.next_k : d == 32 ? ahead.far_v : nullptr;
+    const int hint = d == 0 ? 0 : 1;
+    for (int64_t u = 0; u < n; ++u) {
+      if (next) prefetch_row(next + u * kHeadDim, kRowBytes, hint);
+      const float* v = vb + u * kHeadDim + d;
+      __m256 p[3];
+      for (int g = 0; g < GP; ++g) p[g] = _mm256_set1_ps(scores[g * padded + u]);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 vv = _mm256_loadu_ps(v + i * 8);
+        for (int g = 0; g < GP; ++g) ac[g][i] = _mm256_fmadd_ps(p[g], vv, ac[g][i]);
+      }
+    }
+    for (int g = 0; g < GP; ++g)
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(acc + g * kHeadDim + d + i * 8, ac[g][i]);
+  }
+}
+
 // float32 caches with AVX2 + FMA (CPUs without native bfloat16 run float32): K and V read where
-// they lie (no widening copy, unlike decode_pair), q.k four tokens at a time (four independent
-// sums), exp eight lanes at a time, p.V in registers 64 dims at a time. One pass per block.
+// they lie (no widening copy, unlike decode_pair), one pass per block for up to three query heads
+// of the group at a time (each K and V row loaded once for them), an 8-lane exp. The table scatters
+// a sequence's blocks over the cache, which the hardware prefetcher cannot follow: each block's V
+// is prefetched while its K is read, the next block's K while its V is read, and the K and V two
+// blocks ahead into L2. 30 layers of 33 sequences x 600 tokens, blocks scattered at random over a
+// 4 GiB cache, 2-core AMD EPYC (AVX2): 54.5 ms before the prefetching, in order 37.7.
 template <int kHeadDim>
 static void decode_pair_avx2_f32(const float* q, const float* k_head, const float* v_head, const int64_t* table,
                                  int64_t context, int64_t block_size, int64_t group, float scale, float* out,
                                  Scratch& w) {
-  constexpr int kVecs = kHeadDim / 8;
   const int64_t padded = (block_size + 7) / 8 * 8;
   w.q.resize(group * kHeadDim);
   w.acc.assign(group * kHeadDim, 0.f);
-  w.scores.assign(group * padded, 0.f);
+  w.scores.assign(3 * padded, 0.f);
   w.max.assign(group, kNoScore);
   w.sum.assign(group, 0.f);
   for (int64_t i = 0; i < group * kHeadDim; ++i) w.q[i] = q[i] * scale;
@@ -278,60 +364,24 @@ static void decode_pair_avx2_f32(const float* q, const float* k_head, const floa
     const int64_t n = std::min(block_size, context - b * block_size);
     const float* kb = k_head + table[b] * block_elems;
     const float* vb = v_head + table[b] * block_elems;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = w.q.data() + g * kHeadDim;
-      float* s = w.scores.data() + g * padded;
-      __m256 qv[kVecs];
-      for (int i = 0; i < kVecs; ++i) qv[i] = _mm256_loadu_ps(qg + i * 8);
-      int64_t t = 0;
-      for (; t + 4 <= n; t += 4) {
-        __m256 a[4];
-        for (int j = 0; j < 4; ++j) {
-          const float* k = kb + (t + j) * kHeadDim;
-          a[j] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k));
-          for (int i = 1; i < kVecs; ++i) a[j] = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k + i * 8), a[j]);
+    for (int64_t g0 = 0; g0 < group; g0 += 3) {
+      Ahead ahead{nullptr, nullptr, nullptr, nullptr};
+      if (g0 == 0) {  // the first pass reads the block from memory; later ones find it in L1
+        ahead.v = vb;
+        if (b + 1 < num_blocks) ahead.next_k = k_head + table[b + 1] * block_elems;
+        if (b + 2 < num_blocks) {
+          ahead.far_k = k_head + table[b + 2] * block_elems;
+          ahead.far_v = v_head + table[b + 2] * block_elems;
         }
-        _mm_storeu_ps(s + t, reduce4x8(a[0], a[1], a[2], a[3]));
       }
-      for (; t < n; ++t) {
-        const float* k = kb + t * kHeadDim;
-        __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k));
-        for (int i = 1; i < kVecs; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(k + i * 8), a);
-        const __m256 z = _mm256_setzero_ps();
-        s[t] = _mm_cvtss_f32(reduce4x8(a, z, z, z));
-      }
-      // Online softmax over the block (scores past n are left at 0 and masked out of the max/sum).
-      float block_max = kNoScore;
-      for (int64_t u = 0; u < n; ++u) block_max = std::max(block_max, s[u]);
-      const float new_max = std::max(w.max[g], block_max);
-      const float correction = std::exp(w.max[g] - new_max);
-      w.max[g] = new_max;
-      __m256 sum = _mm256_setzero_ps();
-      const __m256 m = _mm256_set1_ps(new_max);
-      for (int64_t u = 0; u < n; u += 8) {
-        __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + u), m));
-        if (n - u < 8) {  // zero the lanes past the block's last token
-          const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-          p = _mm256_and_ps(p, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - u)), lane)));
-        }
-        _mm256_storeu_ps(s + u, p);
-        sum = _mm256_add_ps(sum, p);
-      }
-      const __m256 z = _mm256_setzero_ps();
-      w.sum[g] = w.sum[g] * correction + _mm_cvtss_f32(reduce4x8(sum, z, z, z));
-      // p.V, 64 dims (8 registers) at a time.
-      for (int d = 0; d < kHeadDim; d += 64) {
-        constexpr int kChunk = kHeadDim < 64 ? kHeadDim / 8 : 8;
-        float* a = w.acc.data() + g * kHeadDim + d;
-        __m256 acc[kChunk];
-        const __m256 corr = _mm256_set1_ps(correction);
-        for (int i = 0; i < kChunk; ++i) acc[i] = _mm256_mul_ps(_mm256_loadu_ps(a + i * 8), corr);
-        for (int64_t u = 0; u < n; ++u) {
-          const __m256 p = _mm256_set1_ps(s[u]);
-          const float* v = vb + u * kHeadDim + d;
-          for (int i = 0; i < kChunk; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i * 8), acc[i]);
-        }
-        for (int i = 0; i < kChunk; ++i) _mm256_storeu_ps(a + i * 8, acc[i]);
+      const float* qs = w.q.data() + g0 * kHeadDim;
+      float* acc = w.acc.data() + g0 * kHeadDim;
+      float* mx = w.max.data() + g0;
+      float* sm = w.sum.data() + g0;
+      switch (std::min<int64_t>(3, group - g0)) {
+        case 1: block_pass<kHeadDim, 1>(qs, kb, vb, n, w.scores.data(), padded, mx, sm, acc, ahead); break;
+        case 2: block_pass<kHeadDim, 2>(qs, kb, vb, n, w.scores.data(), padded, mx, sm, acc, ahead); break;
+        default: block_pass<kHeadDim, 3>(qs, kb, vb, n, w.scores.data(), padded, mx, sm, acc, ahead); break;
       }
     }
   }
