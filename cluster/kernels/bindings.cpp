@@ -13,6 +13,8 @@ torch::Tensor gemv_q8_0(torch::Tensor x, torch::Tensor qs, torch::Tensor scales,
 torch::Tensor gemm_f32(torch::Tensor x, torch::Tensor panels, int64_t n_size, c10::optional<torch::Tensor> bias);
 torch::Tensor pack_f32(torch::Tensor weight);
 bool has_gemm_f32();
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t q_offset, double scale);
+bool has_prefill_attention();
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -26,6 +28,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_f32", &gemm_f32, "y = x W^T (+ b) in float32 over a weight packed by pack_f32 (CPU, AVX2 + FMA)");
   m.def("pack_f32", &pack_f32, "a float32 weight [N, K] as column panels [ceil(N / 16), K, 16] for gemm_f32");
   m.def("has_gemm_f32", &has_gemm_f32, "whether gemm_f32 was built (AVX2 + FMA)");
+  m.def("prefill_attention", &prefill_attention,
+        "causal float32 attention of a prompt chunk over its context [S, Hkv, D] (CPU, AVX2 + FMA)");
+  m.def("has_prefill_attention", &has_prefill_attention, "whether prefill_attention was built (AVX2 + FMA)");
   m.def("gemv_q4_1", &gemv_q4_1, "gemv_f32 over a weight held as GGUF Q4_1 blocks, decoded exactly (CPU, AVX2)");
   m.def("gemv_q8_0", &gemv_q8_0, "gemv_f32 over a weight held as GGUF Q8_0 blocks, decoded exactly (CPU, AVX2)");
 }

@@ -8,6 +8,7 @@
   ``gemv_q4_1`` / ``gemv_q8_0``, the same loop over a weight held as exact GGUF blocks.
 - ``gemm_f32``: float32 linears of more rows (prefill chunks, batched decode) over a weight packed
   once into column panels (``pack_f32``), where AVX2 + FMA are there.
+- ``prefill_attention``: causal float32 attention of a prompt chunk over its context (AVX2 + FMA).
 - ``rotary_``: RoPE in place, one pass.
 
 They are built with the machine's C++ compiler through torch.utils.cpp_extension on first
@@ -53,7 +54,7 @@ def _build():
         here = os.path.dirname(__file__)
         sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp",
                                                           "gemv_bf16.cpp", "gemv_f32.cpp", "gemm_f32.cpp",
-                                                          "rotary.cpp")]
+                                                          "prefill_attention.cpp", "rotary.cpp")]
         build_dir = build_directory()
         with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die

@@ -169,6 +169,93 @@ def test_gemm_f32_over_packed_panels_is_the_product_to_float32_accuracy(kernel, 
     assert torch.equal(kernel.gemm_f32(x[-3:], panels, out_features, b)[-1], got[-1])
 
 
+def _causal_reference(q, k, v, q_offset, scale):
+    """float64 attention: query i sees keys [0, q_offset + i]; grouped query heads share KV heads."""
+    tokens, heads, _ = q.shape
+    group = heads // k.shape[1]
+    keys = k.double().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, S, D]
+    values = v.double().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = q.double().transpose(0, 1) @ keys.transpose(1, 2) * scale  # [Hq, T, S]
+    seen = torch.arange(k.shape[0])[None, :] <= (q_offset + torch.arange(tokens))[:, None]
+    scores = scores.masked_fill(~seen, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ values).transpose(0, 1)
+
+
+@pytest.mark.parametrize("tokens, q_offset, heads, kv_heads, head_dim", [
+    (34, 0, 9, 3, 64), (300, 0, 9, 3, 64), (97, 211, 9, 3, 64),  # SmolLM2: a prompt; a chunk after a prefix
+    (1, 0, 9, 3, 64), (5, 40, 9, 3, 64),  # one row; a tile short of rows
+    (23, 9, 28, 4, 128), (40, 0, 16, 1, 128), (18, 3, 4, 4, 64),  # Qwen's group of 7; MQA; MHA
+])
+def test_prefill_attention_is_causal_attention_to_float32_accuracy(kernel, tokens, q_offset, heads, kv_heads, head_dim):
+    if not kernel.has_prefill_attention():
+        assert not _has_avx2_fma(), "built without AVX2/FMA on a CPU that has them"
+        pytest.skip("this CPU has no AVX2/FMA")
+    gen = torch.Generator().manual_seed(tokens * 1000 + q_offset)
+    context = q_offset + tokens
+    # As the layer hands them over: q, k and v strided views of one projection's rows.
+    qkv = torch.randn(context, heads + 2 * kv_heads, head_dim, generator=gen) * 2
+    q = qkv[q_offset:, :heads]
+    k, v = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    scale = head_dim ** -0.5
+    got = kernel.prefill_attention(q, k, v, q_offset, scale)
+    assert got.shape == (tokens, heads, head_dim) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _causal_reference(q, k, v, q_offset, scale), atol=2e-5, rtol=1e-4)
+    # A row does not depend on the rows after it (the last rows' keys are masked, never mixed in).
+    torch.testing.assert_close(kernel.prefill_attention(q[:1], k[:q_offset + 1], v[:q_offset + 1], q_offset, scale),
+                               got[:1], atol=1e-6, rtol=1e-5)
+
+
+def test_prefill_attention_rejects_mismatched_inputs(kernel):
+    if not kernel.has_prefill_attention():
+        pytest.skip("this CPU has no AVX2/FMA")
+    q, k = torch.randn(4, 9, 64), torch.randn(10, 3, 64)
+    with pytest.raises(RuntimeError, match="context"):
+        kernel.prefill_attention(q, k, k, 7, 0.125)  # 7 + 4 keys needed, 10 there
+    with pytest.raises(RuntimeError, match="multiple"):
+        kernel.prefill_attention(torch.randn(4, 8, 64), k, k, 0, 0.125)
+    with pytest.raises(RuntimeError, match="head size"):
+        kernel.prefill_attention(torch.randn(4, 9, 48), torch.randn(10, 3, 48), torch.randn(10, 3, 48), 0, 0.125)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel.prefill_attention(q.bfloat16(), k.bfloat16(), k.bfloat16(), 0, 0.125)
+    with pytest.raises(RuntimeError, match="k and v"):
+        kernel.prefill_attention(q, k, k[:9], 0, 0.125)
+    assert kernel.prefill_attention(q[:0], k, k, 0, 0.125).shape == (0, 9, 64)
+
+
+@pytest.mark.parametrize("prefix", [0, 70])  # the chunk's own K/V; after a cached prefix
+def test_float32_prefill_chunks_take_the_native_kernel_and_match_the_torch_path(kernel, prefix):
+    from cluster.model.layers.attention import AttentionMetadata, prefill_chunk, write_kv
+
+    if not kernel.has_prefill_attention():
+        pytest.skip("this CPU has no AVX2/FMA")
+    calls = []
+
+    class Spy:  # the kernels module, its prefill attention counted
+        def __getattr__(self, name):
+            return getattr(kernel, name)
+
+        def prefill_attention(self, *args):
+            calls.append(args[0].shape[0])
+            return kernel.prefill_attention(*args)
+
+    gen = torch.Generator().manual_seed(prefix)
+    block_size, tokens = 32, 100
+    cache = torch.zeros(2, 3, 40, block_size, 64)
+    table = torch.randperm(40, generator=gen)[: -(-(prefix + tokens) // block_size)]
+    slots = torch.tensor([int(table[i // block_size]) * block_size + i % block_size for i in range(prefix + tokens)])
+    k, v = torch.randn(prefix + tokens, 3, 64, generator=gen), torch.randn(prefix + tokens, 3, 64, generator=gen)
+    write_kv(cache, k[:prefix], v[:prefix], slots[:prefix])  # the cached prefix
+    q = torch.randn(tokens, 9, 64, generator=gen)
+    attention = PagedAttention(9, 3, 64)
+    outs = []
+    for native in (Spy(), None):
+        meta = AttentionMetadata(slot_mapping=slots[prefix:], decode_kernel=native,
+                                 prefills=[prefill_chunk(0, tokens, prefix, table if prefix else None)])
+        outs.append(attention(q, k[prefix:], v[prefix:], cache.clone(), meta))
+    assert calls == [tokens]
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-4)
+
+
 def test_gemm_f32_rejects_mismatched_shapes(kernel):
     if not kernel.has_gemm_f32():
         pytest.skip("this CPU has no AVX2/FMA")

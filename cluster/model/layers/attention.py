@@ -111,7 +111,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block_id * block_size + offset) of each new token
     decodes: list[DecodeGroup] = field(default_factory=list)  # the first tokens of the batch
     prefills: list[PrefillChunk] = field(default_factory=list)
-    decode_kernel: object | None = None  # native paged decode kernel (cluster.kernels), None = torch path
+    decode_kernel: object | None = None  # native CPU kernels (cluster.kernels): paged decode, float32 prefill; None = torch
     varlen: VarlenMetadata | None = None  # set: the Triton backend runs (decodes/prefills stay empty)
 
 
@@ -203,7 +203,7 @@ class PagedAttention(nn.Module):
         for chunk in meta.prefills:
             rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
             out[rows] = self._prefill(q[rows], None if k is None else k[rows], None if v is None else v[rows],
-                                      kv_cache, chunk)
+                                      kv_cache, chunk, meta.decode_kernel)
         return out.view(q.shape[0], -1)
 
     def _forward_triton(self, q, k, v, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -242,7 +242,20 @@ class PagedAttention(nn.Module):
         out = torch.bmm(probs.view(-1, group, length), values.view(-1, length, head_dim))
         return out.view(heads, num_seqs, group, head_dim).transpose(0, 1).reshape(num_seqs, self.num_heads, head_dim)
 
-    def _prefill(self, q, k, v, kv_cache, chunk: PrefillChunk) -> torch.Tensor:
+    def _prefill(self, q, k, v, kv_cache, chunk: PrefillChunk, kernel=None) -> torch.Tensor:
+        """A prompt chunk's attention. In float32 with the native kernels (CPUs without native
+        bfloat16) one causal pass over the context (``prefill_attention``: no mask, no padding to the
+        shape quantum, no two-part merge; 1.5-2.2x torch's flash attention on SmolLM2's shapes);
+        otherwise torch's fused attention as below."""
+        if kernel is not None and q.dtype == torch.float32 and self.head_dim in (64, 128) and \
+                kernel.has_prefill_attention():  # float32 (AVX2-only CPUs): one causal pass, no mask
+            if chunk.block_table is None:  # the chunk's own K/V
+                return kernel.prefill_attention(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), 0,
+                                                self.scale)
+            n = chunk.start_position + chunk.num_tokens
+            keys, values = _context(kv_cache, chunk.block_table, n, n)  # [Hkv, n, hd]
+            return kernel.prefill_attention(_last_dim_contiguous(q), keys.transpose(0, 1), values.transpose(0, 1),
+                                            chunk.start_position, self.scale)
         if chunk.block_table is not None:
             return self._prefill_cached(q, kv_cache, chunk)
         # Nothing cached before: attend within the chunk (causal: the padded keys come after every
