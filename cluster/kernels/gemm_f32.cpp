@@ -6,11 +6,13 @@
 // W[16p .. 16p + 15, k] for every k as 16 consecutive floats (the last panel zero-padded). A
 // register tile of 5-6 activation rows by one panel (12 accumulators) then runs down k with two
 // loads of the panel and one broadcast of each row's x[m, k] feeding two FMAs per row: no
-// horizontal sums, no re-layout per call. Each panel is read from memory once (the next one
-// prefetched while the first tile runs) and reused from cache by the other tiles. All of SmolLM2's
-// layer weights at 34 rows, 2-core AMD EPYC (AVX2, 102 GFLOP/s a core of FMAs): 45-48 ms, where
-// torch's float32 linear (MKL) took 79 and the row-blocked GEMV 68; at 1,024 rows 1.16 s against
-// MKL's 1.24 (docs/benchmarks.md).
+// horizontal sums, no re-layout per call. Each panel is read from memory once, the next one
+// prefetched a line at a time spread over all of this panel's tiles (issued all in the first tile,
+// the prefetches outran the memory: 34 rows 47.1 -> 39.6 ms below), and reused from cache by the
+// other tiles. All of SmolLM2's layer weights, 2-core AMD EPYC (AVX2; 102 GFLOP/s a core of FMAs),
+// one run, ms: 34 rows 49.6 (torch's float32 linear, MKL, 110.5; the row-blocked gemv_f32 81.3), 256
+// rows 374 (MKL 478), 1,024 rows 1,514 (MKL 1,493); at a quieter moment 39.6 ms at 34 rows (182
+// GFLOP/s) and 1.19 s at 1,024 (docs/benchmarks.md).
 //
 // Each output is one FMA chain down k from zero, the same whichever tile its row falls in or how
 // many rows the call has: a row's result does not depend on the rows beside it. The chain differs
@@ -29,16 +31,24 @@ constexpr int64_t kPanel = 16;  // output columns a panel (two 8-float vectors)
 #include <immintrin.h>
 
 // Rows [0, MR) of x (``ldx`` floats apart) against one panel over all k: y[m, 0..15] (``ldy`` apart),
-// ``cols`` of them stored (16 but in the last, padded panel). ``ahead``: the next panel, prefetched a
-// line per k (null but in a panel's first tile).
+// ``cols`` of them stored (16 but in the last, padded panel). ``ahead``: where this tile's share of the
+// next panel starts (``lines`` lines of 64 bytes; null where there is no next panel).
 template <int MR>
 static void tile(const float* __restrict x, int64_t ldx, const float* __restrict panel, int64_t k_size,
-                 const float* __restrict bias, float* __restrict y, int64_t ldy, int64_t cols, const float* ahead) {
+                 const float* __restrict bias, float* __restrict y, int64_t ldy, int64_t cols, const float* ahead,
+                 int64_t lines) {
   __m256 lo[MR], hi[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+  // ``lines`` lines of the next panel from ``ahead`` on, spread evenly over the k loop.
+  const int64_t every = lines > 0 ? std::max<int64_t>(1, k_size / lines) : k_size + 1;
+  int64_t next_at = 0, issued = 0;
   for (int64_t k = 0; k < k_size; ++k) {
-    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + k * kPanel), _MM_HINT_T0);
+    if (k == next_at && issued < lines) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + issued * kPanel), _MM_HINT_T0);
+      ++issued;
+      next_at += every;
+    }
     const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
@@ -75,7 +85,7 @@ static void tile(const float* __restrict x, int64_t ldx, const float* __restrict
 }
 
 // All m_size rows against panel ``p``: ceil(m_size / 6) tiles as even as can be (34 rows: 6, 6, 6, 6,
-// 5, 5), the first prefetching the next panel.
+// 5, 5), each prefetching its share of the next panel.
 static void panel_rows(const float* x, int64_t m_size, int64_t k_size, const float* panel, const float* ahead,
                        const float* bias, float* y, int64_t n_size, int64_t cols) {
   const int64_t tiles = (m_size + 5) / 6, base = m_size / tiles, extra = m_size % tiles;
@@ -84,14 +94,17 @@ static void panel_rows(const float* x, int64_t m_size, int64_t k_size, const flo
     const int64_t rows = base + (t < extra ? 1 : 0);
     const float* xm = x + m * k_size;
     float* ym = y + m * n_size;
-    const float* pf = t == 0 ? ahead : nullptr;
+    // Every tile prefetches its share of the next panel's k_size lines (64 bytes each).
+    const int64_t from = ahead ? k_size * t / tiles : 0, to = ahead ? k_size * (t + 1) / tiles : 0;
+    const float* pf = ahead ? ahead + from * kPanel : nullptr;
+    const int64_t lines = to - from;
     switch (rows) {
-      case 1: tile<1>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
-      case 2: tile<2>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
-      case 3: tile<3>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
-      case 4: tile<4>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
-      case 5: tile<5>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
-      default: tile<6>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf); break;
+      case 1: tile<1>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf, lines); break;
+      case 2: tile<2>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf, lines); break;
+      case 3: tile<3>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf, lines); break;
+      case 4: tile<4>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf, lines); break;
+      case 5: tile<5>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf, lines); break;
+      default: tile<6>(xm, k_size, panel, k_size, bias, ym, n_size, cols, pf, lines); break;
     }
     m += rows;
   }
