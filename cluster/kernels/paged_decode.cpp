@@ -232,23 +232,7 @@ static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const 
 #endif
 #define LLM_CLUSTER_AVX2_F32 1
 
-// exp(x) for x <= 0, 8 lanes (AVX2): 2^n * 2^f with f in [-0.5, 0.5], 2^f by a degree-6
-// polynomial (relative error ~1e-7), 2^n built in the exponent bits.
-static inline __m256 exp_nonpositive8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.69314718055994531f));
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
+#include "avx2_math.h"
 
 // Four 8-lane partial sums -> their four totals.
 static inline __m128 reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d) {

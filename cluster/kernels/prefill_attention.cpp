@@ -25,40 +25,13 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
+#include "avx2_math.h"
+
 namespace {
 
 constexpr int kKeys = 16;  // keys a panel
 constexpr int kRows = 6;   // query rows a tile
 constexpr float kNoScore = -1e30f;  // finite: the extension builds with -ffast-math
-
-// exp(x) for x <= 0, 8 lanes: 2^n * 2^f, 2^f by a degree-6 polynomial (relative error ~1e-7).
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.69314718055994531f));
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
-inline float max8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-}
-
-inline float sum8(__m256 v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
-}
 
 // One KV head's context, re-laid for the tiles: keys as panels [ceil(S / 16)][D][16] (zeros past S),
 // values as [S][D].
@@ -137,7 +110,7 @@ void tile(const float* q, const int64_t* limit, const Context& ctx, float* const
       new_max[m] = std::max(row_max[m], max8(_mm256_max_ps(a, c)));
     }
     const __m256 old_max = _mm256_load_ps(row_max), max_now = _mm256_load_ps(new_max);
-    _mm256_store_ps(correction, exp_nonpositive(_mm256_sub_ps(old_max, max_now)));
+    _mm256_store_ps(correction, exp_nonpositive8(_mm256_sub_ps(old_max, max_now)));
     _mm256_store_ps(row_max, max_now);
 #pragma GCC unroll 6
     for (int m = 0; m < MR; ++m) {
@@ -145,7 +118,7 @@ void tile(const float* q, const int64_t* limit, const Context& ctx, float* const
       __m256 total = _mm256_setzero_ps();
       for (int i = 0; i < kStep; i += 8) {
         const __m256 score = _mm256_load_ps(p[m] + i);
-        const __m256 e = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(score, mx)), _mm256_cmp_ps(score, none, _CMP_GT_OQ));
+        const __m256 e = _mm256_and_ps(exp_nonpositive8(_mm256_sub_ps(score, mx)), _mm256_cmp_ps(score, none, _CMP_GT_OQ));
         _mm256_store_ps(p[m] + i, e);
         total = _mm256_add_ps(total, e);
       }
