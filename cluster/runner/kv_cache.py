@@ -62,8 +62,9 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     (a TLB miss each, and the hardware prefetcher stops at every page's end). 30 layers of 33
     sequences x 600 tokens scattered over a 4 GiB float32 cache, 2-core AMD EPYC: 47-48 ms of decode
     attention with 4 KiB pages, 43 with 2 MiB ones (docs/benchmarks.md). Only the 2 MiB-aligned
-    interior is advised; returns whether the kernel took the advice (False off Linux, or where THP
-    is off, which changes nothing but speed)."""
+    interior is advised. Returns whether madvise accepted the advice: False off Linux or on a kernel
+    built without THP; with THP set to ``never`` it is accepted and changes nothing. Either way only
+    speed differs."""
     if sys.platform != "linux" or tensor.device.type != "cpu":
         return False
     start = tensor.data_ptr()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from types import SimpleNamespace
 
@@ -25,7 +26,8 @@ def _vm_flags(address: int) -> list[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="madvise is Linux's")
+@pytest.mark.skipif(sys.platform != "linux" or not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
+                    reason="transparent huge pages are Linux's, where the kernel is built with them")
 def test_cpu_cache_is_zeroed_and_its_memory_advised_for_huge_pages():
     arch = SimpleNamespace(num_kv_heads=3, head_dim=64, num_cache_layers=2)
     caches = allocate_kv_cache(arch, num_blocks=200, block_size=32, dtype=torch.float32, tp_size=1, device="cpu")

@@ -250,8 +250,8 @@ class PagedAttention(nn.Module):
         if kernel is not None and q.dtype == torch.float32 and self.head_dim in (64, 128) and \
                 kernel.has_prefill_attention():  # float32 (AVX2-only CPUs): one causal pass, no mask
             if chunk.block_table is None:  # the chunk's own K/V
-                return kernel.prefill_attention(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), 0,
-                                                self.scale)
+                return kernel.prefill_attention(_last_dim_contiguous(q), _last_dim_contiguous(k),
+                                                _last_dim_contiguous(v), 0, self.scale)
             n = chunk.start_position + chunk.num_tokens
             keys, values = _context(kv_cache, chunk.block_table, n, n)  # [Hkv, n, hd]
             return kernel.prefill_attention(_last_dim_contiguous(q), keys.transpose(0, 1), values.transpose(0, 1),
