@@ -57,6 +57,8 @@ class CoreClient:
     def _start(self) -> None:
         self._live: set[str] = set()  # sent to the core and not yet finished or aborted
         self._stats: dict = {}
+        self._aborts_sent = 0
+        self._aborts_seen = 0  # of those, taken in by the core as of ``_stats``
         self._dead: str | None = None
         listener, token = MessageListener("127.0.0.1"), secrets.token_hex(16)
         context = multiprocessing.get_context("spawn")  # no inherited threads, locks or CUDA state
@@ -141,16 +143,20 @@ class CoreClient:
             return False
         self._live.discard(request_id)
         self._send((proto.ABORT, request_id, reason.value))
+        self._aborts_sent += 1
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._live)
+        """Live requests, or aborts whose freed blocks the counters do not show yet: either way the
+        frontend must step (an idle frontend reads nothing, so stale counters would stay)."""
+        return bool(self._live) or self._aborts_seen < self._aborts_sent
 
     def step(self) -> list[CoreOutput]:
-        """The deltas of every step the core finished since the last call (waits for one)."""
+        """The deltas of every step the core finished since the last call (waits for one, or with
+        nothing live for the counters that follow the last abort)."""
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        if not self._live:
+        if not self.has_unfinished_requests():
             self._drain(wait=False)
             return []
         return self._drain(wait=True)
@@ -170,9 +176,9 @@ class CoreClient:
                 kind, *payload = self._channel.recv()
                 if kind == proto.STEP:
                     outputs += payload[0]
-                    self._stats = payload[1]
+                    self._stats, self._aborts_seen = payload[1], payload[2]
                 elif kind == proto.STATS:
-                    self._stats = payload[0]
+                    self._stats, self._aborts_seen = payload
                 elif kind == proto.DEAD:
                     self._die(f"the engine core failed: {payload[0]}")
         except (ChannelClosed, OSError):

@@ -4,7 +4,9 @@ The frontend (``CoreClient``) starts this process and listens; the process conne
 one-time token, builds the core (weights, KV cache) and says ``ready``. Then, forever: take every
 command waiting on the socket (add, abort, stop), run one step if any request is live and send
 its deltas with the core's counters. With nothing live it blocks on the socket: an idle core costs
-no CPU. A fault the core cannot pin on requests ends the process after saying why; the frontend
+no CPU. Each counters message carries how many aborts the core has taken in; one that leaves it
+idle is answered with the counters alone, so the frontend never keeps blocks in its view that
+an abort has freed. A fault the core cannot pin on requests ends the process after saying why; the frontend
 then starts a new one.
 
 Messages are tuples of small dataclasses (``CoreRequest``, ``CoreOutput``): per step only the new
@@ -58,18 +60,20 @@ def run_core_process(config: EngineConfig, plan: EnginePlan, host: str, port: in
 
 
 def _serve(core, channel) -> None:
-    aborted = False  # since the counters were last sent
+    # Every counters message says how many aborts the core has taken in, so the frontend knows
+    # when its view includes the blocks they freed.
+    aborts = reported = 0
     while True:
         if not core.has_unfinished_requests():
-            if aborted:  # the aborts freed blocks, and no step will report it
-                channel.send((STATS, core.stats()))
-                aborted = False
+            if reported != aborts:  # the aborts freed blocks, and no step will report it
+                channel.send((STATS, core.stats(), aborts))
+                reported = aborts
             message = channel.recv()  # idle: block until the frontend has something
         elif channel.readable(0):
             message = channel.recv()
         else:
-            channel.send((STEP, core.step(), core.stats()))
-            aborted = False
+            channel.send((STEP, core.step(), core.stats(), aborts))
+            reported = aborts
             continue
         kind, *payload = message
         if kind == STOP:
@@ -78,4 +82,5 @@ def _serve(core, channel) -> None:
             core.add(payload[0])
         elif kind == ABORT:
             request_id, reason = payload
-            aborted |= core.abort(request_id, FinishReason(reason))
+            core.abort(request_id, FinishReason(reason))  # counted even if it had just finished
+            aborts += 1

@@ -68,6 +68,53 @@ def test_the_core_process_generates_what_the_in_process_core_does(tiny_llama_dir
         engine.shutdown()
 
 
+def test_the_counters_show_blocks_freed_by_aborts_once_the_engine_is_idle(tiny_llama_dir):
+    """An abort that leaves the core idle frees blocks no step reports: the frontend keeps stepping
+    until the core's counters include it, so routing, metrics and autoscaling never see them held."""
+    engine = LLMEngine(_config(tiny_llama_dir), core_process=True)
+    try:
+        for i, ids in enumerate(PROMPTS):
+            engine.add_request(f"a{i}", {"prompt_token_ids": ids}, LONG, RequestOutputKind.DELTA)
+        tokens = dict.fromkeys([f"a{i}" for i in range(len(PROMPTS))], 0)
+        while min(tokens.values()) < 2:
+            for out in engine.step():
+                tokens[out.request_id] += len(out.outputs[0].token_ids)
+        held = engine.stats()
+        assert held["num_running"] == len(PROMPTS) and held["num_free_blocks"] < held["num_blocks"], held
+        for request_id in tokens:
+            assert engine.abort(request_id)
+        while engine.has_unfinished_requests():
+            engine.step()
+        stats = engine.stats()
+        assert stats["num_free_blocks"] == stats["num_blocks"] and not stats["num_running"], stats
+    finally:
+        engine.shutdown()
+
+
+def test_an_abandoned_stream_leaves_the_counters_idle(async_engine):
+    """A consumer that stops reading mid-stream (a client gone) aborts its request; with nothing
+    else to run, the engine's counters still come back to all blocks free."""
+    async def abandon(i):
+        async for out in async_engine.generate({"prompt_token_ids": [1, 7, 200 + i]}, LONG, f"gone{i}",
+                                               kind=RequestOutputKind.DELTA):
+            if out.outputs[0].token_ids:
+                break
+
+    async def run():
+        await asyncio.wait_for(asyncio.gather(*(abandon(i) for i in range(3))), 120)
+        deadline = time.monotonic() + 60
+        while True:
+            stats = async_engine.engine.stats()
+            if stats["num_free_blocks"] == stats["num_blocks"] and not stats["num_running"]:
+                return stats
+            if time.monotonic() > deadline:
+                return stats
+            await asyncio.sleep(0.05)
+
+    stats = asyncio.run(run())
+    assert stats["num_free_blocks"] == stats["num_blocks"] and not stats["num_running"], stats
+
+
 def _wait_serving(engine: AsyncLLMEngine, timeout_s: float = 60) -> float:
     started = time.monotonic()
     while not engine.is_serving:
