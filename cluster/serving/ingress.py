@@ -5,12 +5,13 @@ It holds no model: every request becomes an ``EngineRequest``, is tokenized here
 files come from a replica once; ``cluster/serving/prompt_tokenizer.py``) and goes to the
 model-server deployment through its handle, so the prefix-affinity router sees its token ids.
 Cancellation propagates: when a gRPC stream is cancelled, its deadline passes or an HTTP client
-disconnects, Serve cancels this call and the replica call under it, and the engine aborts
-the request and frees its KV blocks.
+disconnects, Serve cancels this call, this call cancels its replica call (itself, not only through
+Serve's recursive cancellation), and the engine aborts the request and frees its KV blocks.
 """
 
 
 import asyncio
+import contextlib
 import importlib
 import time
 from collections.abc import AsyncIterator
@@ -99,9 +100,18 @@ class Ingress:
         self._admit()
         request = await self._tokenized(request)
         self._in_flight += 1
+        responses = self.server.options(stream=True).generate.remote(request)
         try:
-            async for chunk in self.server.options(stream=True).generate.remote(request):
+            async for chunk in responses:
                 yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            # Our caller went away (a client cancelled or disconnected): cancel the replica call
+            # here rather than trust Serve's recursive cancellation alone (Ray 2.60 cancels a child
+            # still awaiting assignment from outside the router's event loop, and an assigned one
+            # through Ray's recursive task cancellation). Once, 10 of 100 cancelled streams ran
+            # on to max_tokens with nobody listening.
+            responses.cancel()
+            raise
         finally:
             self._in_flight -= 1
 
@@ -140,8 +150,9 @@ class Ingress:
         try:
             self._grpc_request(request, grpc_context)
             engine_request = conversion.request_from_proto(request, self.config.chat_max_tokens)
-            async for chunk in self._stream(engine_request):
-                yield conversion.stream_message(chunk)
+            async with contextlib.aclosing(self._stream(engine_request)) as chunks:
+                async for chunk in chunks:  # closed with this call, so the replica call is cancelled
+                    yield conversion.stream_message(chunk)
         except Exception as err:
             _fail(grpc_context, err)
 
@@ -262,4 +273,6 @@ class Ingress:
                 yield conversion.usage_sse(last, model, created, chat)
         except Exception as err:  # the stream has started: report in-band, as OpenAI does
             yield conversion.sse(conversion.http_error(err)[1])
+        finally:
+            await rest.aclose()  # a client gone mid-stream: the replica call is cancelled now
         yield conversion.sse("[DONE]")

@@ -6,8 +6,9 @@ instead of cancelling it inside an ``await``, so Serve never cancels the replica
 request runs to completion with nobody listening: 18-20 of 100 streams cancelled right after their
 first message, and 20 of 129 here with Ray 2.60 (the gap of ray-project/ray#52533 and the unmerged
 #42665). The fix: each proxied call registers a done-callback on its gRPC context; when the RPC
-ends before the proxy finished its replica call, that call is cancelled, and Serve propagates the
-cancellation to the ingress and the model server, whose engine aborts the request.
+ends before the proxy finished its replica call, that call is cancelled (or, not made yet, is
+cancelled as it is made), and the cancellation reaches the ingress, which cancels its call to the
+model server, whose engine aborts the request.
 
 Second: on an error, the proxy sends the deployment's status code and details but drops the
 trailing metadata the deployment set (``ResponseStatus`` carries none on the gRPC path), so a
@@ -31,30 +32,39 @@ _FLAG = "_llm_cluster_cancels_abandoned_calls"
 
 
 class _RecordingHandle:
-    """A deployment handle that remembers the responses of its ``remote`` calls."""
+    """A deployment handle that remembers the responses of its ``remote`` calls, and cancels a call
+    made after the gRPC call it serves has already ended."""
 
-    def __init__(self, handle, responses: list):
+    def __init__(self, handle, responses: list, state: dict):
         self._handle = handle
         self._responses = responses
+        self._state = state
 
     def remote(self, *args, **kwargs):
         response = self._handle.remote(*args, **kwargs)
         self._responses.append(response)
+        if self._state["abandoned"]:
+            _cancel(response)
         return response
 
     def __getattr__(self, name):
         return getattr(self._handle, name)
 
 
+def _cancel(response) -> None:
+    try:
+        if not response.cancelled():
+            response.cancel()
+    except Exception:  # noqa: BLE001 - a callback must not raise into grpcio
+        logger.debug("cancelling an abandoned gRPC call's replica request failed", exc_info=True)
+
+
 def _cancel_unfinished(responses: list, state: dict, _context) -> None:
     if state["finished"]:
         return
+    state["abandoned"] = True  # a replica call the proxy has yet to make is cancelled as it is made
     for response in responses:
-        try:
-            if not response.cancelled():
-                response.cancel()
-        except Exception:  # noqa: BLE001 - a callback must not raise into grpcio
-            logger.debug("cancelling an abandoned gRPC call's replica request failed", exc_info=True)
+        _cancel(response)
 
 
 def _with_trailers(original_status):
@@ -115,9 +125,9 @@ def install() -> bool:
                 yield item
             return
         responses: list = []
-        state = {"finished": False}
+        state = {"finished": False, "abandoned": False}
         context.add_done_callback(functools.partial(_cancel_unfinished, responses, state))
-        async for item in original(self, request_id, internal_request_id, _RecordingHandle(handle, responses),
+        async for item in original(self, request_id, internal_request_id, _RecordingHandle(handle, responses, state),
                                    proxy_request, *args, **kwargs):
             _send_trailers(context, item)
             yield item

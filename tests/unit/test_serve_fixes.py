@@ -56,3 +56,39 @@ def test_serve_back_pressure_gets_a_hint_and_other_errors_get_no_trailers():
     context = _Context()
     serve_fixes._send_trailers(context, ResponseStatus(code=grpc.StatusCode.OK))
     assert context.trailers == [("request_id", "r-1")]
+
+
+class _Response:
+    def __init__(self):
+        self.was_cancelled = False
+
+    def cancel(self):
+        self.was_cancelled = True
+
+    def cancelled(self):
+        return self.was_cancelled
+
+
+class _Handle:
+    def remote(self, *args, **kwargs):
+        return _Response()
+
+
+def test_a_replica_call_of_an_ended_grpc_call_is_cancelled_whenever_it_is_made():
+    """The RPC's done-callback cancels the calls made so far, and one made after it (the proxy was
+    still admitting the request when the client went away) is cancelled as it is made."""
+    responses, state = [], {"finished": False, "abandoned": False}
+    handle = serve_fixes._RecordingHandle(_Handle(), responses, state)
+    before = handle.remote()
+    serve_fixes._cancel_unfinished(responses, state, None)
+    after = handle.remote()
+    assert before.was_cancelled and after.was_cancelled
+
+
+def test_a_finished_grpc_call_cancels_nothing():
+    responses, state = [], {"finished": False, "abandoned": False}
+    handle = serve_fixes._RecordingHandle(_Handle(), responses, state)
+    response = handle.remote()
+    state["finished"] = True
+    serve_fixes._cancel_unfinished(responses, state, None)
+    assert not response.was_cancelled
