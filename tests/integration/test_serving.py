@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -214,7 +215,7 @@ def test_32_concurrent_streams_complete_correctly(smollm2_app, offline):
 
 def test_cancelled_streams_and_expired_deadlines_free_their_blocks(stub):
     baseline = wait_for_free_blocks()
-    assert baseline["num_free_blocks"] == baseline["num_blocks"]
+    assert baseline["num_free_blocks"] == baseline["num_blocks"], baseline
     calls = [stub.GenerateStream(greedy(p, max_tokens=2000, ignore_eos=True), metadata=METADATA) for p in PROMPTS]
     for call in calls:
         next(call)  # generation is under way
@@ -325,15 +326,17 @@ def test_more_work_than_the_queue_bound_is_resource_exhausted_at_once(smollm2_ap
             refused_within = time.monotonic() - started
             await asyncio.sleep(2)  # let the rest of the flood be admitted, queued or refused
             # Still saturated (the admitted streams run 2,000 tokens): a burst of 20 HTTP requests
-            # cannot all fit. Those that queue are served once the streams are cancelled.
-            http = [asyncio.create_task(asyncio.to_thread(post_json, smollm2_app[1] + "/v1/completions",
-                                                          {"prompt": f"{i} hi", "max_tokens": 8}))
-                    for i in range(20)]
-            await asyncio.sleep(3)
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            statuses = [status for status, _ in await asyncio.gather(*http)]
+            # cannot all fit. Those that queue are served once the streams are cancelled. A thread
+            # each, so that all 20 arrive at once (asyncio's default pool has 6 threads on 2 cores).
+            loop = asyncio.get_running_loop()
+            with ThreadPoolExecutor(20) as pool:
+                http = [loop.run_in_executor(pool, post_json, smollm2_app[1] + "/v1/completions",
+                                             {"prompt": f"{i} hi", "max_tokens": 8}) for i in range(20)]
+                await asyncio.sleep(3)
+                for call in calls:
+                    call.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                statuses = [status for status, _ in await asyncio.gather(*http)]
             return codes, statuses, refused_within
 
     codes, http_statuses, refused_within = asyncio.run(run())
@@ -344,7 +347,10 @@ def test_more_work_than_the_queue_bound_is_resource_exhausted_at_once(smollm2_ap
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
     assert refused_within < 30, f"refusals took {refused_within:.1f} s: they must not wait in a queue"
     assert 429 in http_statuses and set(http_statuses) <= {200, 429}, http_statuses
-    wait_for_free_blocks()
+    # Every cancelled stream was aborted: none runs on to its 2,000 tokens with nobody listening
+    # (alone, one would take 30 s and more here).
+    after = wait_for_free_blocks(timeout_s=20)
+    assert after["num_free_blocks"] == after["num_blocks"] and not after["num_running"], after
     assert stub.Generate(greedy(PROMPTS[0]), metadata=METADATA).text == offline[PROMPTS[0]]
 
 
@@ -365,7 +371,7 @@ def test_http_client_disconnect_aborts_the_request_and_frees_its_blocks(smollm2_
     from urllib.parse import urlparse
 
     baseline = wait_for_free_blocks()
-    assert baseline["num_free_blocks"] == baseline["num_blocks"]
+    assert baseline["num_free_blocks"] == baseline["num_blocks"], baseline
     url = urlparse(smollm2_app[1])
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
     body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 2000, "ignore_eos": True, "stream": True})
