@@ -353,7 +353,7 @@ def serve_cluster():
 # for a Ray fixture, or is marked `serial`, must be in one of these modules (checked at collection).
 SERIAL_MODULES = frozenset(f"tests/integration/test_{name}.py" for name in (
     "autoscaling", "core_process_served", "fuzz_served", "multinode", "overload", "prefix_router_serve",
-    "security", "serve_config_file", "serving", "serving_cluster", "swiftkv", "tensor_parallel")) | {"tests/gpu/test_gpu.py"}
+    "security", "serve_config_file", "serving", "serving_cluster", "tensor_parallel")) | {"tests/gpu/test_gpu.py"}
 SERIAL_FIXTURES = {"local_ray", "serve_cluster", "multinode_ray", "serve_on_private_ray"}
 
 

@@ -137,7 +137,7 @@ def _schemas(count: int, seed: int) -> list[tuple[str, dict]]:
 
 
 def test_smollm2_answers_50_json_schemas_with_valid_json(smollm2_path):
-    llm = LLM(smollm2_path, dtype="bfloat16", num_threads=NUM_THREADS, num_blocks=512)
+    llm = LLM(smollm2_path, dtype="auto", num_threads=NUM_THREADS, num_blocks=512)
     tokenizer = llm.get_tokenizer()
     cases = _schemas(50, seed=7)
     prompts = [tokenizer.apply_chat_template(

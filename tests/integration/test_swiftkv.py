@@ -249,24 +249,6 @@ def test_the_teacher_cache_gives_the_teachers_own_outputs_within_its_budget(tiny
     torch.testing.assert_close(cached, fresh)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tp", [2, 4])
-def test_swiftkv_under_tensor_parallelism_matches_the_reference(local_ray, tiny_llama_dir, tmp_path, tp):
-    """Ray workers each hold their heads of q_proj_swiftkv and of the groups' K/V (replicated at tp=4)."""
-    model_dir = tiny_llama_dir("llama_deep")
-    params = perturbed_params(model_dir, 2, 2, seed=5)
-    path = str(tmp_path / "p.safetensors")
-    save_params(path, params, dtype=torch.float32)
-    llm = LLM(model=model_dir, swiftkv_params=path, dtype="float32", block_size=4, max_num_batched_tokens=16,
-              tensor_parallel_size=tp, cache_dir=str(tmp_path / "cache"))
-    try:
-        prompts = prompts_with_shared_prefixes()
-        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)]
-    finally:
-        llm.engine.shutdown()
-    assert got == dense_reference(model_dir, params, prompts, GREEDY.max_tokens)
-
-
 def test_the_shipped_smollm2_swiftkv_parameters_work_out_of_the_box(smollm2_path, smollm2_tokenizer):
     """`LLM(model="smollm2-135m", swiftkv=True)`: the distilled parameter file shipped in the package.
 

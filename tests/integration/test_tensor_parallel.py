@@ -13,12 +13,16 @@ import signal
 import time
 
 import pytest
+import torch
 
 from cluster.engine.async_engine import AsyncLLMEngine
 from cluster.errors import EngineDeadError, InvalidConfigError
 from cluster.llm import LLM
 from cluster.sampling_params import SamplingParams
+from cluster.swiftkv.checkpoint import save_params
 from tests.conftest import live_actor_ids, placement_group_state, state_address
+from tests.integration.test_swiftkv import GREEDY as SWIFTKV_GREEDY
+from tests.integration.test_swiftkv import dense_reference, perturbed_params, prompts_with_shared_prefixes
 
 MAX_TOKENS = 64
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
@@ -304,3 +308,22 @@ def test_idle_group_outlives_its_broadcast_timeout_only_thanks_to_the_keepalive(
                 generate_tokens(llm, prompts[:2])
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 4])
+def test_swiftkv_under_tensor_parallelism_matches_the_reference(local_ray, tiny_llama_dir, tmp_path, tp):
+    """SwiftKV (tests/integration/test_swiftkv.py) over Ray workers: each holds its heads of
+    q_proj_swiftkv and of the groups' K/V (replicated at tp=4)."""
+    model_dir = tiny_llama_dir("llama_deep")
+    params = perturbed_params(model_dir, 2, 2, seed=5)
+    path = str(tmp_path / "p.safetensors")
+    save_params(path, params, dtype=torch.float32)
+    llm = LLM(model=model_dir, swiftkv_params=path, dtype="float32", block_size=4, max_num_batched_tokens=16,
+              tensor_parallel_size=tp, cache_dir=str(tmp_path / "cache"))
+    try:
+        prompts = prompts_with_shared_prefixes()
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], SWIFTKV_GREEDY)]
+    finally:
+        llm.engine.shutdown()
+    assert got == dense_reference(model_dir, params, prompts, SWIFTKV_GREEDY.max_tokens)
