@@ -16,6 +16,8 @@ bool has_gemm_f32();
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t q_offset, double scale);
 bool has_prefill_attention();
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_mul(torch::Tensor x);
+bool has_silu_mul();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU)");
@@ -30,6 +32,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_gemm_f32", &has_gemm_f32, "whether gemm_f32 was built (AVX2 + FMA)");
   m.def("prefill_attention", &prefill_attention,
         "causal float32 attention of a prompt chunk over its context [S, Hkv, D] (CPU, AVX2 + FMA)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of x = [gate | up], one pass (CPU, float32, AVX2 + FMA)");
+  m.def("has_silu_mul", &has_silu_mul, "whether silu_mul was built (AVX2 + FMA)");
   m.def("has_prefill_attention", &has_prefill_attention, "whether prefill_attention was built (AVX2 + FMA)");
   m.def("gemv_q4_1", &gemv_q4_1, "gemv_f32 over a weight held as GGUF Q4_1 blocks, decoded exactly (CPU, AVX2)");
   m.def("gemv_q8_0", &gemv_q8_0, "gemv_f32 over a weight held as GGUF Q8_0 blocks, decoded exactly (CPU, AVX2)");

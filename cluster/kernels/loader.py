@@ -54,7 +54,7 @@ def _build():
         here = os.path.dirname(__file__)
         sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp",
                                                           "gemv_bf16.cpp", "gemv_f32.cpp", "gemm_f32.cpp",
-                                                          "prefill_attention.cpp", "rotary.cpp")]
+                                                          "prefill_attention.cpp", "rotary.cpp", "silu_mul.cpp")]
         build_dir = build_directory()
         with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die

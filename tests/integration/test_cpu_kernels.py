@@ -443,3 +443,51 @@ def test_linear_holds_exact_gguf_weights_as_blocks_for_decode_rows(kernel):
     assert calls == [1, 5, GGUF_BLOCKS_MAX_ROWS]
     assert PackedWeight(torch.randn(960, 576), kernel, gguf_blocks=True).blocks is None  # not blocks: dense
     assert PackedWeight(weight, None, gguf_blocks=True).blocks is None  # native kernels off
+
+
+@pytest.mark.parametrize("rows, n", [(1, 8), (3, 1536), (37, 100), (130, 13)])  # tails past the 8 lanes
+def test_silu_mul_is_torchs_swiglu_activation_to_float32_accuracy(kernel, rows, n):
+    if not kernel.has_silu_mul():
+        pytest.skip("silu_mul needs AVX2 + FMA")
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, 2 * n, generator=gen) * 6
+    x[0, : min(n, 6)] = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-30, -1e-30])[: min(n, 6)]  # exp's edges
+    gate, up = x.double().chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = kernel.silu_mul(x)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-30)
+    assert kernel.silu_mul(torch.empty(0, 2 * n)).shape == (0, n)
+
+
+def test_silu_mul_rejects_what_it_cannot_read(kernel):
+    if not kernel.has_silu_mul():
+        pytest.skip("silu_mul needs AVX2 + FMA")
+    for bad in (torch.randn(4, 7), torch.randn(4, 8).bfloat16(), torch.randn(8, 4).t(), torch.randn(2, 4, 8)):
+        with pytest.raises(RuntimeError, match="silu_mul"):
+            kernel.silu_mul(bad)
+
+
+def test_float32_mlp_takes_the_one_pass_activation_and_matches_the_torch_path(kernel):
+    from cluster.distributed.tp_group import TPGroup
+    from cluster.model.arch import ModelArch
+    from cluster.model.llama import LlamaMLP
+
+    if not kernel.has_silu_mul():
+        pytest.skip("silu_mul needs AVX2 + FMA")
+    arch = ModelArch._from_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                     "intermediate_size": 100, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                     "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 64}, "llama")
+    mlp = LlamaMLP(arch, TPGroup(), torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    for p in mlp.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    x = torch.randn(19, 64, generator=gen)
+    with torch.no_grad():
+        expected = mlp(x)
+        mlp.finalize_weights(kernel)
+        assert mlp._silu_mul is kernel
+        got = mlp(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    mlp.finalize_weights(None)
+    assert mlp._silu_mul is None
