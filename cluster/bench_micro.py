@@ -1,9 +1,11 @@
-"""``llm-cluster bench-micro``: the two CPU choices the engine makes, measured against the alternative.
+"""``llm-cluster bench-micro``: CPU choices the engine makes, measured against the alternative.
 
 1. bfloat16 linear with the weight pre-packed for oneDNN vs plain ``F.linear``, at SmolLM2's
    layer shapes and decode-sized batches.
 2. Decode attention over the paged cache: the C++ kernel vs the pure-torch path
    (block gather + two bmm calls), 64 sequences with contexts of 300-900 tokens.
+3. SwiGLU's activation in float32: the one-pass ``silu_mul`` kernel vs ``F.silu(gate).mul_(up)``,
+   at SmolLM2's width (intermediate 1,536) for decode-sized to prefill-sized batches.
 Each figure is the median of several timed repeats.
 """
 
@@ -69,10 +71,29 @@ def bench_decode_attention() -> None:
     print(f"  C++ paged kernel:     {kernel_us:8.0f}   ({torch_us / kernel_us:.2f}x)")
 
 
+def bench_silu_mul() -> None:
+    from cluster.kernels.loader import load
+
+    kernel = load()
+    print("\nSwiGLU activation silu(gate) * up, float32, intermediate 1536, us per layer")
+    if kernel is None or not kernel.has_silu_mul():
+        print("  silu_mul: unavailable (no AVX2 + FMA, or the build failed)")
+        return
+    print(f"{'rows':>6s} {'torch':>9s} {'silu_mul':>9s} {'speed-up':>9s}")
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 34, 256, 1024):
+        x = torch.randn(rows, 2 * 1536, generator=gen)
+        gate, up = x.chunk(2, dim=-1)
+        torch_us = _time_us(lambda: F.silu(gate).mul_(up), inner=30)
+        kernel_us = _time_us(lambda: kernel.silu_mul(x), inner=30)
+        print(f"{rows:6d} {torch_us:9.1f} {kernel_us:9.1f} {torch_us / kernel_us:8.2f}x")
+
+
 def run_micro(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
     bench_linears()
     bench_decode_attention()
+    bench_silu_mul()
     return 0

@@ -103,7 +103,7 @@ def _cmd_serve_bench(args) -> int:
 
 
 def _micro_parser(sub) -> None:
-    p = sub.add_parser("bench-micro", help="packed vs plain bf16 linears; C++ vs torch decode attention")
+    p = sub.add_parser("bench-micro", help="packed vs plain bf16 linears; C++ vs torch decode attention; one-pass SwiGLU")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_cmd_micro)
 
