@@ -13,6 +13,7 @@ Serve's recursive cancellation), and the engine aborts the request and frees its
 import asyncio
 import contextlib
 import importlib
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -31,6 +32,7 @@ from cluster.serving.generation_chunk import GenerationChunk
 from cluster.serving.prompt_tokenizer import PromptTokenizer, SharedTokenizer
 from cluster.v1 import generation_pb2 as pb
 
+logger = logging.getLogger(__name__)
 MODEL_SERVER = "ModelServer"  # the model-server deployment's name (cluster/serving/app.py)
 _HEALTH_CALL_TIMEOUT_S = 0.8  # health answers within 1 s even when it must ask a replica
 _DRAIN_FACTOR = 16  # an oversized body up to this many times the limit is read (and dropped) to answer 413
@@ -110,7 +112,10 @@ class Ingress:
             # still awaiting assignment from outside the router's event loop, and an assigned one
             # through Ray's recursive task cancellation). Once, 10 of 100 cancelled streams ran
             # on to max_tokens with nobody listening.
-            responses.cancel()
+            try:
+                responses.cancel()
+            except Exception:  # noqa: BLE001 - best effort; the caller's own cancellation goes on
+                logger.warning("cancelling an abandoned model-server call failed", exc_info=True)
             raise
         finally:
             self._in_flight -= 1

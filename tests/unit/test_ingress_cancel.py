@@ -90,3 +90,20 @@ def test_a_stream_that_ends_cancels_nothing():
 
     assert asyncio.run(run()) == ["chunk1", "chunk2"]
     assert not responses.cancelled and ingress._in_flight == 0
+
+
+def test_a_failing_cancel_does_not_replace_the_callers_cancellation():
+    class _Broken(_Responses):
+        def cancel(self):
+            raise RuntimeError("the router is gone")
+
+    responses = _Broken()
+    ingress = _ingress(responses)
+
+    async def run():
+        stream = Ingress._stream(ingress, "request")
+        await stream.__anext__()
+        await stream.aclose()  # GeneratorExit goes through; the failed cancel is only logged
+
+    asyncio.run(run())
+    assert ingress._in_flight == 0
