@@ -264,21 +264,38 @@ def start_local_ray(**options) -> None:
     in 2 runs of `make test` with two workers, never with one). That start is retried: what
     the tests measure begins once the cluster is up. The same load also showed as the GCS server
     not writing its port file in time ("Timed out waiting for file .../gcs_server_port_..."):
-    retried alike.
+    retried alike. So is a start whose dashboard never registered: ``ray.init`` gives the dashboard
+    60 s and then goes on without it (seen once in a clean clone's `make test`: no dashboard log at
+    all), and every later state-API call (``list_actors``) fails with "Could not read 'dashboard'
+    from GCS".
     """
     import ray
 
+    want_dashboard = options.get("include_dashboard", None) is not False
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         if ray.is_initialized():
             ray.shutdown()
         try:
             ray.init(address="local", log_to_driver=False, **options)
-            return
         except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this timeout
             slow_start = any(sign in str(err) for sign in _RAY_SLOW_START)
             if not slow_start or attempt == RAY_START_ATTEMPTS:
                 raise
             ray.shutdown()  # stops whatever half of the cluster did start
+            continue
+        if not want_dashboard or _dashboard_registered():
+            return
+        if attempt == RAY_START_ATTEMPTS:
+            raise RuntimeError(f"Ray's dashboard did not start in {RAY_START_ATTEMPTS} attempts: the state API needs it")
+        ray.shutdown()
+
+
+def _dashboard_registered() -> bool:
+    """Whether the connected cluster's dashboard wrote its address to the GCS (``ray.init`` has
+    already waited for it, so no wait here)."""
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_get("dashboard", namespace="dashboard") is not None
 
 
 @pytest.fixture(scope="module")
