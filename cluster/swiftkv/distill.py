@@ -12,10 +12,15 @@ local text file instead. Evaluation uses text not trained on: the teacher's answ
 
 Checkpoints (``state.pt`` in ``--work-dir``) hold parameters, optimiser and data order; a rerun
 with the same ``--work-dir`` resumes from the last one.
+
+``--dtype auto`` (the default) computes under bfloat16 autocast where the CPU runs bfloat16
+natively (AMX, AVX512-BF16) and in float32 elsewhere: an AVX2-only CPU emulates every bfloat16
+matmul, several times slower than float32 (``cluster.config.resolve_dtype``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,16 +29,30 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cluster.config import resolve_dtype
 from cluster.swiftkv.checkpoint import SwiftKVParams, save_params
 from cluster.swiftkv.dense_model import DenseSwiftKVModel, from_checkpoint
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype the student and teacher compute in: ``dtype`` with "auto" resolved for this CPU."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return resolve_dtype(dtype, "cpu")
+
+
+def _autocast(dtype: str):
+    """bfloat16 autocast for a bfloat16 run; float32 runs as the weights are."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if compute_dtype(dtype) == "bfloat16" else contextlib.nullcontext()
 
 
 # ---- data ------------------------------------------------------------------------------------
 
 def teacher_corpus(model: str, prompts_path: str, max_tokens: int, seed: int, cache_path: str,
-                   max_prompts: int | None = None, samples_per_prompt: int = 1) -> list[list[int]]:
+                   max_prompts: int | None = None, samples_per_prompt: int = 1, dtype: str = "auto") -> list[list[int]]:
     """Chat prompts + the teacher's sampled answers (``samples_per_prompt`` each, differently
     seeded), as token ids (cached in ``cache_path``)."""
     if os.path.isfile(cache_path):
@@ -44,7 +63,7 @@ def teacher_corpus(model: str, prompts_path: str, max_tokens: int, seed: int, ca
 
     with open(prompts_path) as f:
         prompts = [line.strip() for line in f if line.strip()][:max_prompts]
-    llm = LLM(model=model, dtype="bfloat16", swiftkv=False, max_num_seqs=64)
+    llm = LLM(model=model, dtype=compute_dtype(dtype), swiftkv=False, max_num_seqs=64)
     processor = llm.engine.input_processor
     ids = [processor.chat_token_ids([{"role": "user", "content": p}]) for p in prompts]
     ids = [p for p in ids for _ in range(samples_per_prompt)]
@@ -172,12 +191,13 @@ def distillation_loss(model: DenseSwiftKVModel, ids: torch.Tensor, temperature: 
 
 
 @torch.no_grad()
-def evaluate(model: DenseSwiftKVModel, rows: torch.Tensor, batch_size: int = 4) -> dict:
-    """Next-token agreement of SwiftKV with the base model, and both models' perplexity, on ``rows``."""
+def evaluate(model: DenseSwiftKVModel, rows: torch.Tensor, batch_size: int = 4, dtype: str = "auto") -> dict:
+    """Next-token agreement of SwiftKV with the base model, and both models' perplexity, on ``rows``
+    (computed in ``dtype``, "auto" resolved as ``compute_dtype`` does)."""
     agree = nll_student = nll_base = count = 0.0
     for start in range(0, rows.shape[0], batch_size):
         ids = rows[start:start + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast(dtype):
             base = model(ids, swiftkv=False).float()
             student = model(ids, swiftkv=True).float()
         targets = ids[:, 1:]
@@ -199,6 +219,7 @@ def run_distill(args) -> int:
     from cluster.model.source import resolve_model
 
     torch.manual_seed(args.seed)
+    dtype = compute_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model, ModelConfig(cache_dir=args.cache_dir).resolved_cache_dir()).path
@@ -212,11 +233,11 @@ def run_distill(args) -> int:
     else:
         train_sequences = teacher_corpus(args.model, args.prompts, args.teacher_max_tokens, args.seed,
                                          os.path.join(args.work_dir, "teacher_train.json"), args.max_prompts,
-                                         args.samples_per_prompt)
+                                         args.samples_per_prompt, dtype)
         train_source = (f"teacher answers to {os.path.relpath(args.prompts)} ({len(train_sequences)} answers, "
                         f"{args.samples_per_prompt} sampled per prompt)")
     heldout = teacher_corpus(args.model, args.heldout_prompts, args.teacher_max_tokens, args.seed + 1,
-                             os.path.join(args.work_dir, "teacher_heldout.json"))
+                             os.path.join(args.work_dir, "teacher_heldout.json"), dtype=dtype)
     train_rows = pack(train_sequences, args.seq_len, separator)
     eval_sets = {f"teacher answers to {os.path.relpath(args.heldout_prompts)}": pack(heldout, args.seq_len, separator)}
     if args.eval_corpus:
@@ -231,12 +252,12 @@ def run_distill(args) -> int:
         step, history, before = state["step"], state["history"], state.get("before") or {}
         segments = state.get("segments", [])
         # An evaluation set added on resume gets its "before" from the undistilled weights too.
-        before.update({name: evaluate(model, rows) for name, rows in eval_sets.items() if name not in before})
+        before.update({name: evaluate(model, rows, dtype=dtype) for name, rows in eval_sets.items() if name not in before})
         model.load_published(state["swiftkv"])
         optimizer.load_state_dict(state["optimizer"])
         print(f"resuming from step {step} ({state_path})")
     else:
-        before = {name: evaluate(model, rows) for name, rows in eval_sets.items()}
+        before = {name: evaluate(model, rows, dtype=dtype) for name, rows in eval_sets.items()}
     command = "llm-cluster swiftkv distill " + " ".join(getattr(args, "argv", []))
     # Each invocation is one segment; a run extended with a larger --steps restarts its cosine
     # schedule at that step's point on the longer horizon, so the recipe lists every segment.
@@ -269,7 +290,7 @@ def run_distill(args) -> int:
         ids = train_rows[batch_rows]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast(dtype):
             teacher = cache.get(model, batch_rows, ids, cos_sin)
             loss, parts = distillation_loss(model, ids, args.temperature, args.hidden_loss_weight, teacher)
         optimizer.zero_grad(set_to_none=True)
@@ -283,10 +304,10 @@ def run_distill(args) -> int:
         if step % args.checkpoint_every == 0 or step == args.steps:
             save_state()
     bar.close()
-    after = {name: evaluate(model, rows) for name, rows in eval_sets.items()}
+    after = {name: evaluate(model, rows, dtype=dtype) for name, rows in eval_sets.items()}
     recipe = {"base_model": args.model, "num_key_value_layers": args.num_key_value_layers,
               "key_value_group_size": args.key_value_group_size, "steps": args.steps, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "lr": args.lr, "temperature": args.temperature,
+              "seq_len": args.seq_len, "dtype": dtype, "lr": args.lr, "temperature": args.temperature,
               "hidden_loss_weight": args.hidden_loss_weight, "seed": args.seed, "train_data": train_source,
               "train_tokens_seen": step * args.batch_size * args.seq_len, "eval_before": before, "eval_after": after,
               "command": command, "segments": segments}
@@ -322,6 +343,8 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-rows", type=int, default=32)
     p.add_argument("--teacher-cache-gb", type=float, default=4.0,
                    help="memory for the teacher's outputs per training row, reused in later epochs")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: bfloat16 autocast where this CPU computes it natively, else float32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)

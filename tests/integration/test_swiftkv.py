@@ -197,7 +197,7 @@ def test_distillation_runs_checkpoints_resumes_and_the_loss_falls(tiny_llama_dir
                      heldout_prompts=os.path.join(os.path.dirname(__file__), "..", "..", "cluster", "swiftkv", "data",
                                                   "heldout_prompts.txt"),
                      teacher_max_tokens=16, corpus=str(corpus), eval_corpus=str(corpus), eval_rows=8, threads=None,
-                     teacher_cache_gb=1.0,
+                     teacher_cache_gb=1.0, dtype="auto",
                      cache_dir=str(tmp_path / "cache"), seed=0, argv=[])
     # The first invocation evaluates on the held-out teacher text only; the resumed one adds the corpus.
     first = Namespace(**{**vars(args), "steps": 20, "eval_corpus": None, "argv": ["--steps", "20"]})
