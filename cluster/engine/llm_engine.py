@@ -83,8 +83,9 @@ class LLMEngine:
             self.core = EngineCore(config, self.plan, executor_factory)
         dtype = config.model.resolved_dtype()
         if dtype == "bfloat16" and config.model.resolved_device() == "cpu" and not cpu_has_native_bfloat16():
-            logger.warning("dtype bfloat16 on a CPU that does not compute it natively (no AVX-512/AMX): it is "
-                           "emulated, several times slower than float32 here; dtype='auto' picks float32")
+            logger.warning("dtype bfloat16 on a CPU that does not compute it natively (no AVX-512/AMX): the "
+                           "linears widen it to float32 (the native kernels) or emulate it (slower); everything "
+                           "else is emulated; dtype='auto' picks float32")
         logger.info("%s (%s): KV cache of %d blocks x %d tokens = %d tokens; context %d",
                     self.source.name, dtype, self.num_blocks, config.cache.block_size,
                     self.max_num_cached_tokens, self.max_model_len)

@@ -291,8 +291,31 @@ def test_float32_linear_takes_the_gemv_for_few_rows_and_the_panels_above(kernel)
         x = torch.randn(rows, 576, generator=gen)
         torch.testing.assert_close(packed.linear(x, bias), x @ weight.T + bias, atol=1e-4, rtol=1e-5)
     assert calls == [("gemv", 1), ("gemv", GEMV_F32_MAX_ROWS), ("gemm", GEMV_F32_MAX_ROWS + 1), ("gemm", 700)]
-    assert PackedWeight(weight.bfloat16(), kernel).panels is None
     assert PackedWeight(weight, None).panels is None  # native kernels off: torch's linear
+
+
+def test_bfloat16_linear_where_onednn_cannot_run_it_takes_widened_float32_panels(kernel, monkeypatch):
+    """On a CPU that only emulates bfloat16 the weight is widened into float32 panels: the output is
+    the float32 sum of the exact products, rounded to bfloat16 once (any batch size, with a bias)."""
+    from cluster.model.layers.packed_weight import PackedWeight
+
+    if not kernel.has_gemm_f32():
+        pytest.skip("this CPU has no AVX2/FMA")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(960, 576, generator=gen).bfloat16()
+    bias = torch.randn(960, generator=gen).bfloat16()
+    packed = PackedWeight(weight, kernel)
+    assert packed.widened and packed.packed is None and packed.panels.dtype == torch.float32
+    for rows in (1, 4, 5, 33, 300):
+        x = torch.randn(rows, 576, generator=gen).bfloat16()
+        got = packed.linear(x, bias)
+        exact = (x.double() @ weight.double().T + bias.double())
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 960)
+        # one rounding to bfloat16 of a float32 sum: within half a bfloat16 step plus float32's error
+        torch.testing.assert_close(got.double(), exact, atol=1e-3, rtol=2 ** -8)
+    assert packed.linear(torch.empty(0, 576).bfloat16(), bias).shape == (0, 960)
+    assert not PackedWeight(weight, None).widened  # native kernels off: torch's linear
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

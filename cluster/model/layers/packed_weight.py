@@ -18,6 +18,13 @@ instead of 32 and get the very same outputs as ``gemv_f32`` (``gemv_q4_1`` / ``g
 blocks to the dense values and sum as ``gemv_f32`` does). Each kernel sums in its own fixed order,
 the same for a row whatever the batch; the float32 greedy checks against transformers hold with all
 of them. The panels are a second float32 copy of the weight (the plain one stays the parameter).
+
+bfloat16 on a CPU that only emulates it (AVX2: no oneDNN bfloat16 kernels, ``can_pack`` false):
+torch's bfloat16 linear runs there at a fifth of float32's speed or less. Where the float32 kernels
+are built the weight is widened (exactly) into float32 panels instead, and every input runs
+``gemm_f32``: products of bfloat16 values are exact in float32, summed in float32, and the output
+rounded to bfloat16 once, which is what a native bfloat16 matmul computes, up to the order of the
+sums. The panels are twice the bfloat16 weight's bytes.
 GPUs use ``F.linear``.
 """
 
@@ -67,16 +74,22 @@ class PackedWeight:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach()) if can_pack(weight) else None
         self.gemv = kernels.gemv_bf16 if self.packed is not None and kernels is not None and \
             kernels.has_gemv_bf16() else None
-        f32 = weight.dtype == torch.float32 and weight.device.type == "cpu" and kernels is not None and \
+        f32_kernels = weight.device.type == "cpu" and kernels is not None and \
             kernels.has_gemv_f32() and kernels.has_gemm_f32()  # one build condition (AVX2 + FMA) for both
+        f32 = weight.dtype == torch.float32 and f32_kernels
+        # bfloat16 where oneDNN cannot run it: float32 panels of the widened weight (see the module doc)
+        self.widened = weight.dtype == torch.bfloat16 and self.packed is None and f32_kernels
         self.gemv_f32 = kernels.gemv_f32 if f32 else None
-        self.gemm_f32 = kernels.gemm_f32 if f32 else None
-        self.panels = kernels.pack_f32(weight.detach()) if f32 else None
+        self.gemm_f32 = kernels.gemm_f32 if f32 or self.widened else None
+        self.panels = kernels.pack_f32(weight.detach().float()) if f32 or self.widened else None
         self.blocks = gguf.recover(weight) if gguf_blocks and f32 else None
         if self.blocks is not None:
             self.gemv_blocks = kernels.gemv_q4_1 if self.blocks.kind == "q4_1" else kernels.gemv_q8_0
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.widened and x.dim() == 2 and x.shape[0] > 0:
+            out = self.gemm_f32(x.float(), self.panels, self.dense.shape[0], None if bias is None else bias.float())
+            return out.to(x.dtype)
         if self.panels is not None and x.dim() == 2 and x.shape[0] > 0:
             rows = x.shape[0]
             if self.blocks is not None and rows <= GGUF_BLOCKS_MAX_ROWS:
