@@ -1,22 +1,24 @@
 // Python bindings of the optional CPU kernels (built by cluster/kernels/loader.py).
-#include <torch/extension.h>
+// pybind11 with torch's Tensor casters only: torch/extension.h (the whole C++ frontend) took 28 s of
+// the first-use build on a 2-core box, this header 9 s.
+#include <torch/csrc/utils/pybind.h>
 
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv_cache, torch::Tensor block_table,
-                           torch::Tensor context_lens, double scale);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
-torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);
+at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_table,
+                        at::Tensor context_lens, double scale);
+at::Tensor rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps);
+at::Tensor gemv_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 bool has_gemv_bf16();
-torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias);
+at::Tensor gemv_f32(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 bool has_gemv_f32();
-torch::Tensor gemv_q4_1(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, c10::optional<torch::Tensor> bias);
-torch::Tensor gemv_q8_0(torch::Tensor x, torch::Tensor qs, torch::Tensor scales, c10::optional<torch::Tensor> bias);
-torch::Tensor gemm_f32(torch::Tensor x, torch::Tensor panels, int64_t n_size, c10::optional<torch::Tensor> bias);
-torch::Tensor pack_f32(torch::Tensor weight);
+at::Tensor gemv_q4_1(at::Tensor x, at::Tensor qs, at::Tensor scales, c10::optional<at::Tensor> bias);
+at::Tensor gemv_q8_0(at::Tensor x, at::Tensor qs, at::Tensor scales, c10::optional<at::Tensor> bias);
+at::Tensor gemm_f32(at::Tensor x, at::Tensor panels, int64_t n_size, c10::optional<at::Tensor> bias);
+at::Tensor pack_f32(at::Tensor weight);
 bool has_gemm_f32();
-torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t q_offset, double scale);
+at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, int64_t q_offset, double scale);
 bool has_prefill_attention();
-void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor silu_mul(torch::Tensor x);
+void rotary_(at::Tensor x, at::Tensor cos, at::Tensor sin);
+at::Tensor silu_mul(at::Tensor x);
 bool has_silu_mul();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
