@@ -298,14 +298,73 @@ def _dashboard_registered() -> bool:
     return internal_kv._internal_kv_get("dashboard", namespace="dashboard") is not None
 
 
+class SharedCluster:
+    """One private Ray cluster (8 logical CPUs on the 2-core box) with Serve on free ports, shared by
+    the serial modules that need nothing of their own (``local_ray``, ``serve_cluster``): starting and
+    stopping Ray and Serve took ~9 s a module on an idle box, more under the suite's load. Started
+    on first use; started again when a module that runs its own cluster has shut it down."""
+
+    def __init__(self):
+        self.gcs_address: str | None = None
+        self.addresses: tuple[str, str] | None = None
+
+    def is_up(self) -> bool:
+        import ray
+
+        return self.gcs_address is not None and ray.is_initialized() and \
+            ray.get_runtime_context().gcs_address == self.gcs_address
+
+    def ensure(self) -> tuple[str, str]:
+        """Connected to the shared cluster; returns (grpc address, http base url)."""
+        import ray
+        from ray.serve.config import HTTPOptions, gRPCOptions
+
+        from cluster.serving.app import GRPC_SERVICER_FUNCTIONS
+
+        if not self.is_up():
+            metrics_port = free_port()
+            start_local_ray(num_cpus=8, _metrics_export_port=metrics_port)
+            os.environ["LLM_CLUSTER_TEST_METRICS_PORT"] = str(metrics_port)  # read by the metrics test
+            grpc_port, http_port = free_port(), free_port()
+            start_serve(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+                        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+            self.gcs_address = ray.get_runtime_context().gcs_address
+            self.addresses = (f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+        return self.addresses
+
+    def release(self) -> None:
+        """A module is done: delete the Serve applications it left, so the next starts clean."""
+        from ray import serve
+
+        if self.is_up():
+            for name in list(serve.status().applications):
+                serve.delete(name)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        if self.is_up():
+            serve.shutdown()
+            ray.shutdown()
+        self.gcs_address = self.addresses = None
+
+
+@pytest.fixture(scope="session")
+def shared_cluster():
+    cluster = SharedCluster()
+    yield cluster
+    cluster.shutdown()
+
+
 @pytest.fixture(scope="module")
-def local_ray():
-    """A private single-node Ray cluster for one test module (8 logical CPUs on the 2-core box)."""
+def local_ray(shared_cluster):
+    """The shared private Ray cluster (``SharedCluster``), for one test module."""
     import ray
 
-    start_local_ray(num_cpus=8)
+    shared_cluster.ensure()
     yield ray
-    ray.shutdown()
+    shared_cluster.release()
 
 
 def state_address() -> str:
@@ -342,23 +401,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve_cluster():
-    """Ray + Serve with our gRPC servicers; yields (grpc address, http base url)."""
-    import ray
-    from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
-
-    from cluster.serving.app import GRPC_SERVICER_FUNCTIONS
-
-    metrics_port = free_port()
-    start_local_ray(num_cpus=8, _metrics_export_port=metrics_port)
-    os.environ["LLM_CLUSTER_TEST_METRICS_PORT"] = str(metrics_port)  # read by the metrics test
-    grpc_port, http_port = free_port(), free_port()
-    start_serve(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-    yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
-    serve.shutdown()
-    ray.shutdown()
+def serve_cluster(shared_cluster):
+    """Ray + Serve with our gRPC servicers (the shared cluster); yields (grpc address, http base url)."""
+    yield shared_cluster.ensure()
+    shared_cluster.release()
 
 
 # ---- scheduling over xdist workers --------------------------------------------------------------
@@ -372,6 +418,21 @@ SERIAL_MODULES = frozenset(f"tests/integration/test_{name}.py" for name in (
     "autoscaling", "core_process_served", "fuzz_served", "multinode", "overload", "prefix_router_serve",
     "security", "serve_config_file", "serving", "serving_cluster", "tensor_parallel")) | {"tests/gpu/test_gpu.py"}
 SERIAL_FIXTURES = {"local_ray", "serve_cluster", "multinode_ray", "serve_on_private_ray"}
+SHARED_CLUSTER_FIXTURES = {"local_ray", "serve_cluster"}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The serial modules first (xdist hands out scopes in collection order: the longest one should
+    start at once); among them those that start clusters of their own, then those on the shared
+    cluster, so the shared one starts once and never runs beside another."""
+    shared_modules = {item.nodeid.split("::", 1)[0] for item in items
+                      if SHARED_CLUSTER_FIXTURES & set(item.fixturenames)}
+
+    def rank(item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return 2 if module not in SERIAL_MODULES else 1 if module in shared_modules else 0
+
+    items.sort(key=rank)  # stable: each module's own order, and the other modules', unchanged
 
 
 def pytest_itemcollected(item):

@@ -283,7 +283,7 @@ def test_executor_inside_a_serve_replica_uses_the_deployments_bundles(local_ray,
                       if g.state == "CREATED"} - groups_before
         assert new_groups == {used_group}, "the replica's own group only: nothing reserved twice"
     finally:
-        serve.shutdown()
+        serve.delete("tp-in-serve")  # Serve itself belongs to the shared cluster
 
 
 @pytest.mark.parametrize("keepalive_s, survives", [(1.0, True), (1000.0, False)])
