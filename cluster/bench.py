@@ -6,7 +6,8 @@ Throughput counts only the tokens each request asked for. Single stream: one cha
 alone, time to its first token and decode tokens/s after it.
 
 Peers (``--against``): transformers runs batched ``generate`` with left padding in arrival order
-at the best of several batch sizes. vLLM's CPU build (``cluster.bench_vllm``) runs the very same
+at the best of several batch sizes, in the same process, its runs interleaved with ours (run i of
+each side back to back, the side going first alternating), and each pair's ratio is printed too. vLLM's CPU build (``cluster.bench_vllm``) runs the very same
 token ids in its own venv, and both also run a prefill-heavy burst (``--burst-requests`` prompts of
 1-1.8k tokens, outputs a tenth of the prompt, all arriving at once: per-request time to first
 token and throughput). Each figure is the median of ``--repeats`` runs.
@@ -190,7 +191,8 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _bench_engine(args, work: Workload, single_ids: list[int], burst: Workload | None = None) -> dict:
+def _start_engine(args, work: Workload, single_ids: list[int]):
+    """Our engine, warmed up on the single-stream prompt and a few of the workload's requests."""
     from cluster import LLM
 
     from cluster.bench_vllm import KV_CACHE_GIB
@@ -200,6 +202,11 @@ def _bench_engine(args, work: Workload, single_ids: list[int], burst: Workload |
               gguf_blocks=not args.dense_weights)
     engine_single_stream(llm, single_ids)  # warm-up
     engine_throughput(llm, Workload(work.prompts[:4], [16] * 4))
+    return llm
+
+
+def _bench_engine(args, work: Workload, single_ids: list[int], burst: Workload | None = None) -> dict:
+    llm = _start_engine(args, work, single_ids)
     tput = [engine_throughput(llm, work) for _ in range(args.repeats)]
     singles = [engine_single_stream(llm, single_ids) for _ in range(args.repeats)]
     result = {"throughput": tput, "ttft": [s[0] for s in singles], "decode": [s[1] for s in singles]}
@@ -224,27 +231,42 @@ def _bench_vllm(args, path: str, work: Workload, single_ids: list[int], burst: W
     return result
 
 
-def _bench_hf(args, path: str, work: Workload, single_ids: list[int], pad_id: int) -> dict:
+def _bench_against_hf(args, path: str, work: Workload, single_ids: list[int], pad_id: int) -> tuple[dict, dict]:
+    """Our engine and transformers in one process, their runs interleaved: run i of each side is a
+    pair, and the side that goes first alternates from pair to pair, so a machine that drifts
+    during the benchmark (these do, by 5-10% within an hour) moves both sides of every pair alike."""
     from transformers import AutoModelForCausalLM
 
+    llm = _start_engine(args, work, single_ids)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
-    sizes = [int(s) for s in args.hf_batch_sizes.split(",")]
     hf_single_stream(model, single_ids, pad_id)  # warm-up
-    sweep = {b: hf_throughput(model, work, b, pad_id) for b in sizes}
+    sizes = [int(s) for s in args.hf_batch_sizes.split(",")]
+    ours = {"throughput": [engine_throughput(llm, work)], "ttft": [], "decode": []}
+    sweep = {b: hf_throughput(model, work, b, pad_id) for b in sizes}  # the sweep's best is pair 0's
     best = max(sweep, key=sweep.get)
     print("transformers batch-size sweep (tokens/s, one run each): "
-          + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items()) + f" -> best {best}")
-    tput = [sweep[best]] + [hf_throughput(model, work, best, pad_id) for _ in range(args.repeats - 1)]
-    singles = [hf_single_stream(model, single_ids, pad_id) for _ in range(args.repeats)]
-    return {"throughput": tput, "ttft": [s[0] for s in singles], "decode": [s[1] for s in singles],
-            "batch_size": best}
+          + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items()) + f" -> best {best}", flush=True)
+    hf = {"throughput": [sweep[best]], "ttft": [], "decode": [], "batch_size": best}
+    runs = {"ours": lambda: engine_throughput(llm, work), "hf": lambda: hf_throughput(model, work, best, pad_id)}
+    for i in range(1, args.repeats):
+        for side in (("hf", "ours") if i % 2 else ("ours", "hf")):
+            (ours if side == "ours" else hf)["throughput"].append(runs[side]())
+    for i in range(args.repeats):
+        for side in (("hf", "ours") if i % 2 else ("ours", "hf")):
+            ttft, decode = engine_single_stream(llm, single_ids) if side == "ours" \
+                else hf_single_stream(model, single_ids, pad_id)
+            result = ours if side == "ours" else hf
+            result["ttft"].append(ttft)
+            result["decode"].append(decode)
+    llm.engine.shutdown()
+    return ours, hf
 
 
 def _burst_p50(runs: list[list[float]]) -> list[float]:
     return [statistics.median(ttfts) for ttfts in runs]
 
 
-def _report(ours: dict, peer: dict | None, peer_name: str, threads: int) -> None:
+def _report(ours: dict, peer: dict | None, peer_name: str, threads: int, paired: bool = False) -> None:
     rows = [("generated tokens/s (workload)", "throughput", True), ("single-stream TTFT (s)", "ttft", False),
             ("single-stream decode tokens/s", "decode", True)]
     for result in (ours, peer):  # per-run TTFT p50 of the burst, so medians work as for the rest
@@ -260,7 +282,7 @@ def _report(ours: dict, peer: dict | None, peer_name: str, threads: int) -> None
         if result is not None:
             print(f"  {name} runs: " + "; ".join(f"{k} " + ", ".join(f"{v:.3f}" for v in result[k])
                                                for k in keys if k in result))
-    print(f"{'metric':34s} {'llm-cluster':>12s} {peer_name:>13s} {'ratio':>8s}")
+    print(f"{'metric':34s} {'llm-cluster':>12s} {peer_name:>13s} {'ratio':>8s}" + ("  paired ratios" if paired else ""))
     for label, key, higher_better in rows:
         a = _median(ours[key])
         if peer is None:
@@ -268,8 +290,13 @@ def _report(ours: dict, peer: dict | None, peer_name: str, threads: int) -> None
             continue
         b = _median(peer[key])
         ratio = a / b if higher_better else b / a
-        print(f"{label:34s} {a:12.3f} {b:13.3f} {ratio:7.2f}x")
-    print(f"(ratio > 1 means llm-cluster is better; for TTFT it is {peer_name}'s time / ours)")
+        pairs = ""
+        if paired:  # run i of each side ran back to back: each pair's ratio, then their median
+            each = [x / y if higher_better else y / x for x, y in zip(ours[key], peer[key])]
+            pairs = f"  {', '.join(f'{r:.2f}' for r in each)} (median {_median(each):.2f}x)"
+        print(f"{label:34s} {a:12.3f} {b:13.3f} {ratio:7.2f}x{pairs}")
+    print(f"(ratio > 1 means llm-cluster is better; for TTFT it is {peer_name}'s time / ours"
+          + ("; pairs ran back to back, the side going first alternating" if paired else "") + ")")
 
 
 def run_bench(args) -> int:
@@ -297,9 +324,11 @@ def run_bench(args) -> int:
         peer = _bench_vllm(args, source.path, work, single_ids, burst)
         _report(ours, peer, "vLLM-CPU", torch.get_num_threads())
         return 0
-    ours = _bench_engine(args, work, single_ids)
-    hf = None if args.skip_hf else _bench_hf(args, source.path, work, single_ids, tokenizer.pad_token_id or 0)
-    _report(ours, hf, "transformers", torch.get_num_threads())
+    if args.skip_hf:
+        _report(_bench_engine(args, work, single_ids), None, "transformers", torch.get_num_threads())
+        return 0
+    ours, hf = _bench_against_hf(args, source.path, work, single_ids, tokenizer.pad_token_id or 0)
+    _report(ours, hf, "transformers", torch.get_num_threads(), paired=True)
     return 0
 
 
