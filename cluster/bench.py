@@ -199,7 +199,7 @@ def _start_engine(args, work: Workload, single_ids: list[int]):
 
     # vLLM's KV budget on ours too: in float32 our 1 GiB default holds half the workload at once
     llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads, kv_cache_memory_bytes=KV_CACHE_GIB << 30,
-              gguf_blocks=not args.dense_weights)
+              gguf_blocks=not args.dense_weights, kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
     engine_single_stream(llm, single_ids)  # warm-up
     engine_throughput(llm, Workload(work.prompts[:4], [16] * 4))
     return llm
@@ -315,7 +315,8 @@ def run_bench(args) -> int:
     print(f"workload: {len(work.prompts)} requests, {sum(map(len, work.prompts))} prompt tokens, "
           f"{work.num_output_tokens} output tokens; dtype {args.dtype}; single-stream prompt "
           f"{len(single_ids)} tokens, {SINGLE_STREAM_TOKENS} new tokens; our weights: "
-          f"{'dense' if args.dense_weights else 'GGUF blocks where exact (decode-sized matmuls)'}")
+          f"{'dense' if args.dense_weights else 'GGUF blocks where exact (decode-sized matmuls)'}; our KV cache: "
+          f"{args.kv_cache_dtype}")
     if args.against == "vllm":
         burst = make_burst_workload(args.burst_requests, arch.vocab_size, args.seed + 1)
         print(f"prefill-heavy burst: {len(burst.prompts)} requests at once, {sum(map(len, burst.prompts))} prompt "

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from cluster.config import DEFAULT_MODEL, SUPPORTED_DTYPES
+from cluster.config import DEFAULT_MODEL, KV_CACHE_DTYPES, SUPPORTED_DTYPES
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -16,10 +16,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
+def _add_kv_cache_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="what K/V are stored as; auto: the model's dtype (exact). bfloat16/float16 under a float32 "
+                        "model: half the cache's bytes, each K/V value rounded once")
+
+
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion to the terminal")
     p.add_argument("prompt")
     _add_engine_args(p)
+    _add_kv_cache_dtype_arg(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="ranks to split the model over (Ray worker actors above 1)")
@@ -38,6 +45,7 @@ def _generate_parser(sub) -> None:
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="engine vs transformers on a seeded workload")
     _add_engine_args(p)
+    _add_kv_cache_dtype_arg(p)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="runs per system; medians are reported")
     p.add_argument("--hf-batch-sizes", default="8,16,32", help="transformers batch sizes to try")
@@ -122,6 +130,7 @@ def _openmp_parser(sub) -> None:
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="deploy the Ray Serve app (gRPC + OpenAI HTTP) and wait for Ctrl-C")
     _add_engine_args(p)
+    _add_kv_cache_dtype_arg(p)
     p.add_argument("--address", default=None, help="join this Ray cluster (default: start a private local one)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray cluster")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (Serve's gRPC proxy binds all)")
@@ -148,6 +157,8 @@ def _cmd_serve(args) -> int:
 
     cpus = args.replica_cpus or (float(os.cpu_count() or 1) if args.tensor_parallel_size == 1 else 1.0)
     engine = {"model": args.model, "dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size}
+    if args.kv_cache_dtype != "auto":
+        engine["kv_cache_dtype"] = args.kv_cache_dtype
     if args.threads:
         engine["num_threads"] = args.threads
     autoscaling = None if args.max_replicas is None else \
@@ -225,7 +236,8 @@ def _cmd_generate(args) -> int:
     from cluster.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig.from_kwargs(model=args.model, dtype=args.dtype, num_threads=args.threads,
-                                                tensor_parallel_size=args.tensor_parallel_size))
+                                                tensor_parallel_size=args.tensor_parallel_size,
+                                                kv_cache_dtype=args.kv_cache_dtype))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens, stop=args.stop)
     prompt = args.prompt

@@ -9,6 +9,7 @@ from cluster.errors import InvalidConfigError
 
 SUPPORTED_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MODEL = "smollm2-135m"
 _MiB = 1 << 20
 
@@ -135,8 +136,18 @@ class CacheConfig:
     kv_cache_memory_bytes: int = 1024 * _MiB  # budget for K/V storage on each rank
     num_blocks: int | None = None  # overrides the budget (tests use it to force preemption)
     enable_prefix_caching: bool = True  # reuse full blocks across requests by token-hash chain
+    # what K/V are stored as: auto = the model's dtype (exact); a 16-bit type under a float32 model
+    # halves the cache's bytes (twice the tokens in the same budget, half the bytes decode attention
+    # reads) at one rounding of each stored K/V value; attention still computes in float32
+    kv_cache_dtype: str = "auto"
+
+    def resolved_kv_cache_dtype(self, model_dtype: str) -> str:
+        """The dtype K/V are stored in, for a model running ``model_dtype`` (resolved)."""
+        return model_dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     def __post_init__(self) -> None:
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                 f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         _require(_is_int(self.block_size) and 1 <= self.block_size <= 1024, "block_size",
                  f"must be an integer in [1, 1024], got {self.block_size!r}")
         _require(_is_int(self.kv_cache_memory_bytes) and self.kv_cache_memory_bytes > 0,
@@ -277,6 +288,15 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.speculative = SpeculativeConfig.build(self.speculative)
+        if self.cache.kv_cache_dtype != "auto":
+            model_dtype = self.model.resolved_dtype()
+            kv_dtype = self.cache.resolved_kv_cache_dtype(model_dtype)
+            _require(kv_dtype == model_dtype or model_dtype == "float32", "kv_cache_dtype",
+                     f"a {model_dtype} model stores K/V as {model_dtype} (auto); only a float32 model takes "
+                     f"a 16-bit cache, got {kv_dtype!r}")
+            _require(kv_dtype == model_dtype or self.model.resolved_attention_backend() == "torch", "kv_cache_dtype",
+                     f"the triton attention backend reads K/V in the model's dtype ({model_dtype}); use "
+                     f"kv_cache_dtype=auto or attention_backend=torch, got {kv_dtype!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -39,6 +39,7 @@ class EnginePlan:
                   and config.parallel.tensor_parallel_size == 1 and not self.arch.skips_prefill)
         return WorkerSpec(
             model_path=self.model_path, arch=self.arch, dtype=config.model.resolved_dtype(),
+            kv_cache_dtype=config.cache.resolved_kv_cache_dtype(config.model.resolved_dtype()),
             max_model_len=self.max_model_len, num_blocks=self.num_blocks, block_size=self.block_size,
             tp_size=config.parallel.tensor_parallel_size, eos_token_ids=self.eos_token_ids,
             device=config.model.resolved_device(), num_threads=config.parallel.num_threads,
@@ -66,7 +67,8 @@ def make_plan(config: EngineConfig, source, arch: ModelArch, tokenizer_eos: froz
     from cluster.runner.kv_cache import num_blocks_for
 
     max_model_len = _max_model_len(config, arch)
-    num_blocks = num_blocks_for(config.cache, arch, torch_dtype(config.model.resolved_dtype()),
+    kv_dtype = config.cache.resolved_kv_cache_dtype(config.model.resolved_dtype())
+    num_blocks = num_blocks_for(config.cache, arch, torch_dtype(kv_dtype),
                                 config.parallel.tensor_parallel_size)
     arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
     return EnginePlan(source.path, source.name, arch, max_model_len, num_blocks, config.cache.block_size,

@@ -241,7 +241,31 @@ static inline __m128 reduce4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-static inline void prefetch_row(const float* row, int64_t bytes, int hint) {
+// How a cache element becomes float32, 8 at a time: float32 as it is; a 16-bit cache under a
+// float32 model (kv_cache_dtype) widened on load, so attention computes in float32 either way and
+// decode reads half the bytes.
+struct KvF32 {
+  using type = float;
+  static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+};
+struct KvBF16 {  // bfloat16 is the top half of a float32
+  using type = uint16_t;
+  static inline __m256 load8(const uint16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+};
+#ifdef __F16C__
+#define LLM_CLUSTER_WIDENING_DECODE 1
+struct KvF16 {
+  using type = uint16_t;
+  static inline __m256 load8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+#endif
+
+static inline void prefetch_row(const void* row, int64_t bytes, int hint) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t c = 0; c < bytes; c += 64) {
     if (hint == 0) _mm_prefetch(p + c, _MM_HINT_T0);
@@ -251,26 +275,29 @@ static inline void prefetch_row(const float* row, int64_t bytes, int hint) {
 
 // Rows of blocks to prefetch while a block is read (null where there is none): this block's V (to
 // L1, read right after its K), the next block's K (to L1) and the K and V two blocks ahead (to L2).
+template <typename T>
 struct Ahead {
-  const float *v, *next_k, *far_k, *far_v;
+  const T *v, *next_k, *far_k, *far_v;
 };
 
 // Query heads [0, GP) of a pass (GP <= 3; ``qs`` their scaled queries) against one block of n tokens:
 // each K row is loaded once for all GP heads, then an online-softmax update of ``max``/``sum`` and
 // p.V, 32 dims at a time with V's row loaded once for all GP heads (GP x 4 accumulators).
-template <int kHeadDim, int GP>
-static void block_pass(const float* qs, const float* kb, const float* vb, int64_t n, float* scores, int64_t padded,
-                       float* max, float* sum, float* acc, const Ahead& ahead) {
+template <typename KV, int kHeadDim, int GP>
+static void block_pass(const float* qs, const typename KV::type* kb, const typename KV::type* vb, int64_t n,
+                       float* scores, int64_t padded, float* max, float* sum, float* acc,
+                       const Ahead<typename KV::type>& ahead) {
+  using T = typename KV::type;
   constexpr int kVecs = kHeadDim / 8;
-  constexpr int64_t kRowBytes = kHeadDim * sizeof(float);
+  constexpr int64_t kRowBytes = kHeadDim * sizeof(T);
   for (int64_t t = 0; t < n; ++t) {
     if (ahead.v) prefetch_row(ahead.v + t * kHeadDim, kRowBytes, 0);
     if (ahead.far_k) prefetch_row(ahead.far_k + t * kHeadDim, kRowBytes, 1);
-    const float* k = kb + t * kHeadDim;
+    const T* k = kb + t * kHeadDim;
     __m256 a[3];
     for (int g = 0; g < GP; ++g) a[g] = _mm256_setzero_ps();
     for (int i = 0; i < kVecs; ++i) {
-      const __m256 kv = _mm256_loadu_ps(k + i * 8);
+      const __m256 kv = KV::load8(k + i * 8);
       for (int g = 0; g < GP; ++g) a[g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qs + g * kHeadDim + i * 8), a[g]);
     }
     const __m256 z = _mm256_setzero_ps();
@@ -307,15 +334,15 @@ static void block_pass(const float* qs, const float* kb, const float* vb, int64_
       const __m256 corr = _mm256_set1_ps(correction[g]);
       for (int i = 0; i < 4; ++i) ac[g][i] = _mm256_mul_ps(_mm256_loadu_ps(acc + g * kHeadDim + d + i * 8), corr);
     }
-    const float* next = d == 0 ? ahead.next_k : d == 32 ? ahead.far_v : nullptr;
+    const T* next = d == 0 ? ahead.next_k : d == 32 ? ahead.far_v : nullptr;
     const int hint = d == 0 ? 0 : 1;
     for (int64_t u = 0; u < n; ++u) {
       if (next) prefetch_row(next + u * kHeadDim, kRowBytes, hint);
-      const float* v = vb + u * kHeadDim + d;
+      const T* v = vb + u * kHeadDim + d;
       __m256 p[3];
       for (int g = 0; g < GP; ++g) p[g] = _mm256_set1_ps(scores[g * padded + u]);
       for (int i = 0; i < 4; ++i) {
-        const __m256 vv = _mm256_loadu_ps(v + i * 8);
+        const __m256 vv = KV::load8(v + i * 8);
         for (int g = 0; g < GP; ++g) ac[g][i] = _mm256_fmadd_ps(p[g], vv, ac[g][i]);
       }
     }
@@ -330,11 +357,15 @@ static void block_pass(const float* qs, const float* kb, const float* vb, int64_
 // a sequence's blocks over the cache, which the hardware prefetcher cannot follow: each block's V
 // is prefetched while its K is read, the next block's K while its V is read, and the K and V two
 // blocks ahead into L2. 30 layers of 33 sequences x 600 tokens, blocks scattered at random over a
-// 4 GiB cache, 2-core AMD EPYC (AVX2): 54.5 ms before the prefetching, in order 37.7.
-template <int kHeadDim>
-static void decode_pair_avx2_f32(const float* q, const float* k_head, const float* v_head, const int64_t* table,
+// 4 GiB cache, 2-core AMD EPYC (AVX2): 54.5 ms before the prefetching, in order 37.7. ``KV``: how the
+// cache's elements load as float32 (KvF32, or a 16-bit cache widened on load).
+template <typename KV, int kHeadDim>
+static void decode_pair_avx2_f32(const float* q, const void* k_head_arg, const void* v_head_arg, const int64_t* table,
                                  int64_t context, int64_t block_size, int64_t group, float scale, float* out,
                                  Scratch& w) {
+  using T = typename KV::type;
+  const T* k_head = static_cast<const T*>(k_head_arg);
+  const T* v_head = static_cast<const T*>(v_head_arg);
   const int64_t padded = (block_size + 7) / 8 * 8;
   w.q.resize(group * kHeadDim);
   w.acc.assign(group * kHeadDim, 0.f);
@@ -346,10 +377,10 @@ static void decode_pair_avx2_f32(const float* q, const float* k_head, const floa
   const int64_t num_blocks = (context + block_size - 1) / block_size;
   for (int64_t b = 0; b < num_blocks; ++b) {
     const int64_t n = std::min(block_size, context - b * block_size);
-    const float* kb = k_head + table[b] * block_elems;
-    const float* vb = v_head + table[b] * block_elems;
+    const T* kb = k_head + table[b] * block_elems;
+    const T* vb = v_head + table[b] * block_elems;
     for (int64_t g0 = 0; g0 < group; g0 += 3) {
-      Ahead ahead{nullptr, nullptr, nullptr, nullptr};
+      Ahead<T> ahead{nullptr, nullptr, nullptr, nullptr};
       if (g0 == 0) {  // the first pass reads the block from memory; later ones find it in L1
         ahead.v = vb;
         if (b + 1 < num_blocks) ahead.next_k = k_head + table[b + 1] * block_elems;
@@ -363,9 +394,9 @@ static void decode_pair_avx2_f32(const float* q, const float* k_head, const floa
       float* mx = w.max.data() + g0;
       float* sm = w.sum.data() + g0;
       switch (std::min<int64_t>(3, group - g0)) {
-        case 1: block_pass<kHeadDim, 1>(qs, kb, vb, n, w.scores.data(), padded, mx, sm, acc, ahead); break;
-        case 2: block_pass<kHeadDim, 2>(qs, kb, vb, n, w.scores.data(), padded, mx, sm, acc, ahead); break;
-        default: block_pass<kHeadDim, 3>(qs, kb, vb, n, w.scores.data(), padded, mx, sm, acc, ahead); break;
+        case 1: block_pass<KV, kHeadDim, 1>(qs, kb, vb, n, w.scores.data(), padded, mx, sm, acc, ahead); break;
+        case 2: block_pass<KV, kHeadDim, 2>(qs, kb, vb, n, w.scores.data(), padded, mx, sm, acc, ahead); break;
+        default: block_pass<KV, kHeadDim, 3>(qs, kb, vb, n, w.scores.data(), padded, mx, sm, acc, ahead); break;
       }
     }
   }
@@ -376,8 +407,17 @@ static void decode_pair_avx2_f32(const float* q, const float* k_head, const floa
 }
 #endif
 
-// q: [S, Hq, D]; kv_cache: [2, Hkv, NB, BS, D]; block_table: [S, max_blocks] int64;
-// context_lens: [S] int64. Returns [S, Hq, D].
+// q: [S, Hq, D]; kv_cache: [2, Hkv, NB, BS, D] (q's dtype, or bfloat16 / float16 under float32 q
+// where has_widening_decode()); block_table: [S, max_blocks] int64; context_lens: [S] int64.
+// Returns [S, Hq, D].
+bool has_widening_decode() {
+#ifdef LLM_CLUSTER_WIDENING_DECODE
+  return true;
+#else
+  return false;
+#endif
+}
+
 at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_table,
                            at::Tensor context_lens, double scale) {
   TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous() && block_table.is_contiguous(),
@@ -390,6 +430,34 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
   auto out = at::empty_like(q);
   const int64_t* tables = block_table.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
+  if (kv_cache.scalar_type() != q.scalar_type()) {  // a 16-bit cache under float32 queries: widened on load
+#ifdef LLM_CLUSTER_WIDENING_DECODE
+    const bool bf16 = kv_cache.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(q.scalar_type() == at::kFloat && (bf16 || kv_cache.scalar_type() == at::kHalf) &&
+                    (head_dim == 64 || head_dim == 128),
+                "paged_decode: a ", kv_cache.scalar_type(), " cache takes float32 queries of head size 64 or 128, got ",
+                q.scalar_type(), " queries of head size ", head_dim);
+    auto fn = bf16 ? (head_dim == 64 ? &decode_pair_avx2_f32<KvBF16, 64> : &decode_pair_avx2_f32<KvBF16, 128>)
+                   : (head_dim == 64 ? &decode_pair_avx2_f32<KvF16, 64> : &decode_pair_avx2_f32<KvF16, 128>);
+    const float* qp = q.data_ptr<float>();
+    const uint16_t* kp = static_cast<const uint16_t*>(kv_cache.data_ptr());
+    const uint16_t* vp = kp + num_kv_heads * head_stride;
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+      Scratch scratch;
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t s = pair / num_kv_heads, h = pair % num_kv_heads;
+        const int64_t offset = (s * num_heads + h * group) * head_dim;
+        fn(qp + offset, kp + h * head_stride, vp + h * head_stride, tables + s * max_blocks, lens[s], block_size,
+           group, static_cast<float>(scale), op + offset, scratch);
+      }
+    });
+    return out;
+#else
+    TORCH_CHECK(false, "paged_decode: a ", kv_cache.scalar_type(), " cache under ", q.scalar_type(),
+                " queries needs the AVX2 + F16C build");
+#endif
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = kv_cache.data_ptr<scalar_t>();
@@ -406,8 +474,8 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
 #endif
 #ifdef LLM_CLUSTER_AVX2_F32
     auto f32_fn = !std::is_same_v<scalar_t, float> ? nullptr
-                  : head_dim == 64                ? &decode_pair_avx2_f32<64>
-                  : head_dim == 128               ? &decode_pair_avx2_f32<128>
+                  : head_dim == 64                ? &decode_pair_avx2_f32<KvF32, 64>
+                  : head_dim == 128               ? &decode_pair_avx2_f32<KvF32, 128>
                                                   : nullptr;
 #endif
     at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -417,8 +485,8 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
         const int64_t offset = (s * num_heads + h * group) * head_dim;
 #ifdef LLM_CLUSTER_AVX2_F32
         if (f32_fn != nullptr) {
-          f32_fn(reinterpret_cast<const float*>(qp + offset), reinterpret_cast<const float*>(kp + h * head_stride),
-                 reinterpret_cast<const float*>(vp + h * head_stride), tables + s * max_blocks, lens[s], block_size,
+          f32_fn(reinterpret_cast<const float*>(qp + offset), kp + h * head_stride, vp + h * head_stride,
+                 tables + s * max_blocks, lens[s], block_size,
                  group, static_cast<float>(scale), reinterpret_cast<float*>(op + offset), scratch);
           continue;
         }

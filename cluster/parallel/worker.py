@@ -181,9 +181,10 @@ class Worker:
             samples.append(time.perf_counter() - start)
         return sorted(samples)[len(samples) // 2]
 
-    def score(self, token_ids: list[int]):
-        """Logits for every position of ``token_ids`` (rank 0; None elsewhere). A collective."""
-        return self.runner.score(token_ids)
+    def score(self, token_ids: list[int], chunk_tokens: int | None = None):
+        """Logits for every position of ``token_ids`` (rank 0; None elsewhere). A collective.
+        ``chunk_tokens``: see ``ModelRunner.score``."""
+        return self.runner.score(token_ids, chunk_tokens)
 
 
 def bound_onednn_caches(capacity: int) -> None:

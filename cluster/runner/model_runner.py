@@ -31,6 +31,13 @@ class ModelRunner:
         # after the move: packing is device-specific
         finalize_weights(self.model, self.kernels, gguf_blocks=spec.gguf_blocks)
         self.spec = spec
+        # attention's kernels: a 16-bit cache under a float32 model (kv_cache_dtype) needs the decode
+        # kernel's widening loads; without them attention runs in torch over widened copies
+        self.attention_kernels = self.kernels
+        widened = torch_dtype(spec.kv_cache_dtype or spec.dtype) != torch_dtype(spec.dtype)
+        if self.kernels is not None and widened and not (self.kernels.has_widening_decode()
+                                                         and spec.arch.head_dim in (64, 128)):
+            self.attention_kernels = None
         self.varlen = spec.attention_backend == "triton"  # the Triton kernels read per-sequence metadata
         self.swiftkv = spec.arch.skips_prefill
         # oneDNN matmuls are built per row count: pad 16-bit CPU batches to buckets (padded_rows).
@@ -46,8 +53,8 @@ class ModelRunner:
     def init_kv_cache(self) -> int:
         """Allocate this rank's KV partition (its heads, every block); return its bytes."""
         spec = self.spec
-        self.kv_caches = allocate_kv_cache(spec.arch, spec.num_blocks, spec.block_size, torch_dtype(spec.dtype),
-                                           self.tp.tp_size, self.device)
+        self.kv_caches = allocate_kv_cache(spec.arch, spec.num_blocks, spec.block_size,
+                                           torch_dtype(spec.kv_cache_dtype or spec.dtype), self.tp.tp_size, self.device)
         if spec.decode_graph_batch:
             self.enable_decode_graphs(spec.decode_graph_batch, capture=True)
         return sum(t.numel() * t.element_size() for t in self.kv_caches)
@@ -69,7 +76,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(out.sequences):
             logits = self.model.compute_logits(self.graphs.run(out.sequences))
             return self._sample(logits, [s.request_id for s in out.sequences], out)
-        batch = build_model_input(out, self.block_size, self.device, self.kernels, swiftkv=self.swiftkv,
+        batch = build_model_input(out, self.block_size, self.device, self.attention_kernels, swiftkv=self.swiftkv,
                                   varlen=self.varlen, pad=self.pad_rows)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, batch.tail)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
@@ -80,21 +87,32 @@ class ModelRunner:
         return self._sample(logits, batch.sample_request_ids, out)
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> torch.Tensor | None:
+    def score(self, token_ids: list[int], chunk_tokens: int | None = None) -> torch.Tensor | None:
         """Logits at every position of one sequence (driver rank; None elsewhere), float32 on CPU.
 
         Runs through a scratch KV cache of its own, so the engine's cache and state are untouched.
+        ``chunk_tokens``: run the sequence in chunks of that many tokens, each attending to the
+        earlier ones through the cache as serving does (what a lossy ``kv_cache_dtype`` changes);
+        None: one pass.
         """
         spec = self.spec
         num_blocks = -(-len(token_ids) // self.block_size)
-        caches = allocate_kv_cache(spec.arch, num_blocks, self.block_size, torch_dtype(spec.dtype),
-                                   self.tp.tp_size, self.device)
-        seq = ScheduledSequence("score", list(token_ids), 0, list(range(num_blocks)), True, True)
-        batch = build_model_input(SchedulerOutput([seq]), self.block_size, self.device, self.kernels,
-                                  swiftkv=self.swiftkv, keep_all=True, varlen=self.varlen)
-        logits = self.model.compute_logits(self.model(batch.input_ids, batch.positions, caches, batch.meta,
-                                                      batch.tail))
-        return logits.float().cpu() if logits is not None else None
+        caches = allocate_kv_cache(spec.arch, num_blocks, self.block_size,
+                                   torch_dtype(spec.kv_cache_dtype or spec.dtype), self.tp.tp_size, self.device)
+        step = chunk_tokens or len(token_ids)
+        rows = []
+        for start in range(0, len(token_ids), step):
+            chunk = list(token_ids[start:start + step])
+            blocks = list(range(-(-(start + len(chunk)) // self.block_size)))
+            seq = ScheduledSequence("score", chunk, start, blocks, True, True)
+            batch = build_model_input(SchedulerOutput([seq]), self.block_size, self.device, self.attention_kernels,
+                                      swiftkv=self.swiftkv, keep_all=True, varlen=self.varlen)
+            logits = self.model.compute_logits(self.model(batch.input_ids, batch.positions, caches, batch.meta,
+                                                          batch.tail))
+            if logits is None:
+                return None
+            rows.append(logits.float().cpu())
+        return torch.cat(rows)
 
     def _update_requests(self, out: SchedulerOutput) -> None:
         if not self.tp.is_driver:

@@ -23,4 +23,5 @@ class WorkerSpec:
     gguf_blocks: bool = True  # decode-sized float32 matmuls read exact GGUF blocks (layers/gguf_blocks.py)
     onednn_cache_capacity: int | None = 64  # oneDNN's primitive caches, in entries (CPU); None = its default
     attention_backend: str = "torch"  # torch | triton (resolved: see ModelConfig.attention_backend)
+    kv_cache_dtype: str | None = None  # what K/V are stored as; None = the model's dtype
     decode_graph_batch: int = 0  # capture CUDA graphs of decode steps up to this batch (0: eager; see plan)

@@ -132,7 +132,9 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     to a bucket (``cluster.runner.model_input.padded_rows``) has rows past its slots: they are not stored."""
     two, heads, _, _, head_dim = kv_cache.shape
     k, v = k[: slot_mapping.numel()], v[: slot_mapping.numel()]
-    kv_cache.view(two, heads, -1, head_dim)[:, :, slot_mapping] = torch.stack((k, v)).transpose(1, 2)
+    # a 16-bit cache under a float32 model (kv_cache_dtype) stores each value rounded once, here
+    kv_cache.view(two, heads, -1, head_dim)[:, :, slot_mapping] = torch.stack((k, v)).transpose(1, 2).to(
+        kv_cache.dtype)
 
 
 def gather_blocks(kv_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -218,7 +220,8 @@ class PagedAttention(nn.Module):
         return out.view(q.shape[0], -1)
 
     def _decode(self, q, kv_cache, group: DecodeGroup) -> torch.Tensor:
-        keys, values = gather_blocks(kv_cache, group.block_table)  # [Hkv, S, L, hd], L = blocks * block size
+        # [Hkv, S, L, hd] each, L = blocks * block size; widened where the cache is 16-bit under float32
+        keys, values = gather_blocks(kv_cache, group.block_table).to(q.dtype)
         if group.num_seqs == 1 and group.max_context <= _SDPA_DECODE_MAX_CONTEXT:
             n = group.max_context
             out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[:, :, :n].transpose(0, 1),
@@ -253,7 +256,7 @@ class PagedAttention(nn.Module):
                 return kernel.prefill_attention(_last_dim_contiguous(q), _last_dim_contiguous(k),
                                                 _last_dim_contiguous(v), 0, self.scale)
             n = chunk.start_position + chunk.num_tokens
-            keys, values = _context(kv_cache, chunk.block_table, n, n)  # [Hkv, n, hd]
+            keys, values = _context(kv_cache, chunk.block_table, n, n, q.dtype)  # [Hkv, n, hd]
             return kernel.prefill_attention(_last_dim_contiguous(q), keys.transpose(0, 1), values.transpose(0, 1),
                                             chunk.start_position, self.scale)
         if chunk.block_table is not None:
@@ -274,7 +277,7 @@ class PagedAttention(nn.Module):
         lead = chunk.start_position - split  # prefix keys past the split, seen causally
         square = chunk.causal_rows
         n = chunk.start_position + tokens
-        keys, values = _context(kv_cache, chunk.block_table, n, split + square)  # [Hkv, split + square, hd]
+        keys, values = _context(kv_cache, chunk.block_table, n, split + square, q.dtype)  # [Hkv, split + square, hd]
         # Causal part: ``lead`` empty rows first put query i on row lead + i, which (top-left causal)
         # sees the keys split .. start_position + i, that is everything up to its own position.
         rows = F.pad(q, (0, 0, 0, 0, lead, square - lead - tokens)).transpose(0, 1)[None]
@@ -324,11 +327,11 @@ def _pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
 
 
-def _context(kv_cache: torch.Tensor, block_table: torch.Tensor, n: int, padded: int):
-    """One sequence's first ``n`` cached keys and values [Hkv, padded, hd], zeros past ``n``
-    (the gathered tensors are copies, so zeroing them leaves the cache alone; zeros, not whatever
-    stale blocks hold, so masked positions can never carry a NaN into the softmax)."""
-    keys, values = gather_blocks(kv_cache, block_table[None])[:, :, 0]  # [Hkv, blocks * block size, hd]
+def _context(kv_cache: torch.Tensor, block_table: torch.Tensor, n: int, padded: int, dtype: torch.dtype):
+    """One sequence's first ``n`` cached keys and values [Hkv, padded, hd] in ``dtype``, zeros past
+    ``n`` (the gathered tensors are copies, so zeroing them leaves the cache alone; zeros, not
+    whatever stale blocks hold, so masked positions can never carry a NaN into the softmax)."""
+    keys, values = gather_blocks(kv_cache, block_table[None])[:, :, 0].to(dtype)  # [Hkv, blocks * block size, hd]
     if padded <= keys.shape[1]:
         keys, values = keys[:, :padded], values[:, :padded]
         if padded > n:

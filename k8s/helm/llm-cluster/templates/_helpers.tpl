@@ -177,6 +177,9 @@ applications:
       {{- if not (kindIs "invalid" $e.kvCacheMemoryBytes) }}
       kv_cache_memory_bytes: {{ int64 $e.kvCacheMemoryBytes }}
       {{- end }}
+      {{- if not (kindIs "invalid" $e.kvCacheDtype) }}
+      kv_cache_dtype: {{ $e.kvCacheDtype | quote }}
+      {{- end }}
       {{- if not (kindIs "invalid" $e.maxNumSeqs) }}
       max_num_seqs: {{ int $e.maxNumSeqs }}
       {{- end }}
