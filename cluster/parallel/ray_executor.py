@@ -147,7 +147,7 @@ class RayExecutor(Executor):
         self._call_all("init_process_group", self.infos[0]["ip"], port, parallel.collective_timeout_s,
                        IDLE_TIMEOUT_S)
         self.parameter_bytes = self._call_all("load_model")
-        self._call_all("init_kv_cache")
+        self.kv_cache_bytes = self._call_all("init_kv_cache")  # each rank's KV partition
         listener, token = MessageListener(ray.util.get_node_ip_address()), secrets.token_hex(16)
         self._watch = [self.workers[0].serve_driver.remote(listener.host, listener.port, token,
                                                            parallel.startup_timeout_s)]

@@ -87,6 +87,27 @@ def test_tiny_model_matches_tp1(local_ray, tiny_reference, tp):
         llm.engine.shutdown()
 
 
+def test_a_16_bit_kv_cache_is_split_by_head_like_a_float32_one(local_ray, tiny_llama_dir):
+    """kv_cache_dtype reaches every rank: each allocates its heads in bfloat16 (half the bytes a
+    block), and tp=2 reads them back as tp=1 does."""
+    import torch
+
+    from cluster.runner.kv_cache import block_bytes
+
+    path = tiny_llama_dir("llama_untied")
+    prompts = tiny_prompts()[:4]
+    reference = LLM(model=path, dtype="float32", kv_cache_dtype="bfloat16")
+    llm = LLM(model=path, dtype="float32", kv_cache_dtype="bfloat16", tensor_parallel_size=2, worker_num_cpus=1)
+    try:
+        assert generate_tokens(llm, prompts) == generate_tokens(reference, prompts)
+        engine = llm.engine
+        per_rank = engine.num_blocks * block_bytes(engine.arch, engine.plan.block_size, torch.bfloat16, 2)
+        assert engine.executor.kv_cache_bytes == [per_rank, per_rank]
+    finally:
+        llm.engine.shutdown()
+        reference.engine.shutdown()
+
+
 @pytest.mark.slow
 def test_smollm2_tp3_matches_tp1(local_ray, smollm2_path, smollm2_prompts):
     """SmolLM2-135M: 9 heads / 3 KV heads over 3 ranks, float32, 10 prompts x 64 tokens."""
