@@ -31,13 +31,11 @@ class ModelRunner:
         # after the move: packing is device-specific
         finalize_weights(self.model, self.kernels, gguf_blocks=spec.gguf_blocks)
         self.spec = spec
-        # attention's kernels: a 16-bit cache under a float32 model (kv_cache_dtype) needs the decode
-        # kernel's widening loads; without them attention runs in torch over widened copies
-        self.attention_kernels = self.kernels
+        # a 16-bit cache under a float32 model (kv_cache_dtype) needs the decode kernel's widening
+        # loads; without them attention runs in torch over widened copies (see attention_kernels)
         widened = torch_dtype(spec.kv_cache_dtype or spec.dtype) != torch_dtype(spec.dtype)
-        if self.kernels is not None and widened and not (self.kernels.has_widening_decode()
-                                                         and spec.arch.head_dim in (64, 128)):
-            self.attention_kernels = None
+        self._attention_in_torch = self.kernels is not None and widened and not (
+            self.kernels.has_widening_decode() and spec.arch.head_dim in (64, 128))
         self.varlen = spec.attention_backend == "triton"  # the Triton kernels read per-sequence metadata
         self.swiftkv = spec.arch.skips_prefill
         # oneDNN matmuls are built per row count: pad 16-bit CPU batches to buckets (padded_rows).
@@ -49,6 +47,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
         self._grammar_compiler = None  # structured outputs: built on the first constrained request
+
+    @property
+    def attention_kernels(self):
+        """The native kernels attention may use (None: torch's paths)."""
+        return None if self._attention_in_torch else self.kernels
 
     def init_kv_cache(self) -> int:
         """Allocate this rank's KV partition (its heads, every block); return its bytes."""
