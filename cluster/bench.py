@@ -7,10 +7,11 @@ alone, time to its first token and decode tokens/s after it.
 
 Peers (``--against``): transformers runs batched ``generate`` with left padding in arrival order
 at the best of several batch sizes, in the same process, its runs interleaved with ours (run i of
-each side back to back, the side going first alternating), and each pair's ratio is printed too. vLLM's CPU build (``cluster.bench_vllm``) runs the very same
-token ids in its own venv, and both also run a prefill-heavy burst (``--burst-requests`` prompts of
-1-1.8k tokens, outputs a tenth of the prompt, all arriving at once: per-request time to first
-token and throughput). Each figure is the median of ``--repeats`` runs.
+each side back to back, the side going first alternating), and each pair's ratio is printed too.
+vLLM's CPU build (``cluster.bench_vllm``) runs the very same token ids in its own venv, and both
+also run a prefill-heavy burst (``--burst-requests`` prompts of 1-1.8k tokens, outputs a tenth of
+the prompt, all arriving at once: per-request time to first token and throughput). Each figure is
+the median of ``--repeats`` runs.
 """
 
 from __future__ import annotations
