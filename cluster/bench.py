@@ -232,6 +232,11 @@ def _bench_vllm(args, path: str, work: Workload, single_ids: list[int], burst: W
     return result
 
 
+def _pair_order(i: int) -> tuple[str, str]:
+    """Which side runs first in pair ``i``: ours in even pairs, transformers in odd ones."""
+    return ("hf", "ours") if i % 2 else ("ours", "hf")
+
+
 def _bench_against_hf(args, path: str, work: Workload, single_ids: list[int], pad_id: int) -> tuple[dict, dict]:
     """Our engine and transformers in one process, their runs interleaved: run i of each side is a
     pair, and the side that goes first alternates from pair to pair, so a machine that drifts
@@ -250,10 +255,10 @@ def _bench_against_hf(args, path: str, work: Workload, single_ids: list[int], pa
     hf = {"throughput": [sweep[best]], "ttft": [], "decode": [], "batch_size": best}
     runs = {"ours": lambda: engine_throughput(llm, work), "hf": lambda: hf_throughput(model, work, best, pad_id)}
     for i in range(1, args.repeats):
-        for side in (("hf", "ours") if i % 2 else ("ours", "hf")):
+        for side in _pair_order(i):
             (ours if side == "ours" else hf)["throughput"].append(runs[side]())
     for i in range(args.repeats):
-        for side in (("hf", "ours") if i % 2 else ("ours", "hf")):
+        for side in _pair_order(i):
             ttft, decode = engine_single_stream(llm, single_ids) if side == "ours" \
                 else hf_single_stream(model, single_ids, pad_id)
             result = ours if side == "ours" else hf

@@ -405,6 +405,21 @@ static void decode_pair_avx2_f32(const float* q, const void* k_head_arg, const v
     for (int64_t d = 0; d < kHeadDim; ++d) out[g * kHeadDim + d] = w.acc[g * kHeadDim + d] * inv;
   }
 }
+
+using F32PairFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, int64_t, int64_t, float,
+                           float*, Scratch&);
+
+// The float32-compute kernel for a cache of ``kv`` elements and this head size (null: none).
+static F32PairFn avx2_f32_pair_fn(at::ScalarType kv, int64_t head_dim) {
+  if (head_dim != 64 && head_dim != 128) return nullptr;
+  const bool h64 = head_dim == 64;
+  if (kv == at::kFloat) return h64 ? &decode_pair_avx2_f32<KvF32, 64> : &decode_pair_avx2_f32<KvF32, 128>;
+#ifdef LLM_CLUSTER_WIDENING_DECODE
+  if (kv == at::kBFloat16) return h64 ? &decode_pair_avx2_f32<KvBF16, 64> : &decode_pair_avx2_f32<KvBF16, 128>;
+  if (kv == at::kHalf) return h64 ? &decode_pair_avx2_f32<KvF16, 64> : &decode_pair_avx2_f32<KvF16, 128>;
+#endif
+  return nullptr;
+}
 #endif
 
 // q: [S, Hq, D]; kv_cache: [2, Hkv, NB, BS, D] (q's dtype, or bfloat16 / float16 under float32 q
@@ -430,34 +445,30 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
   auto out = at::empty_like(q);
   const int64_t* tables = block_table.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  if (kv_cache.scalar_type() != q.scalar_type()) {  // a 16-bit cache under float32 queries: widened on load
-#ifdef LLM_CLUSTER_WIDENING_DECODE
-    const bool bf16 = kv_cache.scalar_type() == at::kBFloat16;
-    TORCH_CHECK(q.scalar_type() == at::kFloat && (bf16 || kv_cache.scalar_type() == at::kHalf) &&
-                    (head_dim == 64 || head_dim == 128),
-                "paged_decode: a ", kv_cache.scalar_type(), " cache takes float32 queries of head size 64 or 128, got ",
-                q.scalar_type(), " queries of head size ", head_dim);
-    auto fn = bf16 ? (head_dim == 64 ? &decode_pair_avx2_f32<KvBF16, 64> : &decode_pair_avx2_f32<KvBF16, 128>)
-                   : (head_dim == 64 ? &decode_pair_avx2_f32<KvF16, 64> : &decode_pair_avx2_f32<KvF16, 128>);
+#ifdef LLM_CLUSTER_AVX2_F32
+  // float32 queries (AVX2 + FMA): one loop for a float32 cache and for a 16-bit one widened on load
+  auto f32_fn = q.scalar_type() == at::kFloat ? avx2_f32_pair_fn(kv_cache.scalar_type(), head_dim) : nullptr;
+  if (f32_fn != nullptr) {
     const float* qp = q.data_ptr<float>();
-    const uint16_t* kp = static_cast<const uint16_t*>(kv_cache.data_ptr());
-    const uint16_t* vp = kp + num_kv_heads * head_stride;
+    const char* kp = static_cast<const char*>(kv_cache.data_ptr());
+    const int64_t head_bytes = head_stride * kv_cache.element_size();
+    const char* vp = kp + num_kv_heads * head_bytes;
     float* op = out.data_ptr<float>();
     at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t s = pair / num_kv_heads, h = pair % num_kv_heads;
         const int64_t offset = (s * num_heads + h * group) * head_dim;
-        fn(qp + offset, kp + h * head_stride, vp + h * head_stride, tables + s * max_blocks, lens[s], block_size,
-           group, static_cast<float>(scale), op + offset, scratch);
+        f32_fn(qp + offset, kp + h * head_bytes, vp + h * head_bytes, tables + s * max_blocks, lens[s], block_size,
+               group, static_cast<float>(scale), op + offset, scratch);
       }
     });
     return out;
-#else
-    TORCH_CHECK(false, "paged_decode: a ", kv_cache.scalar_type(), " cache under ", q.scalar_type(),
-                " queries needs the AVX2 + F16C build");
-#endif
   }
+#endif
+  TORCH_CHECK(kv_cache.scalar_type() == q.scalar_type(), "paged_decode: a ", kv_cache.scalar_type(),
+              " cache takes ", kv_cache.scalar_type(), " queries, or float32 queries of head size 64 or 128 where ",
+              "has_widening_decode(); got ", q.scalar_type(), " queries of head size ", head_dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = kv_cache.data_ptr<scalar_t>();
@@ -472,25 +483,11 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
                    : head_dim == 128                                          ? &decode_pair_avx512<128>
                                                                               : nullptr;
 #endif
-#ifdef LLM_CLUSTER_AVX2_F32
-    auto f32_fn = !std::is_same_v<scalar_t, float> ? nullptr
-                  : head_dim == 64                ? &decode_pair_avx2_f32<KvF32, 64>
-                  : head_dim == 128               ? &decode_pair_avx2_f32<KvF32, 128>
-                                                  : nullptr;
-#endif
     at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t s = pair / num_kv_heads, h = pair % num_kv_heads;
         const int64_t offset = (s * num_heads + h * group) * head_dim;
-#ifdef LLM_CLUSTER_AVX2_F32
-        if (f32_fn != nullptr) {
-          f32_fn(reinterpret_cast<const float*>(qp + offset), kp + h * head_stride, vp + h * head_stride,
-                 tables + s * max_blocks, lens[s], block_size,
-                 group, static_cast<float>(scale), reinterpret_cast<float*>(op + offset), scratch);
-          continue;
-        }
-#endif
 #ifdef LLM_CLUSTER_AVX512_BF16
         if (fast_fn != nullptr) {
           fast_fn(reinterpret_cast<const uint16_t*>(qp + offset), reinterpret_cast<const uint16_t*>(kp + h * head_stride),
