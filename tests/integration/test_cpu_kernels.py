@@ -64,6 +64,35 @@ def test_decode_schedule_longest_first_changes_no_output(kernel, dtype):
         assert torch.equal(row[0], together[s])
 
 
+@pytest.mark.parametrize("model_dtype,cache_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),  # kv_cache_dtype: rounded once
+])
+def test_native_kv_write_equals_torchs(kernel, model_dtype, cache_dtype):
+    from cluster.model.layers.attention import write_kv
+
+    gen = torch.Generator().manual_seed(9)
+    expected = torch.randn(2, 3, 50, 16, 64, generator=gen).to(cache_dtype)
+    got = expected.clone()
+    qkv = torch.randn(40, 15, 64, generator=gen).to(model_dtype)  # K and V as the views attention gets
+    k, v = qkv[:, 9:12], qkv[:, 12:15]
+    slots = torch.randperm(50 * 16, generator=gen)[:37]  # 3 rows past the slots: bucket padding
+    write_kv(expected, k, v, slots)
+    write_kv(got, k, v, slots, kernel)
+    assert torch.equal(got, expected)
+
+
+def test_native_kv_write_refuses_a_slot_past_the_cache_and_writes_nothing(kernel):
+    cache = torch.zeros(2, 3, 4, 16, 64)
+    k = v = torch.ones(3, 3, 64)
+    with pytest.raises(RuntimeError, match="slot 64 is past the cache's 64 slots"):
+        kernel.write_kv(cache, k, v, torch.tensor([0, 5, 64]))
+    assert not cache.any()
+    kernel.write_kv(cache, k, v, torch.tensor([-1, 5, 63]))  # negative: a padding row, skipped
+    written = cache.view(2, 3, 64, 64).abs().sum(dim=(0, 1, 3)).nonzero().flatten().tolist()
+    assert written == [5, 63]
+
+
 def _gather(cache, table):
     from cluster.model.layers.attention import gather_blocks
 

@@ -127,9 +127,15 @@ class TailBatch:
     meta: AttentionMetadata
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             kernel=None) -> None:
     """Store the step's K/V ([T, Hkv, D] each) at their slots in one layer's cache. A batch padded
-    to a bucket (``cluster.runner.model_input.padded_rows``) has rows past its slots: they are not stored."""
+    to a bucket (``cluster.runner.model_input.padded_rows``) has rows past its slots: they are not stored.
+    With the native CPU kernels (``kernel``) each row goes straight to its slot; torch's stack and
+    index_put_ below cost 10x as much (docs/benchmarks.md)."""
+    if kernel is not None and kv_cache.device.type == "cpu":
+        kernel.write_kv(kv_cache, _last_dim_contiguous(k), _last_dim_contiguous(v), slot_mapping)
+        return
     two, heads, _, _, head_dim = kv_cache.shape
     k, v = k[: slot_mapping.numel()], v[: slot_mapping.numel()]
     # a 16-bit cache under a float32 model (kv_cache_dtype) stores each value rounded once, here
@@ -181,7 +187,7 @@ class PagedAttention(nn.Module):
 
             triton_attention.write_kv(kv_cache, _last_dim_contiguous(k), _last_dim_contiguous(v), meta.slot_mapping)
         else:
-            write_kv(kv_cache, k, v, meta.slot_mapping)
+            write_kv(kv_cache, k, v, meta.slot_mapping, meta.decode_kernel)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -190,7 +196,7 @@ class PagedAttention(nn.Module):
         if meta.varlen is not None:
             return self._forward_triton(q, k, v, kv_cache, meta)
         if k is not None:
-            write_kv(kv_cache, k, v, meta.slot_mapping)
+            write_kv(kv_cache, k, v, meta.slot_mapping, meta.decode_kernel)
         out = torch.empty_like(q)
         real = _real_rows(meta)
         if real < q.shape[0]:  # padding rows attend to nothing: zeros, never what the buffer held
