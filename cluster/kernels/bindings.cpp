@@ -22,6 +22,7 @@ void rotary_(at::Tensor x, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor x);
 bool has_silu_mul();
 void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
+at::Tensor argmax_rows(at::Tensor logits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU)");
@@ -43,5 +44,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether paged_decode reads bfloat16 / float16 caches under float32 queries (AVX2 + FMA + F16C)");
   m.def("gemv_q4_1", &gemv_q4_1, "gemv_f32 over a weight held as GGUF Q4_1 blocks, decoded exactly (CPU, AVX2)");
   m.def("write_kv", &write_kv, "store a step's K/V [T, Hkv, D] at their slots of a paged cache (CPU; 16-bit caches rounded once)");
+  m.def("argmax_rows", &argmax_rows, "each row's first index of its largest value, NaN first, as torch.argmax(dim=-1) (CPU, float32)");
   m.def("gemv_q8_0", &gemv_q8_0, "gemv_f32 over a weight held as GGUF Q8_0 blocks, decoded exactly (CPU, AVX2)");
 }

@@ -11,6 +11,7 @@
 - ``prefill_attention``: causal float32 attention of a prompt chunk over its context (AVX2 + FMA).
 - ``rotary_``: RoPE in place, one pass.
 - ``write_kv``: a step's K/V stored at their slots of the paged cache, no intermediate copy.
+- ``argmax_rows``: greedy sampling's argmax over float32 logits, the rows spread over the threads.
 
 They are built with the machine's C++ compiler through torch.utils.cpp_extension on first
 use (about 30 s, cached under ~/.cache/torch_extensions); if that fails, ``load()`` returns
@@ -56,7 +57,7 @@ def _build():
         sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp",
                                                           "gemv_bf16.cpp", "gemv_f32.cpp", "gemm_f32.cpp",
                                                           "prefill_attention.cpp", "rotary.cpp", "silu_mul.cpp",
-                                                          "write_kv.cpp")]
+                                                          "write_kv.cpp", "argmax.cpp")]
         build_dir = build_directory()
         with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die

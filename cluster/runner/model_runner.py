@@ -44,7 +44,7 @@ class ModelRunner:
                                                                                               torch.float16)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA; see decode_graphs)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.kernels)
         self._requests: dict[str, SamplingRequest] = {}  # driver only: what sampling needs per request
         self._grammar_compiler = None  # structured outputs: built on the first constrained request
 

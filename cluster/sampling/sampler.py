@@ -226,7 +226,20 @@ def _verify_row(probs: torch.Tensor, draft: int, request: SamplingRequest) -> in
 
 
 class Sampler:
-    """Picks the next token for every row of a batch of logits."""
+    """Picks the next token for every row of a batch of logits.
+
+    ``kernels``: the native CPU kernels where the runner loaded them; a plain greedy batch's argmax
+    over float32 CPU logits then runs there (the same indices as torch's, spread over the threads).
+    """
+
+    def __init__(self, kernels=None):
+        self._kernels = kernels if kernels is not None and hasattr(kernels, "argmax_rows") else None
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32 \
+                and logits.dim() == 2 and logits.shape[1] > 0 and logits.stride(1) == 1:
+            return self._kernels.argmax_rows(logits)
+        return logits.argmax(dim=-1)
 
     def sample_groups(self, logits: torch.Tensor, requests: list[SamplingRequest],
                       drafts: list[list[int]]) -> list[tuple[list[int], list[TokenLogprobs] | None]]:
@@ -243,7 +256,7 @@ class Sampler:
         results = []
         row = 0
         plain = self._is_plain_greedy(requests)
-        targets = raw_logits.argmax(dim=-1).tolist() if plain else None
+        targets = self._argmax(raw_logits).tolist() if plain else None
         for request, draft in zip(requests, drafts):
             rows = raw_logits[row: row + 1 + len(draft)]
             tokens = (_greedy_accept(targets[row: row + 1 + len(draft)], draft) if plain
@@ -281,7 +294,7 @@ class Sampler:
             raise ValueError(f"logits has {logits.shape[0]} rows but {len(requests)} requests were given")
         raw_logits = logits.float()
         if self._is_plain_greedy(requests):
-            token_ids = raw_logits.argmax(dim=-1)
+            token_ids = self._argmax(raw_logits)
         else:
             token_ids = _sample_rows(compute_probs(raw_logits, requests), requests)
         logprobs = _logprobs(raw_logits, token_ids, requests)
