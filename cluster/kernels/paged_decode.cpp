@@ -461,14 +461,17 @@ bool has_widening_decode() {
 
 at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_table,
                            at::Tensor context_lens, double scale) {
-  TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous() && block_table.is_contiguous(),
-              "paged_decode needs contiguous inputs");
+  // q's rows may lie apart (a view of the QKV projection's output); each row's heads are contiguous
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && (q.size(1) <= 1 || q.stride(1) == q.size(2)) &&
+                  kv_cache.is_contiguous() && block_table.is_contiguous(),
+              "paged_decode needs q [S, H, D] with each row's heads contiguous, and a contiguous cache and table");
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t q_row = q.stride(0);
   const int64_t num_kv_heads = kv_cache.size(1), num_blocks = kv_cache.size(2), block_size = kv_cache.size(3);
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_table.size(1);
   const int64_t head_stride = num_blocks * block_size * head_dim;
-  auto out = at::empty_like(q);
+  auto out = at::empty({num_seqs, num_heads, head_dim}, q.options());
   const int64_t* tables = block_table.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
 #ifdef LLM_CLUSTER_AVX2_F32
@@ -483,7 +486,7 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
     for_each_pair(lens, num_seqs, num_kv_heads, [&](int64_t pair, Scratch& scratch) {
       const int64_t s = pair / num_kv_heads, h = pair % num_kv_heads;
       const int64_t offset = (s * num_heads + h * group) * head_dim;
-      f32_fn(qp + offset, kp + h * head_bytes, vp + h * head_bytes, tables + s * max_blocks, lens[s], block_size,
+      f32_fn(qp + s * q_row + h * group * head_dim, kp + h * head_bytes, vp + h * head_bytes, tables + s * max_blocks, lens[s], block_size,
              group, static_cast<float>(scale), op + offset, scratch);
     });
     return out;
@@ -511,13 +514,13 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
       const int64_t offset = (s * num_heads + h * group) * head_dim;
 #ifdef LLM_CLUSTER_AVX512_BF16
       if (fast_fn != nullptr) {
-        fast_fn(reinterpret_cast<const uint16_t*>(qp + offset), reinterpret_cast<const uint16_t*>(kp + h * head_stride),
+        fast_fn(reinterpret_cast<const uint16_t*>(qp + s * q_row + h * group * head_dim), reinterpret_cast<const uint16_t*>(kp + h * head_stride),
                 reinterpret_cast<const uint16_t*>(vp + h * head_stride), tables + s * max_blocks, lens[s],
                 block_size, group, static_cast<float>(scale), reinterpret_cast<uint16_t*>(op + offset), scratch);
         return;
       }
 #endif
-      pair_fn(qp + offset, kp + h * head_stride, vp + h * head_stride, tables + s * max_blocks, lens[s],
+      pair_fn(qp + s * q_row + h * group * head_dim, kp + h * head_stride, vp + h * head_stride, tables + s * max_blocks, lens[s],
               block_size, head_dim, group, static_cast<float>(scale), op + offset, scratch);
     });
   });

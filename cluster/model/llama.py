@@ -66,13 +66,13 @@ class LlamaAttention(nn.Module):
             q = RotaryEmbedding.apply(cos_sin, self.q_proj_swiftkv(x).view(x.shape[0], -1, self.head_dim))
             return self.o_proj(self.attn(q, None, None, kv_cache, meta))
         qkv = self.qkv_proj(x).view(x.shape[0], -1, self.head_dim)
-        qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
+        heads, qk_heads = self.num_heads, self.num_heads + self.num_kv_heads
+        qk, v = qkv[:, :qk_heads], qkv[:, qk_heads:]  # views (slicing costs less than split's tuple)
         if self._kernels is not None and not torch.is_grad_enabled():
             self._kernels.rotary_(qk, *cos_sin)  # in place, where the projection wrote them
         else:  # q and k heads are rotated in one pass: fewer kernel launches per layer
             qk = RotaryEmbedding.apply(cos_sin, qk)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        return self.o_proj(self.attn(qk[:, :heads], qk[:, heads:], v, kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):

@@ -64,6 +64,23 @@ def test_decode_schedule_longest_first_changes_no_output(kernel, dtype):
         assert torch.equal(row[0], together[s])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_reads_query_rows_in_place_from_the_qkv_projection(kernel, dtype):
+    """A decode step's q is a view of the QKV output (rows 15 heads apart): read where it lies,
+    bit-identical to a contiguous copy; a q whose heads are not contiguous is refused, not misread."""
+    gen = torch.Generator().manual_seed(9)
+    cache = torch.randn(2, 3, 64, 16, 64, generator=gen).to(dtype)
+    lens = torch.tensor([5, 100, 33])
+    table = torch.randperm(64, generator=gen)[:21].view(3, 7)
+    qkv = torch.randn(3, 15, 64, generator=gen).to(dtype)
+    q = qkv[:, :9]
+    assert not q.is_contiguous()
+    assert torch.equal(kernel.paged_decode(q, cache, table, lens, 0.125),
+                       kernel.paged_decode(q.contiguous(), cache, table, lens, 0.125))
+    with pytest.raises(RuntimeError, match="heads contiguous"):
+        kernel.paged_decode(qkv.transpose(0, 1)[:, :3], cache, table, lens, 0.125)
+
+
 @pytest.mark.parametrize("model_dtype,cache_dtype", [
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
     (torch.float32, torch.bfloat16), (torch.float32, torch.float16),  # kv_cache_dtype: rounded once

@@ -195,17 +195,23 @@ class PagedAttention(nn.Module):
         -> [T, Hq * D]."""
         if meta.varlen is not None:
             return self._forward_triton(q, k, v, kv_cache, meta)
+        kernel = meta.decode_kernel
         if k is not None:
-            write_kv(kv_cache, k, v, meta.slot_mapping, meta.decode_kernel)
+            write_kv(kv_cache, k, v, meta.slot_mapping, kernel)
+        if kernel is not None and not meta.prefills and len(meta.decodes) == 1 and \
+                meta.decodes[0].num_seqs == q.shape[0]:  # a decode step: the kernel's output is the layer's
+            group = meta.decodes[0]
+            return kernel.paged_decode(_heads_contiguous(q), kv_cache, group.block_table, group.context_lens,
+                                       self.scale).view(q.shape[0], -1)
         out = torch.empty_like(q)
         real = _real_rows(meta)
         if real < q.shape[0]:  # padding rows attend to nothing: zeros, never what the buffer held
             out[real:].zero_()
         for group in meta.decodes:
             rows = slice(group.token_start, group.token_start + group.num_seqs)
-            if meta.decode_kernel is not None:  # reads K/V in place: no gathered copy
-                out[rows] = meta.decode_kernel.paged_decode(q[rows].contiguous(), kv_cache, group.block_table,
-                                                            group.context_lens, self.scale)
+            if kernel is not None:  # reads K/V in place: no gathered copy; q's rows may lie apart
+                out[rows] = kernel.paged_decode(_heads_contiguous(q[rows]), kv_cache, group.block_table,
+                                                group.context_lens, self.scale)
             else:
                 out[rows] = self._decode(q[rows], kv_cache, group)
         for chunk in meta.prefills:
@@ -326,6 +332,12 @@ def _real_rows(meta: AttentionMetadata) -> int:
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _heads_contiguous(q: torch.Tensor) -> torch.Tensor:
+    """q [T, H, D] as the decode kernel reads it: each row's heads contiguous, the rows any distance
+    apart (a view of the QKV projection's output is used as it is, not copied)."""
+    return q if q.stride(2) == 1 and (q.shape[1] <= 1 or q.stride(1) == q.shape[2]) else q.contiguous()
 
 
 def _pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:

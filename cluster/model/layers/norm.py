@@ -27,12 +27,14 @@ class RMSNorm(nn.Module):
         """
         on_cpu = self.weight.device.type == "cpu"
         self._kernels = kernels if on_cpu and self.weight.dtype in _FUSED_DTYPES else None
+        self._no_residual = self.weight.new_empty(0)  # the kernel's "no residual" (one tensor, not one a call)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Normalise ``x``; with ``residual``, first do ``residual += x`` in place and normalise that."""
         if self._kernels is not None:
-            empty = x.new_empty(0)
-            return self._kernels.rms_norm(x.contiguous(), empty if residual is None else residual, self.weight,
+            if residual is None:
+                residual = self._no_residual
+            return self._kernels.rms_norm(x if x.is_contiguous() else x.contiguous(), residual, self.weight,
                                           self.eps)
         if residual is not None:
             x = residual.add_(x)
