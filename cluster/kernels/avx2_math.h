@@ -21,6 +21,15 @@ static inline __m256 exp_nonpositive8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
+// silu(g) = g * sigmoid(g) with e = exp(-|g|) <= 1 (never overflows): sigmoid(g) = 1 / (1 + e) for
+// g >= 0, e / (1 + e) for g < 0.
+static inline __m256 silu8(__m256 g) {
+  const __m256 e = exp_nonpositive8(_mm256_or_ps(g, _mm256_set1_ps(-0.f)));  // exp(-|g|)
+  const __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+  const __m256 num = _mm256_blendv_ps(_mm256_set1_ps(1.f), e, negative);
+  return _mm256_mul_ps(g, _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+}
+
 // The largest and the sum of the 8 lanes.
 static inline float max8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -14,6 +14,7 @@ at::Tensor gemv_q4_1(at::Tensor x, at::Tensor qs, at::Tensor scales, c10::option
 at::Tensor gemv_q8_0(at::Tensor x, at::Tensor qs, at::Tensor scales, c10::optional<at::Tensor> bias);
 at::Tensor gemm_f32(at::Tensor x, at::Tensor panels, int64_t n_size, c10::optional<at::Tensor> bias);
 at::Tensor pack_f32(at::Tensor weight);
+at::Tensor gemm_f32_silu_mul(at::Tensor x, at::Tensor panels, int64_t n_size);
 bool has_gemm_f32();
 at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, int64_t q_offset, double scale);
 bool has_prefill_attention();
@@ -33,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_f32", &gemv_f32, "y = x W^T (+ b) for a few float32 rows, each weight read once (CPU, AVX2 + FMA)");
   m.def("has_gemv_f32", &has_gemv_f32, "whether gemv_f32 was built (AVX2 + FMA)");
   m.def("gemm_f32", &gemm_f32, "y = x W^T (+ b) in float32 over a weight packed by pack_f32 (CPU, AVX2 + FMA)");
+  m.def("gemm_f32_silu_mul", &gemm_f32_silu_mul, "silu(gate) * up of x [gate | up]^T over the merged weight's panels, one pass (CPU, AVX2 + FMA)");
   m.def("pack_f32", &pack_f32, "a float32 weight [N, K] as column panels [ceil(N / 16), K, 16] for gemm_f32");
   m.def("has_gemm_f32", &has_gemm_f32, "whether gemm_f32 was built (AVX2 + FMA)");
   m.def("prefill_attention", &prefill_attention,

@@ -18,10 +18,15 @@
 // many rows the call has: a row's result does not depend on the rows beside it. The chain differs
 // from MKL's and from gemv_f32's blocked sums (both also float32): outputs agree to rounding.
 //
+// gemm_f32_silu_mul: the merged gate/up projection with SwiGLU's silu(gate) * up applied to each tile
+// as it leaves the registers (the gate tiles of a panel pair kept in a cache-resident scratch), so the
+// [M, 2n] projection is neither written nor read back: bit-identical to gemm_f32 then silu_mul.
+//
 // Built where the compiler targets AVX2 and FMA (-march=native); elsewhere has_gemm_f32() is false.
 #include "aten_lite.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 constexpr int64_t kPanel = 16;  // output columns a panel (two 8-float vectors)
@@ -30,13 +35,16 @@ constexpr int64_t kPanel = 16;  // output columns a panel (two 8-float vectors)
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
+#include "avx2_math.h"
+
 // Rows [0, MR) of x (``ldx`` floats apart) against one panel over all k: y[m, 0..15] (``ldy`` apart),
 // ``cols`` of them stored (16 but in the last, padded panel). ``ahead``: where this tile's share of the
-// next panel starts (``lines`` lines of 64 bytes; null where there is no next panel).
+// next panel starts (``lines`` lines of 64 bytes; null where there is no next panel). ``gate``: SwiGLU,
+// y = silu(gate) * (this tile's product), the gate tile [MR][16] computed just before (full panels only).
 template <int MR>
 static void tile(const float* __restrict x, int64_t ldx, const float* __restrict panel, int64_t k_size,
                  const float* __restrict bias, float* __restrict y, int64_t ldy, int64_t cols, const float* ahead,
-                 int64_t lines) {
+                 int64_t lines, const float* __restrict gate = nullptr) {
   __m256 lo[MR], hi[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
@@ -69,6 +77,14 @@ static void tile(const float* __restrict x, int64_t ldx, const float* __restrict
       b0 = _mm256_load_ps(pad);
       b1 = _mm256_load_ps(pad + 8);
     }
+  }
+  if (gate != nullptr) {
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      _mm256_storeu_ps(y + m * ldy, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + m * kPanel)), lo[m]));
+      _mm256_storeu_ps(y + m * ldy + 8, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + m * kPanel + 8)), hi[m]));
+    }
+    return;
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
@@ -110,7 +126,74 @@ static void panel_rows(const float* x, int64_t m_size, int64_t k_size, const flo
   }
 }
 
+// SwiGLU over a merged [gate | up] weight: gate panel ``j`` for every row tile into ``gate`` ([M][16]
+// scratch, cache-resident), then up panel ``j`` (``half`` panels later) tile by tile storing
+// silu(gate) * up: the [M, 2n] projection is never written out nor read back. Tiles as in panel_rows.
+static void pair_rows(const float* x, int64_t m_size, int64_t k_size, const float* gate_panel,
+                      const float* up_panel, const float* gate_ahead, float* gate, float* y, int64_t n_size) {
+  const int64_t tiles = (m_size + 5) / 6, base = m_size / tiles, extra = m_size % tiles;
+  for (int pass = 0; pass < 2; ++pass) {
+    const float* panel = pass == 0 ? gate_panel : up_panel;
+    // the gate pass prefetches the up panel (read next), the up pass the next pair's gate panel
+    const float* ahead = pass == 0 ? up_panel : gate_ahead;
+    int64_t m = 0;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t rows = base + (t < extra ? 1 : 0);
+      const float* xm = x + m * k_size;
+      const int64_t from = ahead ? k_size * t / tiles : 0, to = ahead ? k_size * (t + 1) / tiles : 0;
+      const float* pf = ahead ? ahead + from * kPanel : nullptr;
+      const int64_t lines = to - from;
+      float* gm = gate + m * kPanel;
+      float* ym = y + m * n_size;
+      switch (rows) {
+#define LLM_CLUSTER_PAIR(R)                                                                                   \
+  case R:                                                                                                     \
+    if (pass == 0) tile<R>(xm, k_size, panel, k_size, nullptr, gm, kPanel, kPanel, pf, lines);                \
+    else tile<R>(xm, k_size, panel, k_size, nullptr, ym, n_size, kPanel, pf, lines, gm);                      \
+    break;
+        LLM_CLUSTER_PAIR(1)
+        LLM_CLUSTER_PAIR(2)
+        LLM_CLUSTER_PAIR(3)
+        LLM_CLUSTER_PAIR(4)
+        LLM_CLUSTER_PAIR(5)
+        LLM_CLUSTER_PAIR(6)
+#undef LLM_CLUSTER_PAIR
+      }
+      m += rows;
+    }
+  }
+}
+
 bool has_gemm_f32() { return true; }
+
+at::Tensor gemm_f32_silu_mul(at::Tensor x, at::Tensor panels, int64_t n_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemm_f32_silu_mul: x must be float32 [M, K]");
+  TORCH_CHECK(n_size > 0 && n_size % kPanel == 0, "gemm_f32_silu_mul: n (gate and up each) must be a positive "
+              "multiple of 16, got ", n_size);
+  TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat && panels.is_contiguous() &&
+                  panels.size(2) == kPanel && panels.size(1) == x.size(1) && panels.size(0) == 2 * n_size / kPanel,
+              "gemm_f32_silu_mul: panels must be float32 [2n / 16, K, 16] from pack_f32 of a [gate | up] weight");
+  TORCH_CHECK(x.size(1) > 0, "gemm_f32_silu_mul: x has no columns");
+  x = x.contiguous();
+  const int64_t m_size = x.size(0), k_size = x.size(1), half = n_size / kPanel;
+  auto y = at::empty({m_size, n_size}, x.options());
+  if (m_size == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = panels.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t panel_floats = k_size * kPanel;
+  at::parallel_for(0, half, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> gate(m_size * kPanel);  // one pair's gate tile column, reused
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* gate_panel = wp + j * panel_floats;
+      const float* up_panel = wp + (half + j) * panel_floats;
+      const bool next = j + 1 < j1;
+      pair_rows(xp, m_size, k_size, gate_panel, up_panel, next ? gate_panel + panel_floats : nullptr, gate.data(),
+                yp + j * kPanel, n_size);
+    }
+  });
+  return y;
+}
 
 at::Tensor gemm_f32(at::Tensor x, at::Tensor panels, int64_t n_size, std::optional<at::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemm_f32: x must be float32 [M, K]");
@@ -147,6 +230,10 @@ at::Tensor gemm_f32(at::Tensor x, at::Tensor panels, int64_t n_size, std::option
 #else
 
 bool has_gemm_f32() { return false; }
+
+at::Tensor gemm_f32_silu_mul(at::Tensor x, at::Tensor panels, int64_t n_size) {
+  TORCH_CHECK(false, "gemm_f32_silu_mul: built without AVX2/FMA");
+}
 
 at::Tensor gemm_f32(at::Tensor x, at::Tensor panels, int64_t n_size, std::optional<at::Tensor> bias) {
   TORCH_CHECK(false, "gemm_f32: built without AVX2/FMA");

@@ -6,7 +6,8 @@
 // its half-size output written once, rows split across the threads.
 //
 // silu(g) = g * sigmoid(g), with e = exp(-|g|) <= 1 (so the exp never overflows):
-// sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) for g < 0.
+// sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) for g < 0 (silu8, avx2_math.h; gemm_f32_silu_mul
+// applies the same to its tiles).
 #include "aten_lite.h"
 #include <algorithm>
 #include <cmath>
@@ -14,14 +15,6 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include "avx2_math.h"
-
-static inline __m256 silu8(__m256 g) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  const __m256 e = exp_nonpositive8(_mm256_or_ps(g, sign));  // exp(-|g|)
-  const __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
-  const __m256 num = _mm256_blendv_ps(_mm256_set1_ps(1.f), e, negative);
-  return _mm256_mul_ps(g, _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
-}
 
 static inline float silu1(float g) {
   const float e = std::exp(-std::fabs(g));

@@ -92,6 +92,9 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._silu_mul is not None and not torch.is_grad_enabled():
+            fused = self.gate_up_proj.silu_mul(x)  # the projection's panels apply the activation themselves
+            if fused is not None:
+                return self.down_proj(fused)
             gate_up = self.gate_up_proj(x)
             return self.down_proj(self._silu_mul.silu_mul(gate_up.reshape(-1, gate_up.shape[-1])).view(
                 *gate_up.shape[:-1], gate_up.shape[-1] // 2))

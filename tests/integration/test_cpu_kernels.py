@@ -616,6 +616,32 @@ def test_silu_mul_is_torchs_swiglu_activation_to_float32_accuracy(kernel, rows, 
     assert kernel.silu_mul(torch.empty(0, 2 * n)).shape == (0, n)
 
 
+@pytest.mark.parametrize("rows, n", [(1, 16), (5, 48), (34, 1536), (257, 64)])
+def test_gemm_silu_mul_equals_the_projection_then_the_activation(kernel, rows, n):
+    """The fused SwiGLU projection: bit-identical to gemm_f32 over the merged weight then silu_mul."""
+    if not kernel.has_gemm_f32():
+        pytest.skip("gemm_f32 needs AVX2 + FMA")
+    gen = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, 96, generator=gen)
+    panels = kernel.pack_f32(torch.randn(2 * n, 96, generator=gen) * 0.3)
+    expected = kernel.silu_mul(kernel.gemm_f32(x, panels, 2 * n, None))
+    got = kernel.gemm_f32_silu_mul(x, panels, n)
+    assert got.shape == (rows, n) and torch.equal(got, expected)
+    assert kernel.gemm_f32_silu_mul(x[:0], panels, n).shape == (0, n)
+
+
+def test_gemm_silu_mul_refuses_halves_off_the_panels(kernel):
+    if not kernel.has_gemm_f32():
+        pytest.skip("gemm_f32 needs AVX2 + FMA")
+    x = torch.randn(7, 32)
+    with pytest.raises(RuntimeError, match="multiple of 16"):  # the gate/up boundary inside a panel
+        kernel.gemm_f32_silu_mul(x, kernel.pack_f32(torch.randn(88, 32)), 44)
+    with pytest.raises(RuntimeError, match="gate \\| up"):  # panels of another width
+        kernel.gemm_f32_silu_mul(x, kernel.pack_f32(torch.randn(96, 32)), 32)
+    with pytest.raises(RuntimeError, match="gate \\| up"):
+        kernel.gemm_f32_silu_mul(torch.randn(7, 31), kernel.pack_f32(torch.randn(64, 32)), 32)
+
+
 def test_silu_mul_rejects_what_it_cannot_read(kernel):
     if not kernel.has_silu_mul():
         pytest.skip("silu_mul needs AVX2 + FMA")
@@ -647,3 +673,32 @@ def test_float32_mlp_takes_the_one_pass_activation_and_matches_the_torch_path(ke
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     mlp.finalize_weights(None)
     assert mlp._silu_mul is None
+
+
+@pytest.mark.parametrize("intermediate, rows, fused", [(96, 19, True), (96, 3, False), (100, 19, False)])
+def test_float32_mlp_fuses_the_activation_into_the_gate_up_panels(kernel, intermediate, rows, fused):
+    """Where the panels take the rows and gate and up are whole panels, the projection applies
+    silu(gate) * up itself (bit-identical to the projection then the activation); decode-sized
+    inputs (the gemv) and halves that end inside a panel take the two steps."""
+    from cluster.distributed.tp_group import TPGroup
+    from cluster.model.arch import ModelArch
+    from cluster.model.llama import LlamaMLP
+
+    if not kernel.has_gemm_f32():
+        pytest.skip("gemm_f32 needs AVX2 + FMA")
+    arch = ModelArch._from_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                     "intermediate_size": intermediate, "num_hidden_layers": 1,
+                                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+                                     "max_position_embeddings": 64}, "llama")
+    mlp = LlamaMLP(arch, TPGroup(), torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    for p in mlp.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    mlp.gate_up_proj.finalize_weights(kernel)
+    mlp.down_proj.finalize_weights(kernel)
+    mlp.finalize_weights(kernel)
+    x = torch.randn(rows, 64, generator=gen)
+    with torch.no_grad():
+        two_steps = mlp.down_proj(kernel.silu_mul(mlp.gate_up_proj(x)))
+        assert (mlp.gate_up_proj.silu_mul(x) is not None) == fused
+        assert torch.equal(mlp(x), two_steps)

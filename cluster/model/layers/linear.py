@@ -49,6 +49,14 @@ class ColumnParallelLinear(nn.Module):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input fused into one matmul (gate/up)."""
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """SwiGLU on a [gate | up] projection: silu(gate) * up in one pass where the native float32
+        panels take ``x`` (each rank's slice is its own [gate | up]); None elsewhere."""
+        if self._matmul is None or self.bias is not None or len(self.out_sizes_per_rank) != 2 or \
+                self.out_sizes_per_rank[0] != self.out_sizes_per_rank[1]:
+            return None
+        return self._matmul.silu_mul(x)
+
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPGroup, dtype: torch.dtype):
         self.out_sizes_per_rank = [divide(s, tp.tp_size, "output features") for s in out_sizes]
         super().__init__(in_features, sum(out_sizes), bias, tp, dtype)

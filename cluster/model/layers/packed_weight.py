@@ -81,10 +81,21 @@ class PackedWeight:
         self.widened = weight.dtype == torch.bfloat16 and self.packed is None and f32_kernels
         self.gemv_f32 = kernels.gemv_f32 if f32 else None
         self.gemm_f32 = kernels.gemm_f32 if f32 or self.widened else None
+        self.silu_mul_f32 = getattr(kernels, "gemm_f32_silu_mul", None) if f32 else None
         self.panels = kernels.pack_f32(weight.detach().float()) if f32 or self.widened else None
         self.blocks = gguf.recover(weight) if gguf_blocks and f32 else None
         if self.blocks is not None:
             self.gemv_blocks = kernels.gemv_q4_1 if self.blocks.kind == "q4_1" else kernels.gemv_q8_0
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """SwiGLU's silu(gate) * up of ``x`` times this merged [gate | up] weight (no bias), in one
+        pass (``gemm_f32_silu_mul``) where ``linear`` would take the float32 panels; None elsewhere."""
+        if self.silu_mul_f32 is None or x.dim() != 2 or x.dtype != torch.float32:
+            return None
+        rows, half = x.shape[0], self.dense.shape[0] // 2
+        if rows <= GEMV_F32_MAX_ROWS or (self.blocks is not None and rows <= GGUF_BLOCKS_MAX_ROWS) or half % 16:
+            return None
+        return self.silu_mul_f32(x, self.panels, half)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.widened and x.dim() == 2 and x.shape[0] > 0:
