@@ -16,6 +16,8 @@ in place.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,6 +114,28 @@ def _cpu_kernels(weight: torch.Tensor, kernels):
                                                                        torch.float32) else None
 
 
+@dataclass(frozen=True)
+class _NativeDecode:
+    """What a decode step's layer needs to call the native CPU kernels one after another (float32,
+    one rank): the weights as the linears packed them, the norms' weights, the attention's shape."""
+
+    kernels: object
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    eps1: float
+    eps2: float
+    no_residual: torch.Tensor
+    qkv: object  # PackedWeight of [q | k | v]
+    qkv_bias: torch.Tensor | None
+    o: object
+    gate_up: object
+    down: object
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, swiftkv: bool = False,
                  attention: type[nn.Module] = PagedAttention):
@@ -120,15 +144,54 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(arch, tp, dtype, swiftkv, attention)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(arch, tp, dtype)
+        self._native: _NativeDecode | None = None
+
+    def finalize_weights(self, kernels) -> None:
+        """After the parts prepared theirs: in float32 on CPU with the native kernels, one rank, decode
+        steps run the layer as a straight sequence of kernel calls (``_decode_native``), the same
+        kernels on the same tensors as the modules' forwards, without their dispatch: ~80 us a layer
+        of Python and torch per step, ~2.4 ms of a 33-sequence decode step (docs/benchmarks.md)."""
+        attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        parts = None if attn.swiftkv else (attn.qkv_proj._matmul, attn.o_proj._matmul, mlp.gate_up_proj._matmul,
+                                           mlp.down_proj._matmul)
+        usable = (kernels is not None and parts is not None and all(p is not None and p.panels is not None
+                                                                    and not p.widened for p in parts)
+                  and attn._kernels is not None and mlp._silu_mul is not None and n1._kernels is not None
+                  and n2._kernels is not None and isinstance(attn.attn, PagedAttention)
+                  and attn.o_proj.tp.tp_size == 1 and attn.o_proj.bias is None and mlp.down_proj.bias is None
+                  and mlp.gate_up_proj.bias is None)
+        self._native = _NativeDecode(kernels, n1.weight, n2.weight, n1.eps, n2.eps, n1._no_residual, parts[0],
+                                     attn.qkv_proj.bias, parts[1], parts[2], parts[3], attn.num_heads,
+                                     attn.num_kv_heads, attn.head_dim, attn.attn.scale) if usable else None
 
     def forward(self, cos_sin, hidden, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         """``hidden`` is this layer's to update in place (the residual stream), except under autograd."""
+        if self._native is not None and meta.decode_kernel is not None and not meta.prefills and \
+                len(meta.decodes) == 1 and meta.decodes[0].num_seqs == hidden.shape[0] and \
+                not torch.is_grad_enabled():
+            return self._decode_native(cos_sin, hidden, kv_cache, meta)
         attn = self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, meta)
         if torch.is_grad_enabled():  # training: the stream's old values are saved for the backward pass
             hidden = hidden + attn
             return hidden + self.mlp(self.post_attention_layernorm(hidden))
         normed = self.post_attention_layernorm(attn, residual=hidden)  # hidden += attn, fused
         return hidden.add_(self.mlp(normed))
+
+    def _decode_native(self, cos_sin, hidden, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """forward() of a decode step (every row one sequence's next token), kernel by kernel: what
+        RMSNorm, LlamaAttention, PagedAttention and LlamaMLP run on CPU in float32, in their order."""
+        n, k, group = self._native, self._native.kernels, meta.decodes[0]
+        rows, qk_heads = hidden.shape[0], n.heads + n.kv_heads
+        x = k.rms_norm(hidden, n.no_residual, n.norm1, n.eps1)
+        qkv = n.qkv.linear(x, n.qkv_bias).view(rows, -1, n.head_dim)
+        k.rotary_(qkv[:, :qk_heads], *cos_sin)
+        k.write_kv(kv_cache, qkv[:, n.heads:qk_heads], qkv[:, qk_heads:], meta.slot_mapping)
+        attn = k.paged_decode(qkv[:, :n.heads], kv_cache, group.block_table, group.context_lens, n.scale)
+        x = k.rms_norm(n.o.linear(attn.view(rows, -1)), hidden, n.norm2, n.eps2)  # hidden += attention, fused
+        act = n.gate_up.silu_mul(x)
+        if act is None:  # decode-sized inputs take the gemv: the activation is its own pass
+            act = k.silu_mul(n.gate_up.linear(x))
+        return hidden.add_(n.down.linear(act))
 
 
 class LlamaModel(nn.Module):

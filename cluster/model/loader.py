@@ -48,8 +48,10 @@ def load_model(path: str, arch: ModelArch, max_positions: int, tp: TPGroup, dtyp
 
 def finalize_weights(model: torch.nn.Module, kernels=None, gguf_blocks: bool = False) -> None:
     """Let layers prepare their loaded weights for the device (pack for oneDNN, pick native kernels;
-    ``gguf_blocks``: linears whose float32 weights are exact GGUF blocks keep those, see PackedWeight)."""
-    for module in model.modules():
+    ``gguf_blocks``: linears whose float32 weights are exact GGUF blocks keep those, see PackedWeight).
+    Parts before the modules that hold them: a decoder layer plans its decode steps on what its
+    linears and norms prepared."""
+    for module in reversed(list(model.modules())):
         if hasattr(module, "_matmul"):  # the linears and the LM head: they hold a PackedWeight
             module.finalize_weights(kernels, gguf_blocks=gguf_blocks)
         elif hasattr(module, "finalize_weights"):

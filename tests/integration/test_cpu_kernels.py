@@ -505,6 +505,42 @@ def test_bfloat16_engine_with_chunked_prefill_and_few_rows_runs_every_request(ti
         assert all(o.outputs[0].finish_reason == "length" for o in outs)
 
 
+@pytest.mark.parametrize("variant", ["llama_tied", "qwen2"])  # qwen2: the QKV projection's bias
+def test_float32_decode_steps_call_the_kernels_directly_with_the_modules_outputs(tiny_llama_dir, variant,
+                                                                                monkeypatch):
+    """Decode steps in float32 on CPU run each layer as a straight sequence of kernel calls; tokens
+    and logprobs are bit-identical to the modules' forwards (through mixed steps, lone decodes,
+    decode batches small enough for the gemv and larger ones)."""
+    from cluster.llm import LLM
+    from cluster.model.llama import LlamaDecoderLayer
+    from cluster.sampling_params import SamplingParams
+
+    llm = LLM(model=tiny_llama_dir(variant), dtype="float32", block_size=8, max_num_batched_tokens=64,
+              enable_prefix_caching=False)  # the second run computes its prompts again, as the first did
+    layers = llm.engine.executor.worker.runner.model.model.layers
+    plans = [layer._native for layer in layers]
+    assert all(plan is not None for plan in plans)
+    rows = []
+    native = LlamaDecoderLayer._decode_native
+    monkeypatch.setattr(LlamaDecoderLayer, "_decode_native",
+                        lambda self, cos_sin, hidden, *rest: rows.append(hidden.shape[0]) or
+                        native(self, cos_sin, hidden, *rest))
+    prompts = [{"prompt_token_ids": [100 + i + j % 7 for j in range(3 + 9 * i)]} for i in range(7)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    def run():
+        return [(o.outputs[0].token_ids, repr(o.outputs[0].logprobs)) for o in llm.generate(prompts, params)]
+
+    direct = run()
+    assert rows and min(rows) <= 4 < max(rows)  # gemv-sized and panel-sized decode batches both ran
+    for layer in layers:
+        layer._native = None
+    rows.clear()
+    assert run() == direct and not rows
+    for layer, plan in zip(layers, plans):
+        layer._native = plan
+
+
 def test_batches_padded_to_row_buckets_give_the_unpadded_tokens(tiny_llama_dir):
     """Padding a step's rows to a bucket (so oneDNN reuses its matmuls) changes no real row. In
     float32 (unpadded by default, forced here) greedy tokens must be equal with and without it,
