@@ -101,8 +101,10 @@ void tile(const float* q, const int64_t* limit, const Context& ctx, float* const
         _mm256_store_ps(p[m] + half * kKeys + 8, hi[m]);
       }
     }
-    // Online softmax: the new maxima, all rows' corrections in one exp, then p = exp(score - max)
-    // (exactly 0 for a masked key) and the sums.
+    // Online softmax (scores in log2 units: q was scaled by log2(e)): the new maxima, all rows'
+    // corrections in one exp2, then p = 2^(score - max) and the sums. Only a step holding masked
+    // keys (some row's limit inside it, or the odd last panel's blank partner) zeroes them.
+    const bool masked = limit[0] < first + kStep;
 #pragma GCC unroll 6
     for (int m = 0; m < MR; ++m) {
       const __m256 a = _mm256_max_ps(_mm256_load_ps(p[m]), _mm256_load_ps(p[m] + 8));
@@ -110,17 +112,26 @@ void tile(const float* q, const int64_t* limit, const Context& ctx, float* const
       new_max[m] = std::max(row_max[m], max8(_mm256_max_ps(a, c)));
     }
     const __m256 old_max = _mm256_load_ps(row_max), max_now = _mm256_load_ps(new_max);
-    _mm256_store_ps(correction, exp_nonpositive8(_mm256_sub_ps(old_max, max_now)));
+    _mm256_store_ps(correction, exp2_nonpositive8(_mm256_sub_ps(old_max, max_now)));
     _mm256_store_ps(row_max, max_now);
 #pragma GCC unroll 6
     for (int m = 0; m < MR; ++m) {
       const __m256 mx = _mm256_set1_ps(new_max[m]);
       __m256 total = _mm256_setzero_ps();
-      for (int i = 0; i < kStep; i += 8) {
-        const __m256 score = _mm256_load_ps(p[m] + i);
-        const __m256 e = _mm256_and_ps(exp_nonpositive8(_mm256_sub_ps(score, mx)), _mm256_cmp_ps(score, none, _CMP_GT_OQ));
-        _mm256_store_ps(p[m] + i, e);
-        total = _mm256_add_ps(total, e);
+      if (masked) {
+        for (int i = 0; i < kStep; i += 8) {
+          const __m256 score = _mm256_load_ps(p[m] + i);
+          const __m256 e = _mm256_and_ps(exp2_nonpositive8(_mm256_sub_ps(score, mx)),
+                                         _mm256_cmp_ps(score, none, _CMP_GT_OQ));
+          _mm256_store_ps(p[m] + i, e);
+          total = _mm256_add_ps(total, e);
+        }
+      } else {
+        for (int i = 0; i < kStep; i += 8) {
+          const __m256 e = exp2_nonpositive8(_mm256_sub_ps(_mm256_load_ps(p[m] + i), mx));
+          _mm256_store_ps(p[m] + i, e);
+          total = _mm256_add_ps(total, e);
+        }
       }
       row_sum[m] = row_sum[m] * correction[m] + sum8(total);
     }
@@ -190,6 +201,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t 
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t q_row = q.stride(0), q_head = q.stride(1);
+  const float scale_log2 = scale * 1.4426950408889634f;  // scores in log2 units: softmax by exp2
   const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
   at::parallel_for(0, lanes, 1, [&](int64_t a, int64_t z) {
     alignas(32) float qs[kRows * D];
@@ -202,7 +214,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t 
         for (int64_t m = 0; m < mr; ++m) {
           const int64_t pos = (r0 + m) / group, head = h * group + (r0 + m) % group;
           const float* src = qp + pos * q_row + head * q_head;
-          for (int d = 0; d < D; ++d) qs[m * D + d] = src[d] * scale;
+          for (int d = 0; d < D; ++d) qs[m * D + d] = src[d] * scale_log2;
           limit[m] = std::min(keys, q_offset + pos + 1);
           dst[m] = op + (pos * heads + head) * D;
         }
