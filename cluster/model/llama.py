@@ -185,8 +185,10 @@ class LlamaDecoderLayer(nn.Module):
         x = k.rms_norm(hidden, n.no_residual, n.norm1, n.eps1)
         qkv = n.qkv.linear(x, n.qkv_bias).view(rows, -1, n.head_dim)
         k.rotary_(qkv[:, :qk_heads], *cos_sin)
-        k.write_kv(kv_cache, qkv[:, n.heads:qk_heads], qkv[:, qk_heads:], meta.slot_mapping)
-        attn = k.paged_decode(qkv[:, :n.heads], kv_cache, group.block_table, group.context_lens, n.scale)
+        # attention through the step's kernels (meta.decode_kernel), as PagedAttention runs it
+        meta.decode_kernel.write_kv(kv_cache, qkv[:, n.heads:qk_heads], qkv[:, qk_heads:], meta.slot_mapping)
+        attn = meta.decode_kernel.paged_decode(qkv[:, :n.heads], kv_cache, group.block_table, group.context_lens,
+                                               n.scale)
         x = k.rms_norm(n.o.linear(attn.view(rows, -1)), hidden, n.norm2, n.eps2)  # hidden += attention, fused
         act = n.gate_up.silu_mul(x)
         if act is None:  # decode-sized inputs take the gemv: the activation is its own pass
