@@ -149,8 +149,8 @@ class LlamaDecoderLayer(nn.Module):
     def finalize_weights(self, kernels) -> None:
         """After the parts prepared theirs: in float32 on CPU with the native kernels, one rank, decode
         steps run the layer as a straight sequence of kernel calls (``_decode_native``), the same
-        kernels on the same tensors as the modules' forwards, without their dispatch: ~80 us a layer
-        of Python and torch per step, ~2.4 ms of a 33-sequence decode step (docs/benchmarks.md)."""
+        kernels on the same tensors as the modules' forwards, without their dispatch (~4 ms of a
+        33-sequence decode step on a 2-core AVX2 EPYC; docs/benchmarks.md, eleventh pass)."""
         attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
         parts = None if attn.swiftkv else (attn.qkv_proj._matmul, attn.o_proj._matmul, mlp.gate_up_proj._matmul,
                                            mlp.down_proj._matmul)
@@ -166,8 +166,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, cos_sin, hidden, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         """``hidden`` is this layer's to update in place (the residual stream), except under autograd."""
-        if self._native is not None and meta.decode_kernel is not None and not meta.prefills and \
-                len(meta.decodes) == 1 and meta.decodes[0].num_seqs == hidden.shape[0] and \
+        if self._native is not None and meta.native_decode_group(hidden.shape[0]) is not None and \
                 not torch.is_grad_enabled():
             return self._decode_native(cos_sin, hidden, kv_cache, meta)
         attn = self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, meta)

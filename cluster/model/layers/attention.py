@@ -114,6 +114,13 @@ class AttentionMetadata:
     decode_kernel: object | None = None  # native CPU kernels (cluster.kernels): paged decode, float32 prefill; None = torch
     varlen: VarlenMetadata | None = None  # set: the Triton backend runs (decodes/prefills stay empty)
 
+    def native_decode_group(self, rows: int) -> DecodeGroup | None:
+        """The one decode group when the native kernel runs a decode step whose ``rows`` are all its
+        sequences (no prefill chunk, no padding rows); None otherwise."""
+        if self.decode_kernel is None or self.prefills or len(self.decodes) != 1 or self.decodes[0].num_seqs != rows:
+            return None
+        return self.decodes[0]
+
 
 @dataclass
 class TailBatch:
@@ -198,9 +205,8 @@ class PagedAttention(nn.Module):
         kernel = meta.decode_kernel
         if k is not None:
             write_kv(kv_cache, k, v, meta.slot_mapping, kernel)
-        if kernel is not None and not meta.prefills and len(meta.decodes) == 1 and \
-                meta.decodes[0].num_seqs == q.shape[0]:  # a decode step: the kernel's output is the layer's
-            group = meta.decodes[0]
+        group = meta.native_decode_group(q.shape[0])
+        if group is not None:  # a decode step: the kernel's output is the layer's
             return kernel.paged_decode(_heads_contiguous(q), kv_cache, group.block_table, group.context_lens,
                                        self.scale).view(q.shape[0], -1)
         out = torch.empty_like(q)
