@@ -79,6 +79,15 @@ def cpu_summary() -> str:
     return f"{name}, {len(os.sched_getaffinity(0))} cores, {' '.join(features)}"
 
 
+def malloc_summary() -> str:
+    """This process's allocator as the environment set it: it moves both sides' figures (transformers'
+    by up to 2x: jemalloc's default purging re-faults its per-step tensors; docs/benchmarks.md)."""
+    preload = [os.path.basename(p) for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+               if "malloc" in os.path.basename(p)]
+    conf = os.environ.get("MALLOC_CONF", "")
+    return (", ".join(preload) if preload else "glibc") + (f" (MALLOC_CONF={conf})" if preload and conf else "")
+
+
 # ---- our engine -------------------------------------------------------------------------------
 
 
@@ -317,7 +326,7 @@ def run_bench(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     work = make_workload(args.num_requests, arch.vocab_size, args.seed)
     single_ids = tokenizer.encode(SINGLE_STREAM_PROMPT)
-    print(f"CPU: {cpu_summary()}")
+    print(f"CPU: {cpu_summary()}; malloc: {malloc_summary()}")
     print(f"workload: {len(work.prompts)} requests, {sum(map(len, work.prompts))} prompt tokens, "
           f"{work.num_output_tokens} output tokens; dtype {args.dtype}; single-stream prompt "
           f"{len(single_ids)} tokens, {SINGLE_STREAM_TOKENS} new tokens; our weights: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.conftest import assert_no_leak
 
 from cluster.bench import BURST_OUTPUT_RATIO, BURST_PROMPT_LEN_RANGE, Workload, cpu_summary, engine_burst, \
-    make_burst_workload
+    make_burst_workload, malloc_summary
 
 
 def test_burst_workload_is_prefill_heavy_and_seeded():
@@ -35,6 +35,14 @@ def test_engine_burst_times_every_requests_first_token(tiny_llama_dir):
 def test_cpu_summary_names_the_cpu_and_its_cores():
     summary = cpu_summary()
     assert "cores" in summary and summary.split(",")[0]
+
+
+def test_malloc_summary_names_the_preloaded_allocator_and_its_conf(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("MALLOC_CONF", "dirty_decay_ms:-1")
+    assert malloc_summary() == "glibc"  # MALLOC_CONF alone configures nothing
+    monkeypatch.setenv("LD_PRELOAD", "/x/libiomp5.so:/venv/lib/libjemalloc.so.2")
+    assert malloc_summary() == "libjemalloc.so.2 (MALLOC_CONF=dirty_decay_ms:-1)"
 
 
 def test_bench_spec_measures_every_method_on_the_same_tokens(tiny_llama_dir, capsys):
