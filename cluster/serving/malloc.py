@@ -15,7 +15,7 @@ pages back to the kernel within seconds, and a CPU engine frees and reallocates 
 activations every step, so each step faulted its pages in again (5.3 million minor faults in one run
 of ``llm-cluster bench``'s workload: 124 tokens/s against glibc's 134; with purging off 22 faults and
 134.5 tokens/s; docs/benchmarks.md, twelfth pass). The process then keeps its peak heap, which the step
-budget (``max_num_batched_tokens``) bounds. An operator's own ``MALLOC_CONF`` (the driver's environment)
+budget (``max_num_batched_tokens``) bounds. An operator's own ``MALLOC_CONF`` (where the app is built)
 is appended, so it wins where both set an option.
 """
 
