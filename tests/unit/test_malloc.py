@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from cluster.errors import InvalidConfigError
@@ -41,12 +45,9 @@ def test_an_operators_malloc_conf_comes_after_ours_so_it_wins(tmp_path, monkeypa
     assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1,prof:true,dirty_decay_ms:5000"
 
 
-def test_jemalloc_with_our_conf_stops_refaulting_freed_pages(tmp_path):
+def test_jemalloc_with_our_conf_stops_refaulting_freed_pages():
     """The preload as a replica gets it: a process that frees and reallocates 16 MB buffers (as a
     step's activations) faults their pages once, not on every reuse as jemalloc's default does."""
-    import subprocess
-    import sys
-
     library = malloc.resolve("auto")
     if library is None or "jemalloc" not in library:
         pytest.skip("jemalloc not installed (make install puts it in the venv)")
@@ -59,7 +60,6 @@ def test_jemalloc_with_our_conf_stops_refaulting_freed_pages(tmp_path):
               "print(faults() - start)\n")
 
     def faults(env_vars: dict) -> int:
-        import os
         env = {**{k: v for k, v in os.environ.items() if k != "MALLOC_CONF"}, **env_vars}
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
