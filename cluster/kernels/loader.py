@@ -71,14 +71,31 @@ def _build():
 
 
 def build_directory() -> str:
-    """This checkout's build directory under torch's extensions directory (created if missing)."""
+    """This checkout's build directory for this CPU, under torch's extensions directory (created if
+    missing). The kernels compile with ``-march=native``: a build from an AMX Xeon dies of an illegal
+    instruction on an AVX2-only EPYC, so a home directory shared by both must not share the build."""
     from torch.utils import cpp_extension
 
     here = os.path.dirname(os.path.abspath(__file__))
+    key = f"{here}\n{cpu_flags()}"
     path = os.path.join(cpp_extension._get_build_directory(_NAME, verbose=False),
-                        hashlib.sha256(here.encode()).hexdigest()[:12])
+                        hashlib.sha256(key.encode()).hexdigest()[:12])
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def cpu_flags() -> str:
+    """The CPU's instruction-set flags (Linux ``/proc/cpuinfo``), or the machine type elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine()
 
 
 def remove_stale_torch_lock(build_dir: str) -> bool:

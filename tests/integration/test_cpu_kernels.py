@@ -38,6 +38,24 @@ def test_kernel_matches_torch_path(kernel, dtype, tol, num_heads, num_kv_heads, 
     torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_long_contexts_across_windows_match_torch(kernel, dtype, tol):
+    """Contexts of 1 to 1,700 tokens (the AMX kernel scores 512-token windows, 16 tokens a tile,
+    the last window and slice partial), blocks scattered over the cache."""
+    gen = torch.Generator().manual_seed(11)
+    block_size, num_blocks = 32, 600
+    lens = torch.tensor([1, 15, 16, 17, 511, 512, 513, 1030, 1700])
+    max_blocks = -(-int(lens.max()) // block_size)
+    cache = torch.randn(2, 3, num_blocks, block_size, 64, generator=gen).to(dtype)
+    table = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in lens])
+    q = torch.randn(len(lens), 9, 64, generator=gen).to(dtype)
+    mask = torch.arange(max_blocks * block_size)[None, :] < lens[:, None]
+    attention = PagedAttention(9, 3, 64)
+    expected = attention._decode_matmul(q, *_gather(cache, table), mask)
+    torch.testing.assert_close(kernel.paged_decode(q, cache, table, lens, attention.scale).float(), expected.float(),
+                               atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_schedule_longest_first_changes_no_output(kernel, dtype):
     """Threads take (sequence, KV head) pairs longest context first, whichever is free: every pair

@@ -37,3 +37,12 @@ def test_each_checkout_builds_in_its_own_directory(tmp_path, monkeypatch):
     elsewhere = loader.build_directory()
     assert here != elsewhere and os.path.dirname(here) == os.path.dirname(elsewhere)
     assert os.path.isdir(here) and os.path.isdir(elsewhere)
+
+
+def test_each_cpu_builds_in_its_own_directory(tmp_path, monkeypatch):
+    """-march=native builds: another CPU's build may not run here (an AMX build on an AVX2-only CPU)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here = loader.build_directory()
+    assert loader.build_directory() == here
+    monkeypatch.setattr(loader, "cpu_flags", lambda: "avx avx2 fma")
+    assert loader.build_directory() != here
