@@ -58,10 +58,10 @@ def per_replica_stats(name: str, replicas: int) -> dict[str, dict]:
     raise AssertionError(f"saw {len(seen)} of {replicas} replicas")
 
 
-def shared_prefix_workload(seed: int = 0) -> list[list[int]]:
-    """8 groups x 6 requests: a 256-token group prefix + a 16-token unique tail, shuffled."""
+def shared_prefix_workload(seed: int = 0, groups: int = 16) -> list[list[int]]:
+    """``groups`` x 6 requests: a 256-token group prefix + a 16-token unique tail, shuffled."""
     rng = random.Random(seed)
-    prefixes = [[rng.randrange(100, 40000) for _ in range(256)] for _ in range(8)]
+    prefixes = [[rng.randrange(100, 40000) for _ in range(256)] for _ in range(groups)]
     requests = [p + [rng.randrange(100, 40000) for _ in range(16)] for p in prefixes for _ in range(6)]
     rng.shuffle(requests)
     return requests
@@ -104,9 +104,14 @@ def test_prefix_affinity_router_beats_the_default_on_shared_prefixes(serve_clust
                                                  words=30, max_tokens=12, seed=5))
             before, after = stats, per_replica_stats(name, 2)
         serve.delete(name)
-    # 8 groups x 6 requests: at best 5 of every 6 requests reuse their 256-token prefix.
-    assert hit_rates["prefix_affinity"] > hit_rates["power_of_two"] + 0.1, hit_rates
-    assert hit_rates["prefix_affinity"] > 0.7, hit_rates
+    # 16 groups x 6 requests of 272 tokens: at best 5 of every 6 reuse their group's 256-token
+    # prefix (one miss a group): 5/6 x 256/272 = 0.784, which the affinity router reaches. Serve's
+    # default spreads a group over both replicas (two misses: 0.627) unless by chance it keeps the
+    # whole group on one (each group kept adds 0.0098; runs here read 0.627 and 0.637). With 8
+    # groups and a margin of 0.1 one CI run failed (it kept 3 of 8, 0.686); now the default would
+    # have to keep 7 of 16 groups to close the 0.09 margin.
+    assert hit_rates["prefix_affinity"] > 0.9 * (5 / 6) * (256 / 272), hit_rates
+    assert hit_rates["prefix_affinity"] > hit_rates["power_of_two"] + 0.09, hit_rates
     ideal = chat.ideal_cached_tokens(16)
     assert ideal > 0.4 * chat.prompt_tokens, (ideal, chat.prompt_tokens)  # later turns repeat earlier ones
     assert chat.cached_tokens >= 0.9 * ideal, (chat.cached_tokens, ideal, chat.prompt_tokens)
