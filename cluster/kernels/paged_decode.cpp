@@ -165,7 +165,7 @@ static inline void prefetch_rows(const uint16_t* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define LLM_CLUSTER_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
