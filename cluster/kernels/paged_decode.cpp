@@ -43,7 +43,8 @@ inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_
 // (which assumes no infinities); exp(kNoScore - score) still underflows to 0.
 constexpr float kNoScore = -1e30f;
 
-// Per-thread scratch: the query (scaled, float), accumulators and one block's K/V as float.
+// Per-thread scratch: the query (scaled, float), accumulators, one block's K/V as float, scores;
+// for the AMX kernel the score tiles read out and the queries packed as tile pairs.
 struct Scratch {
   std::vector<float> q, acc, kf, vf, scores, max, sum, tile;
   std::vector<uint16_t> qpack;
@@ -318,26 +319,14 @@ static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const 
       for (int64_t t0 = 0; t0 < n; t0 += 16) {
         const int64_t m = std::min<int64_t>(16, n - t0);
         __m512 dots[16];
-        if (m == 16) {
-          const uint16_t* k = kb + t0 * kHeadDim;
-#pragma GCC unroll 16
-          for (int t = 0; t < 16; ++t) {
-            __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[0], (__m512bh)_mm512_loadu_si512(k + t * kHeadDim));
-#pragma GCC unroll 4
-            for (int c = 1; c < kChunks; ++c)
-              dot = _mm512_dpbf16_ps(dot, qv[c], (__m512bh)_mm512_loadu_si512(k + t * kHeadDim + c * 32));
-            dots[t] = dot;
+        for (int64_t t = 0; t < 16; ++t) {  // tokens past the block's last score zero, then no score
+          __m512 dot = _mm512_setzero_ps();
+          if (t < m) {
+            const uint16_t* k = kb + (t0 + t) * kHeadDim;
+            for (int c = 0; c < kChunks; ++c)
+              dot = _mm512_dpbf16_ps(dot, qv[c], (__m512bh)_mm512_loadu_si512(k + c * 32));
           }
-        } else {
-          for (int64_t t = 0; t < 16; ++t) {
-            __m512 dot = _mm512_setzero_ps();
-            if (t < m) {
-              const uint16_t* k = kb + (t0 + t) * kHeadDim;
-              for (int c = 0; c < kChunks; ++c)
-                dot = _mm512_dpbf16_ps(dot, qv[c], (__m512bh)_mm512_loadu_si512(k + c * 32));
-            }
-            dots[t] = dot;
-          }
+          dots[t] = dot;
         }
         const __mmask16 valid = m == 16 ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1);
         const __m512 scores = _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNoScore), _mm512_mul_ps(sum16(dots), vscale));
@@ -384,8 +373,8 @@ static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const 
 //    the max grows), then p.V in float32, each V row widened once for up to four heads.
 // While a window's K is scored, its V rows are prefetched, so both streams are in flight at once.
 // Four decode steps' block tables from the bench workload (33 sequences, contexts to ~1,100, 30
-// layers), 2-core Xeon with AMX: 176 ms on decode_pair_avx512's predecessor, 157 on
-// decode_pair_avx512, 138 here; windows of 64 / 128 / 256 / 1,024 tokens: 153 / 142 / 146 / 141;
+// layers), 2-core Xeon with AMX: 175-179 ms on decode_pair_avx512's predecessor, 157 on
+// decode_pair_avx512, 138-148 here; windows of 64 / 128 / 256 / 1,024 tokens: 153 / 142 / 146 / 141;
 // without the V prefetch 158. Compute alone (the cache in L2) is about a third of the time.
 // Blocks must hold a multiple of 16 tokens (a tile's rows never leave the block).
 template <int kHeadDim>
