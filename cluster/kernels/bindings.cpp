@@ -18,6 +18,8 @@ at::Tensor gemm_f32_silu_mul(at::Tensor x, at::Tensor panels, int64_t n_size);
 bool has_gemm_f32();
 at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, int64_t q_offset, double scale);
 bool has_prefill_attention();
+at::Tensor prefill_attention_amx(at::Tensor q, at::Tensor k, at::Tensor v, int64_t q_offset, double scale);
+bool has_prefill_attention_amx();
 bool has_widening_decode();
 void rotary_(at::Tensor x, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor x);
@@ -42,6 +44,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of x = [gate | up], one pass (CPU, float32, AVX2 + FMA)");
   m.def("has_silu_mul", &has_silu_mul, "whether silu_mul was built (AVX2 + FMA)");
   m.def("has_prefill_attention", &has_prefill_attention, "whether prefill_attention was built (AVX2 + FMA)");
+  m.def("prefill_attention_amx", &prefill_attention_amx,
+        "causal bfloat16 attention of a prompt chunk over its context [S, Hkv, D] (CPU, AMX-BF16)");
+  m.def("has_prefill_attention_amx", &has_prefill_attention_amx,
+        "whether prefill_attention_amx was built (AVX512-BF16 + AMX-BF16) and Linux grants the tile state");
   m.def("has_widening_decode", &has_widening_decode,
         "whether paged_decode reads bfloat16 / float16 caches under float32 queries (AVX2 + FMA + F16C)");
   m.def("gemv_q4_1", &gemv_q4_1, "gemv_f32 over a weight held as GGUF Q4_1 blocks, decoded exactly (CPU, AVX2)");

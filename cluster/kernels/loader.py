@@ -8,7 +8,8 @@
   ``gemv_q4_1`` / ``gemv_q8_0``, the same loop over a weight held as exact GGUF blocks.
 - ``gemm_f32``: float32 linears of more rows (prefill chunks, batched decode) over a weight packed
   once into column panels (``pack_f32``), where AVX2 + FMA are there.
-- ``prefill_attention``: causal float32 attention of a prompt chunk over its context (AVX2 + FMA).
+- ``prefill_attention``: causal float32 attention of a prompt chunk over its context (AVX2 + FMA);
+  ``prefill_attention_amx`` the same in bfloat16 with AMX tiles (Xeons with AMX-BF16).
 - ``rotary_``: RoPE in place, one pass.
 - ``write_kv``: a step's K/V stored at their slots of the paged cache, no intermediate copy.
 - ``argmax_rows``: greedy sampling's argmax over float32 logits, the rows spread over the threads.
@@ -56,8 +57,8 @@ def _build():
         here = os.path.dirname(__file__)
         sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp",
                                                           "gemv_bf16.cpp", "gemv_f32.cpp", "gemm_f32.cpp",
-                                                          "prefill_attention.cpp", "rotary.cpp", "silu_mul.cpp",
-                                                          "write_kv.cpp", "argmax.cpp")]
+                                                          "prefill_attention.cpp", "prefill_attention_amx.cpp",
+                                                          "rotary.cpp", "silu_mul.cpp", "write_kv.cpp", "argmax.cpp")]
         build_dir = build_directory()
         with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die

@@ -168,20 +168,7 @@ static inline void prefetch_rows(const uint16_t* p, int64_t bytes) {
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define LLM_CLUSTER_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-
-// Linux hands a thread AMX's tile state only after the process asks for it (once; oneDNN asks too).
-static bool amx_ready() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
+#include "amx.h"
 
 // Tiles for S^T = K Q^T over 16 tokens: 0 the scores [16 tokens, group] (float32), 1-2 a K slice [16
 // tokens, 32 dims], 4-7 Q^T's 32-dim slices as bf16 pairs [16, group x 2]. The queries stay loaded for

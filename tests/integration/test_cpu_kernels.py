@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -405,6 +407,94 @@ def test_float32_prefill_chunks_take_the_native_kernel_and_match_the_torch_path(
         outs.append(attention(q, k[prefix:], v[prefix:], cache.clone(), meta))
     assert calls == [tokens]
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-4)
+
+
+def _has_amx_bf16() -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    return " amx_bf16" in flags and " avx512_bf16" in flags
+
+
+def _skip_without_amx(kernel) -> None:
+    if not kernel.has_prefill_attention_amx():
+        assert not (_has_amx_bf16() and sys.platform == "linux"), "AMX-BF16 here, yet the kernel is not usable"
+        pytest.skip("this CPU has no AMX-BF16")
+
+
+@pytest.mark.parametrize("tokens, q_offset, heads, kv_heads, head_dim", [
+    (34, 0, 9, 3, 64), (1024, 0, 9, 3, 64), (97, 211, 9, 3, 64), (300, 1400, 9, 3, 64),  # SmolLM2
+    (1, 0, 9, 3, 64), (5, 40, 9, 3, 64), (129, 0, 9, 3, 64),  # one row; a tile short; a window and a key
+    (23, 9, 28, 4, 128), (40, 0, 16, 1, 128), (18, 3, 4, 4, 64),  # Qwen's group of 7; MQA; MHA
+])
+def test_amx_prefill_attention_is_causal_attention_to_bfloat16_accuracy(kernel, tokens, q_offset, heads, kv_heads,
+                                                                        head_dim):
+    _skip_without_amx(kernel)
+    gen = torch.Generator().manual_seed(tokens * 1000 + q_offset)
+    context = q_offset + tokens
+    # As the layer hands them over: q, k and v strided views of one projection's rows.
+    qkv = (torch.randn(context, heads + 2 * kv_heads, head_dim, generator=gen) * 2).bfloat16()
+    q = qkv[q_offset:, :heads]
+    k, v = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    scale = head_dim ** -0.5
+    got = kernel.prefill_attention_amx(q, k, v, q_offset, scale)
+    assert got.shape == (tokens, heads, head_dim) and got.dtype == torch.bfloat16
+    expected = _causal_reference(q, k, v, q_offset, scale)
+    # the output rounded once to bfloat16 (2^-8 relative), the probabilities once (as torch's flash
+    # attention rounds them): within a few bfloat16 steps of the exact result
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=1.6e-2)
+    assert (got.double() - expected).abs().mean() < 2e-3
+    # A row does not depend on the rows after it (the last rows' keys are masked, never mixed in).
+    torch.testing.assert_close(kernel.prefill_attention_amx(q[:1], k[:q_offset + 1], v[:q_offset + 1], q_offset,
+                                                            scale), got[:1], atol=0, rtol=0)
+
+
+def test_amx_prefill_attention_rejects_mismatched_inputs(kernel):
+    _skip_without_amx(kernel)
+    q, k = torch.randn(4, 9, 64).bfloat16(), torch.randn(10, 3, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="context"):
+        kernel.prefill_attention_amx(q, k, k, 7, 0.125)
+    with pytest.raises(RuntimeError, match="multiple"):
+        kernel.prefill_attention_amx(torch.randn(4, 8, 64).bfloat16(), k, k, 0, 0.125)
+    with pytest.raises(RuntimeError, match="head size"):
+        kernel.prefill_attention_amx(*(torch.randn(n, h, 48).bfloat16() for n, h in ((4, 9), (10, 3), (10, 3))), 0, 0.125)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernel.prefill_attention_amx(q.float(), k.float(), k.float(), 0, 0.125)
+    with pytest.raises(RuntimeError, match="k and v"):
+        kernel.prefill_attention_amx(q, k, k[:9], 0, 0.125)
+    assert kernel.prefill_attention_amx(q[:0], k, k, 0, 0.125).shape == (0, 9, 64)
+
+
+@pytest.mark.parametrize("prefix", [0, 70])  # the chunk's own K/V; after a cached prefix
+def test_bfloat16_prefill_chunks_take_the_amx_kernel_and_match_the_torch_path(kernel, prefix):
+    from cluster.model.layers.attention import AttentionMetadata, prefill_chunk, write_kv
+
+    _skip_without_amx(kernel)
+    calls = []
+
+    class Spy:  # the kernels module, its AMX prefill attention counted
+        def __getattr__(self, name):
+            return getattr(kernel, name)
+
+        def prefill_attention_amx(self, *args):
+            calls.append(args[0].shape[0])
+            return kernel.prefill_attention_amx(*args)
+
+    gen = torch.Generator().manual_seed(prefix)
+    block_size, tokens = 32, 100
+    cache = torch.zeros(2, 3, 40, block_size, 64, dtype=torch.bfloat16)
+    table = torch.randperm(40, generator=gen)[: -(-(prefix + tokens) // block_size)]
+    slots = torch.tensor([int(table[i // block_size]) * block_size + i % block_size for i in range(prefix + tokens)])
+    k, v = (torch.randn(prefix + tokens, 3, 64, generator=gen).bfloat16() for _ in range(2))
+    write_kv(cache, k[:prefix], v[:prefix], slots[:prefix])  # the cached prefix
+    q = torch.randn(tokens, 9, 64, generator=gen).bfloat16()
+    attention = PagedAttention(9, 3, 64)
+    outs = []
+    for native in (Spy(), None):
+        meta = AttentionMetadata(slot_mapping=slots[prefix:], decode_kernel=native,
+                                 prefills=[prefill_chunk(0, tokens, prefix, table if prefix else None)])
+        outs.append(attention(q, k[prefix:], v[prefix:], cache.clone(), meta).float())
+    assert calls == [tokens]
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=1.6e-2)
 
 
 def test_gemm_f32_rejects_mismatched_shapes(kernel):
