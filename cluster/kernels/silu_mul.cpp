@@ -8,9 +8,16 @@
 // silu(g) = g * sigmoid(g), with e = exp(-|g|) <= 1 (so the exp never overflows):
 // sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) for g < 0 (silu8, avx2_math.h; gemm_f32_silu_mul
 // applies the same to its tiles).
+//
+// bfloat16 (silu_mul_bf16, AVX-512): bit-identical to torch's F.silu(gate).mul_(up), which
+// transformers runs too. torch computes silu in float32 as g / (1 + exp(-g)) with SLEEF's exp
+// (the one libtorch exports, called here), rounds it to bfloat16, then multiplies by up in float32
+// and rounds again; this does the same, in one pass, with every operation pinned against
+// -ffast-math's rewrites (explicit rounding-mode intrinsics, software round-to-nearest-even).
 #include "aten_lite.h"
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -56,5 +63,95 @@ at::Tensor silu_mul(at::Tensor x) {
 }
 
 bool has_silu_mul() { return false; }
+
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+extern "C" __m512 Sleef_expf16_u10(__m512);  // libtorch_cpu's, what torch's Vectorized<float>::exp calls
+
+namespace {
+
+constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+inline __m512 widen16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// float32 -> bfloat16 bits as torch's vectorised conversion does: round to nearest even, NaN to 0xFFFF
+// (its scalar conversion, narrow1, gives 0x7FC0).
+inline __m256i narrow16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline uint16_t narrow1(float x) {
+  if (std::isnan(x)) return 0x7FC0;
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline float widen1(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+}  // namespace
+
+// torch's scalar tail: float(g) / (1 + std::exp(-float(g))); volatile keeps -ffast-math from
+// rewriting the division into a reciprocal.
+__attribute__((optimize("no-fast-math"))) static float silu_scalar(float g) {
+  volatile float denominator = 1.f + std::exp(-g);
+  return g / denominator;
+}
+
+at::Tensor silu_mul_bf16(at::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
+              "silu_mul_bf16 needs a bfloat16 [rows, 2 * n] tensor, its last dimension contiguous");
+  TORCH_CHECK(x.size(1) % 2 == 0, "silu_mul_bf16 needs an even last dimension, got ", x.size(1));
+  const int64_t rows = x.size(0), n = x.size(1) / 2, stride = x.stride(0);
+  auto out = at::empty({rows, n}, x.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* gate = src + r * stride;
+      const uint16_t* up = gate + n;
+      uint16_t* o = dst + r * n;
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const __m512 g = widen16(gate + i);
+        const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign)));
+        const __m512 silu = _mm512_div_round_ps(g, _mm512_add_round_ps(one, e, kRound), kRound);
+        const __m256i rounded = narrow16(silu);
+        const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), narrow16(_mm512_mul_round_ps(s, widen16(up + i), kRound)));
+      }
+      for (; i < n; ++i) o[i] = narrow1(widen1(narrow1(silu_scalar(widen1(gate[i])))) * widen1(up[i]));
+    }
+  });
+  return out;
+}
+
+bool has_silu_mul_bf16() { return true; }
+
+#else
+
+at::Tensor silu_mul_bf16(at::Tensor x) {
+  TORCH_CHECK(false, "silu_mul_bf16 was not built: this CPU has no AVX-512");
+  return x;
+}
+
+bool has_silu_mul_bf16() { return false; }
 
 #endif

@@ -83,7 +83,7 @@ class LlamaMLP(nn.Module):
         size = arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [size, size], False, tp, dtype)
         self.down_proj = RowParallelLinear(size, arch.hidden_size, False, tp, dtype)
-        self._silu_mul = None
+        self._silu_mul = self._silu_mul_bf16 = None
 
     def finalize_weights(self, kernels) -> None:
         """Take the one-pass SwiGLU activation for float32 on CPU where it was built (its product is
@@ -91,8 +91,16 @@ class LlamaMLP(nn.Module):
         weight = self.down_proj.weight
         usable = kernels is not None and kernels.has_silu_mul()
         self._silu_mul = kernels if usable and weight.device.type == "cpu" and weight.dtype == torch.float32 else None
+        # bfloat16: one pass, bit-identical to F.silu(gate).mul_(up) (torch's own exp, its two roundings)
+        usable = kernels is not None and kernels.has_silu_mul_bf16()
+        self._silu_mul_bf16 = kernels if usable and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 \
+            else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._silu_mul_bf16 is not None and not torch.is_grad_enabled():
+            gate_up = self.gate_up_proj(x)
+            act = self._silu_mul_bf16.silu_mul_bf16(gate_up.reshape(-1, gate_up.shape[-1]))
+            return self.down_proj(act.view(*gate_up.shape[:-1], gate_up.shape[-1] // 2))
         if self._silu_mul is not None and not torch.is_grad_enabled():
             fused = self.gate_up_proj.silu_mul(x)  # the projection's panels apply the activation themselves
             if fused is not None:

@@ -819,6 +819,55 @@ def test_float32_mlp_takes_the_one_pass_activation_and_matches_the_torch_path(ke
     assert mlp._silu_mul is None
 
 
+@pytest.mark.parametrize("rows, n, scale", [(1, 1536, 1.0), (33, 1536, 4.0), (300, 1536, 0.01), (3, 100, 30.0),
+                                             (2, 7, 1.0)])
+def test_bfloat16_silu_mul_is_bit_identical_to_torchs_two_steps(kernel, rows, n, scale):
+    """torch rounds silu(gate) to bfloat16, then the product: the kernel must land on the very same
+    bits (transformers runs torch's ops), over a row's 16-wide body and its scalar tail alike."""
+    if not kernel.has_silu_mul_bf16():
+        assert "avx512f" not in open("/proc/cpuinfo").read(), "built without AVX-512 on a CPU that has it"
+        pytest.skip("silu_mul_bf16 needs AVX-512")
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    x = (torch.randn(rows, 2 * n, generator=gen) * scale).bfloat16()
+    edges = [0.0, -0.0, 88.0, -88.0, 100.0, -100.0, 1e-39, -1e-39, float("inf"), float("-inf"), float("nan")]
+    x[0, : min(n, len(edges))] = torch.tensor(edges[:n]).bfloat16()  # exp's and the rounding's edges
+    gate, up = x.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate).mul_(up)
+    got = kernel.silu_mul_bf16(x)
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    same = (got.view(torch.int16) == expected.view(torch.int16)) | (got.isnan() & expected.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} values differ"
+    strided = torch.cat([x, x[:, :8]], dim=1)[:, : 2 * n]  # rows further apart than 2n
+    assert torch.equal(kernel.silu_mul_bf16(strided).view(torch.int16)[1:], got.view(torch.int16)[1:])
+    assert kernel.silu_mul_bf16(x[:0]).shape == (0, n)
+    for bad in (x.float(), x[:, :-1], x.t(), x[None]):
+        with pytest.raises(RuntimeError, match="silu_mul_bf16"):
+            kernel.silu_mul_bf16(bad)
+
+
+def test_bfloat16_mlp_takes_the_one_pass_activation_bit_identically(kernel):
+    from cluster.distributed.tp_group import TPGroup
+    from cluster.model.arch import ModelArch
+    from cluster.model.llama import LlamaMLP
+
+    if not kernel.has_silu_mul_bf16():
+        pytest.skip("silu_mul_bf16 needs AVX-512")
+    arch = ModelArch._from_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                     "intermediate_size": 100, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                     "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 64}, "llama")
+    mlp = LlamaMLP(arch, TPGroup(), torch.bfloat16)
+    gen = torch.Generator().manual_seed(4)
+    for p in mlp.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    x = torch.randn(19, 64, generator=gen).bfloat16()
+    with torch.no_grad():
+        expected = mlp(x)
+        mlp.finalize_weights(kernel)
+        assert mlp._silu_mul_bf16 is kernel and mlp._silu_mul is None
+        got = mlp(x)
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("intermediate, rows, fused", [(96, 19, True), (96, 3, False), (100, 19, False)])
 def test_float32_mlp_fuses_the_activation_into_the_gate_up_panels(kernel, intermediate, rows, fused):
     """Where the panels take the rows and gate and up are whole panels, the projection applies
