@@ -124,10 +124,12 @@ def _cpu_kernels(weight: torch.Tensor, kernels):
 
 @dataclass(frozen=True)
 class _NativeDecode:
-    """What a decode step's layer needs to call the native CPU kernels one after another (float32,
-    one rank): the weights as the linears packed them, the norms' weights, the attention's shape."""
+    """What a decode step's layer needs to call the native CPU kernels one after another (float32 or
+    bfloat16, one rank): the weights as the linears packed them, the norms' weights, the attention's
+    shape, the SwiGLU activation's kernel."""
 
     kernels: object
+    silu_mul: object  # kernels.silu_mul (float32) or kernels.silu_mul_bf16
     norm1: torch.Tensor
     norm2: torch.Tensor
     eps1: float
@@ -155,26 +157,33 @@ class LlamaDecoderLayer(nn.Module):
         self._native: _NativeDecode | None = None
 
     def finalize_weights(self, kernels) -> None:
-        """After the parts prepared theirs: in float32 on CPU with the native kernels, one rank, decode
-        steps run the layer as a straight sequence of kernel calls (``_decode_native``), the same
-        kernels on the same tensors as the modules' forwards, without their dispatch (~4 ms of a
-        33-sequence decode step on a 2-core AVX2 EPYC; docs/benchmarks.md, eleventh pass)."""
+        """After the parts prepared theirs: on CPU with the native kernels, one rank, float32 (packed
+        panels) or bfloat16 (oneDNN-packed weights, the one-pass activation), decode steps run the
+        layer as a straight sequence of kernel calls (``_decode_native``), the same kernels on the
+        same tensors as the modules' forwards, without their dispatch (~4 ms of a 33-sequence decode
+        step on a 2-core AVX2 EPYC, docs/benchmarks.md, eleventh pass; bfloat16: fourteenth)."""
         attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
         parts = None if attn.swiftkv else (attn.qkv_proj._matmul, attn.o_proj._matmul, mlp.gate_up_proj._matmul,
                                            mlp.down_proj._matmul)
-        usable = (kernels is not None and parts is not None and all(p is not None and p.panels is not None
-                                                                    and not p.widened for p in parts)
-                  and attn._kernels is not None and mlp._silu_mul is not None and n1._kernels is not None
+        silu_mul = None
+        if mlp._silu_mul is not None and parts is not None and all(
+                p is not None and p.panels is not None and not p.widened for p in parts):
+            silu_mul = mlp._silu_mul.silu_mul  # float32 over the native panels
+        elif mlp._silu_mul_bf16 is not None and parts is not None and all(
+                p is not None and p.packed is not None for p in parts):
+            silu_mul = mlp._silu_mul_bf16.silu_mul_bf16  # bfloat16 over oneDNN's packed weights
+        usable = (kernels is not None and silu_mul is not None
+                  and attn._kernels is not None and n1._kernels is not None
                   and n2._kernels is not None and isinstance(attn.attn, PagedAttention)
                   and attn.o_proj.tp.tp_size == 1 and attn.o_proj.bias is None and mlp.down_proj.bias is None
                   and mlp.gate_up_proj.bias is None)
-        self._native = _NativeDecode(kernels, n1.weight, n2.weight, n1.eps, n2.eps, n1._no_residual, parts[0],
-                                     attn.qkv_proj.bias, parts[1], parts[2], parts[3], attn.num_heads,
+        self._native = _NativeDecode(kernels, silu_mul, n1.weight, n2.weight, n1.eps, n2.eps, n1._no_residual,
+                                     parts[0], attn.qkv_proj.bias, parts[1], parts[2], parts[3], attn.num_heads,
                                      attn.num_kv_heads, attn.head_dim, attn.attn.scale) if usable else None
 
     def forward(self, cos_sin, hidden, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         """``hidden`` is this layer's to update in place (the residual stream), except under autograd."""
-        if self._native is not None and meta.native_decode_group(hidden.shape[0]) is not None and \
+        if self._native is not None and meta.native_decode_group(hidden.shape[0], padded=True) is not None and \
                 not torch.is_grad_enabled():
             return self._decode_native(cos_sin, hidden, kv_cache, meta)
         attn = self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, meta)
@@ -186,7 +195,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def _decode_native(self, cos_sin, hidden, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         """forward() of a decode step (every row one sequence's next token), kernel by kernel: what
-        RMSNorm, LlamaAttention, PagedAttention and LlamaMLP run on CPU in float32, in their order."""
+        RMSNorm, LlamaAttention, PagedAttention and LlamaMLP run on CPU, in their order."""
         n, k, group = self._native, self._native.kernels, meta.decodes[0]
         rows, qk_heads = hidden.shape[0], n.heads + n.kv_heads
         x = k.rms_norm(hidden, n.no_residual, n.norm1, n.eps1)
@@ -194,12 +203,15 @@ class LlamaDecoderLayer(nn.Module):
         k.rotary_(qkv[:, :qk_heads], *cos_sin)
         # attention through the step's kernels (meta.decode_kernel), as PagedAttention runs it
         meta.decode_kernel.write_kv(kv_cache, qkv[:, n.heads:qk_heads], qkv[:, qk_heads:], meta.slot_mapping)
-        attn = meta.decode_kernel.paged_decode(qkv[:, :n.heads], kv_cache, group.block_table, group.context_lens,
-                                               n.scale)
-        x = k.rms_norm(n.o.linear(attn.view(rows, -1)), hidden, n.norm2, n.eps2)  # hidden += attention, fused
+        seqs = group.num_seqs
+        attn = meta.decode_kernel.paged_decode(qkv[:seqs, :n.heads], kv_cache, group.block_table,
+                                               group.context_lens, n.scale).view(seqs, -1)
+        if seqs < rows:  # a bucket's padding rows (bfloat16) attend to nothing: zeros, as PagedAttention gives
+            attn = torch.cat((attn, attn.new_zeros(rows - seqs, attn.shape[1])))
+        x = k.rms_norm(n.o.linear(attn), hidden, n.norm2, n.eps2)  # hidden += attention, fused
         act = n.gate_up.silu_mul(x)
-        if act is None:  # decode-sized inputs take the gemv: the activation is its own pass
-            act = k.silu_mul(n.gate_up.linear(x))
+        if act is None:  # decode-sized inputs take the gemv, bfloat16 oneDNN: the activation is its own pass
+            act = n.silu_mul(n.gate_up.linear(x))
         return hidden.add_(n.down.linear(act))
 
 

@@ -114,12 +114,14 @@ class AttentionMetadata:
     decode_kernel: object | None = None  # native CPU kernels (cluster.kernels): paged decode, float32 prefill; None = torch
     varlen: VarlenMetadata | None = None  # set: the Triton backend runs (decodes/prefills stay empty)
 
-    def native_decode_group(self, rows: int) -> DecodeGroup | None:
+    def native_decode_group(self, rows: int, padded: bool = False) -> DecodeGroup | None:
         """The one decode group when the native kernel runs a decode step whose ``rows`` are all its
-        sequences (no prefill chunk, no padding rows); None otherwise."""
-        if self.decode_kernel is None or self.prefills or len(self.decodes) != 1 or self.decodes[0].num_seqs != rows:
+        sequences (no prefill chunk; with ``padded``, rows past them may be a bucket's padding);
+        None otherwise."""
+        if self.decode_kernel is None or self.prefills or len(self.decodes) != 1:
             return None
-        return self.decodes[0]
+        seqs = self.decodes[0].num_seqs
+        return self.decodes[0] if seqs == rows or (padded and seqs < rows) else None
 
 
 @dataclass
