@@ -362,7 +362,8 @@ static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const 
 // Four decode steps' block tables from the bench workload (33 sequences, contexts to ~1,100, 30
 // layers), 2-core Xeon with AMX: 175-179 ms on decode_pair_avx512's predecessor, 157 on
 // decode_pair_avx512, 138-148 here; windows of 64 / 128 / 256 / 1,024 tokens: 153 / 142 / 146 / 141;
-// without the V prefetch 158. Compute alone (the cache in L2) is about a third of the time.
+// without the V prefetch 158; K prefetched a window ahead as well: 157.6 against 155.4 without
+// (another day; dropped). Compute alone (the cache in L2) is about a third of the time.
 // Blocks must hold a multiple of 16 tokens (a tile's rows never leave the block).
 template <int kHeadDim>
 static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uint16_t* v_head, const int64_t* table,
@@ -388,7 +389,6 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
   float* tile_out[2] = {w.tile.data(), w.tile.data() + 16 * group};
   float running_max[kMaxGroup], running_sum[kMaxGroup], correction[kMaxGroup];
   for (int64_t g = 0; g < group; ++g) running_max[g] = kNoScore, running_sum[g] = 0.f;
-  for (int64_t i = 0; i < std::min(subs, kWindowSubs); ++i) prefetch_rows(rows_at(k_head, i), 16 * kRowBytes);
   for (int64_t first = 0; first < subs; first += kWindowSubs) {
     const int64_t last = std::min(subs, first + kWindowSubs);  // subs [first, last)
     const int64_t tokens = std::min(context, last * 16) - first * 16;
@@ -402,9 +402,6 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
       }
     };
     for (int64_t i = first; i < last; ++i) prefetch_rows(rows_at(v_head, i), 16 * kRowBytes);
-    // the next window's K rows too: each 16-token slice lies in its own block, where the hardware
-    // prefetcher starts cold
-    for (int64_t i = last; i < std::min(subs, last + kWindowSubs); ++i) prefetch_rows(rows_at(k_head, i), 16 * kRowBytes);
     LLM_QK_TILES(0, 1, 2, rows_at(k_head, first));
     for (int64_t i = first; i < last; i += 2) {
       if (i + 1 < last) {
