@@ -8,6 +8,9 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
 at::Tensor rms_norm(at::Tensor x, at::Tensor residual, at::Tensor weight, double eps);
 at::Tensor gemv_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 bool has_gemv_bf16();
+at::Tensor pack_amx_bf16(at::Tensor weight);
+at::Tensor gemm_amx_bf16(at::Tensor x, at::Tensor packed, c10::optional<at::Tensor> bias);
+bool has_gemm_amx_bf16();
 at::Tensor gemv_f32(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 bool has_gemv_f32();
 at::Tensor gemv_q4_1(at::Tensor x, at::Tensor qs, at::Tensor scales, c10::optional<at::Tensor> bias);
@@ -35,6 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T (+ b) for 1-4 bfloat16 rows (CPU, AVX512-BF16)");
   m.def("rotary_", &rotary_, "rotary embedding of [T, H, D] heads in place (CPU)");
   m.def("has_gemv_bf16", &has_gemv_bf16, "whether gemv_bf16 was built (AVX512-BF16)");
+  m.def("pack_amx_bf16", &pack_amx_bf16, "a bfloat16 weight [N, K] as AMX B tiles [N / 16, K / 32, 16, 32] for gemm_amx_bf16");
+  m.def("gemm_amx_bf16", &gemm_amx_bf16, "y = x W^T (+ b) in bfloat16 for up to 64 rows over a weight packed by pack_amx_bf16 (CPU, AMX-BF16)");
+  m.def("has_gemm_amx_bf16", &has_gemm_amx_bf16, "whether gemm_amx_bf16 was built (AMX-BF16) and Linux grants the tile state");
   m.def("gemv_f32", &gemv_f32, "y = x W^T (+ b) for a few float32 rows, each weight read once (CPU, AVX2 + FMA)");
   m.def("has_gemv_f32", &has_gemv_f32, "whether gemv_f32 was built (AVX2 + FMA)");
   m.def("gemm_f32", &gemm_f32, "y = x W^T (+ b) in float32 over a weight packed by pack_f32 (CPU, AVX2 + FMA)");

@@ -56,7 +56,8 @@ def _build():
 
         here = os.path.dirname(__file__)
         sources = [os.path.join(here, name) for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp",
-                                                          "gemv_bf16.cpp", "gemv_f32.cpp", "gemm_f32.cpp",
+                                                          "gemv_bf16.cpp", "gemm_amx_bf16.cpp", "gemv_f32.cpp",
+                                                          "gemm_f32.cpp",
                                                           "prefill_attention.cpp", "prefill_attention_amx.cpp",
                                                           "rotary.cpp", "silu_mul.cpp", "write_kv.cpp", "argmax.cpp")]
         build_dir = build_directory()

@@ -251,6 +251,7 @@ def test_packed_linear_takes_the_gemv_for_decode_rows_and_onednn_above(kernel):
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(960, 576, generator=gen).bfloat16()
     packed = PackedWeight(weight, kernel)
+    packed.amx = None  # the AMX path has its own test below
     calls = []
     packed.gemv = lambda x, w, b: calls.append(x.shape[0]) or kernel.gemv_bf16(x, w, b)
     for rows in (0, 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 64):  # 0: a step whose chunk needs no logits
@@ -259,6 +260,55 @@ def test_packed_linear_takes_the_gemv_for_decode_rows_and_onednn_above(kernel):
     assert calls == [1, GEMV_MAX_ROWS]
     assert kernel.gemv_bf16(torch.empty(0, 576).bfloat16(), weight, None).shape == (0, 960)
     assert PackedWeight(weight.float(), kernel).gemv is None  # float32 never takes the bfloat16 GEMV
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 48, 64])
+@pytest.mark.parametrize("out_features, in_features", [(960, 576), (576, 1536), (48, 64)])
+def test_amx_gemm_is_the_product_to_bfloat16_accuracy(kernel, rows, out_features, in_features):
+    _skip_without_amx(kernel)
+    gen = torch.Generator().manual_seed(rows * 7 + out_features)
+    w = (torch.randn(out_features, in_features, generator=gen) * 0.1).bfloat16()
+    b = torch.randn(out_features, generator=gen).bfloat16()
+    packed = kernel.pack_amx_bf16(w)
+    x = torch.randn(2 * rows, in_features, generator=gen).bfloat16()[::2]  # rows further apart than K
+    for bias in (None, b):
+        got = kernel.gemm_amx_bf16(x, packed, bias)
+        exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+        assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+        assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4 * in_features ** 0.5).all()
+    assert kernel.gemm_amx_bf16(x[:0], packed, None).shape == (0, out_features)
+
+
+def test_amx_gemm_rejects_what_it_cannot_take(kernel):
+    _skip_without_amx(kernel)
+    w = torch.randn(48, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernel.pack_amx_bf16(torch.randn(40, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        kernel.pack_amx_bf16(w.float())
+    packed = kernel.pack_amx_bf16(w)
+    with pytest.raises(RuntimeError, match="at most 64 rows"):
+        kernel.gemm_amx_bf16(torch.randn(65, 64).bfloat16(), packed, None)
+    with pytest.raises(RuntimeError, match="K = 32"):
+        kernel.gemm_amx_bf16(torch.randn(2, 32).bfloat16(), packed, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        kernel.gemm_amx_bf16(torch.randn(2, 64).bfloat16(), packed, torch.randn(47).bfloat16())
+
+
+def test_packed_linear_takes_the_amx_gemm_up_to_64_rows_and_onednn_above(kernel):
+    from cluster.model.layers.packed_weight import AMX_GEMM_MAX_ROWS, PackedWeight
+
+    _skip_without_amx(kernel)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(960, 576, generator=gen).bfloat16()
+    packed = PackedWeight(weight, kernel)
+    assert packed.amx is not None and PackedWeight(torch.randn(40, 64).bfloat16(), kernel).amx is None  # 40 % 16
+    calls = []
+    packed.amx_gemm = lambda x, w, b: calls.append(x.shape[0]) or kernel.gemm_amx_bf16(x, w, b)
+    for rows in (0, 1, 33, AMX_GEMM_MAX_ROWS, AMX_GEMM_MAX_ROWS + 1):
+        x = torch.randn(rows, 576, generator=gen).bfloat16()
+        torch.testing.assert_close(packed.linear(x).float(), (x.float() @ weight.float().T), atol=0.1, rtol=2e-2)
+    assert calls == [1, 33, AMX_GEMM_MAX_ROWS]
 
 
 def _has_avx2_fma() -> bool:

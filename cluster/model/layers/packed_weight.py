@@ -48,6 +48,10 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 GEMV_MAX_ROWS = 4  # up to this many rows the native GEMV streams the weight faster than oneDNN
+# With AMX-BF16, up to this many rows ``gemm_amx_bf16`` runs over its own packed copy instead (1.2-1.6x
+# oneDNN at 5-64 rows, the GEMV's equal at 1 and 1.2x it at 4; SmolLM2's 30 layers and head read in
+# turn, 2-core Xeon: docs/benchmarks.md, fourteenth pass).
+AMX_GEMM_MAX_ROWS = 64
 # float32 over the plain weight up to this many rows, then the packed panels. All of SmolLM2's weights
 # (with the tied head), 2-core AMD EPYC (AVX2), ms, gemv_f32 vs gemm_f32 (MKL): 22.0 vs 23.3 (40.0) at
 # 1 row, 21.1 vs 21.8 (70.7) at 4, 28.7 vs 27.8 (77.4) at 8, 47.4 vs 37.4 (88.9) at 16, 85.8 vs 58.1
@@ -65,8 +69,9 @@ class PackedWeight:
     With the native kernels (``cluster.kernels``) built for AVX512-BF16, bfloat16 inputs of up to
     ``GEMV_MAX_ROWS`` rows (decode steps of a few sequences) take ``gemv_bf16`` over the plain
     weight instead: it streams the weight at about 16 GB/s where oneDNN's blocked kernels reach
-    8-12 (docs/benchmarks.md). Its sums run in another order, so its bf16 outputs can differ from
-    oneDNN's by a rounding step.
+    8-12 (docs/benchmarks.md). With AMX, inputs of up to ``AMX_GEMM_MAX_ROWS`` take
+    ``gemm_amx_bf16`` over a third copy of the weight, packed as AMX tiles. Their sums run in
+    another order, so their bf16 outputs can differ from oneDNN's by a rounding step.
     """
 
     def __init__(self, weight: torch.Tensor, kernels=None, gguf_blocks: bool = False):
@@ -74,6 +79,10 @@ class PackedWeight:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach()) if can_pack(weight) else None
         self.gemv = kernels.gemv_bf16 if self.packed is not None and kernels is not None and \
             kernels.has_gemv_bf16() else None
+        amx = self.packed is not None and kernels is not None and kernels.has_gemm_amx_bf16() and \
+            weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 32 == 0
+        self.amx = kernels.pack_amx_bf16(weight.detach().contiguous()) if amx else None
+        self.amx_gemm = kernels.gemm_amx_bf16 if amx else None
         f32_kernels = weight.device.type == "cpu" and kernels is not None and \
             kernels.has_gemv_f32() and kernels.has_gemm_f32()  # one build condition (AVX2 + FMA) for both
         f32 = weight.dtype == torch.float32 and f32_kernels
@@ -110,6 +119,8 @@ class PackedWeight:
             return self.gemm_f32(x, self.panels, self.dense.shape[0], bias)
         if self.packed is None or x.dim() != 2:
             return F.linear(x, self.dense, bias)
+        if self.amx is not None and 0 < x.shape[0] <= AMX_GEMM_MAX_ROWS:
+            return self.amx_gemm(x, self.amx, bias)
         if self.gemv is not None and 0 < x.shape[0] <= GEMV_MAX_ROWS:
             return self.gemv(x, self.dense, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
