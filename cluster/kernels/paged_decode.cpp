@@ -358,12 +358,16 @@ static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const 
 //    16 scores are gathered from its column and scaled;
 // 2. an online-softmax update over the window (running max and sum; the accumulator rescaled when
 //    the max grows), then p.V in float32, each V row widened once for up to four heads.
-// While a window's K is scored, its V rows are prefetched, so both streams are in flight at once.
+// While a window's K is scored, its V rows are prefetched two slices at a time and K two slices
+// ahead, so both streams are in flight at once, evenly (each 16-token slice lies in its own block,
+// where the hardware prefetcher starts cold).
 // Four decode steps' block tables from the bench workload (33 sequences, contexts to ~1,100, 30
 // layers), 2-core Xeon with AMX: 175-179 ms on decode_pair_avx512's predecessor, 157 on
 // decode_pair_avx512, 138-148 here; windows of 64 / 128 / 256 / 1,024 tokens: 153 / 142 / 146 / 141;
-// without the V prefetch 158; K prefetched a window ahead as well: 157.6 against 155.4 without
-// (another day; dropped). Compute alone (the cache in L2) is about a third of the time.
+// without the V prefetch 158. Another day, against that (V prefetched all at once at the window's
+// start): K a window ahead as well 157.6 against 155.4 (dropped); V and K spread over the scoring as
+// now, K two slices ahead 140.8-145.0 against 151.6-157.4, four ahead 147.7 against 154.9.
+// Compute alone (the cache in L2) is about a third of the time.
 // Blocks must hold a multiple of 16 tokens (a tile's rows never leave the block).
 template <int kHeadDim>
 static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uint16_t* v_head, const int64_t* table,
@@ -401,9 +405,11 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
                          _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNoScore), v));
       }
     };
-    for (int64_t i = first; i < last; ++i) prefetch_rows(rows_at(v_head, i), 16 * kRowBytes);
     LLM_QK_TILES(0, 1, 2, rows_at(k_head, first));
     for (int64_t i = first; i < last; i += 2) {
+      // both streams a step ahead, spread over the scoring: V of these two slices, K of the next two
+      for (int64_t j = i; j < std::min(i + 2, last); ++j) prefetch_rows(rows_at(v_head, j), 16 * kRowBytes);
+      for (int64_t j = i + 2; j < std::min(i + 4, subs); ++j) prefetch_rows(rows_at(k_head, j), 16 * kRowBytes);
       if (i + 1 < last) {
         if constexpr (kChunks == 2) LLM_QK_TILES(3, 6, 7, rows_at(k_head, i + 1));
         else LLM_QK_TILES(3, 1, 2, rows_at(k_head, i + 1));
