@@ -27,7 +27,7 @@ bool has_widening_decode();
 void rotary_(at::Tensor x, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor x);
 bool has_silu_mul();
-at::Tensor silu_mul_bf16(at::Tensor x);
+at::Tensor silu_mul_bf16(at::Tensor x, at::Tensor table);
 bool has_silu_mul_bf16();
 void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
 at::Tensor argmax_rows(at::Tensor logits);
@@ -52,7 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of x = [gate | up], one pass (CPU, float32, AVX2 + FMA)");
   m.def("has_silu_mul", &has_silu_mul, "whether silu_mul was built (AVX2 + FMA)");
   m.def("silu_mul_bf16", &silu_mul_bf16,
-        "silu(gate) * up of x = [gate | up] in bfloat16, bit-identical to torch's F.silu(gate).mul_(up) (CPU, AVX-512)");
+        "silu(gate) * up of x = [gate | up] in bfloat16 from torch's silu of every bfloat16 value (table), bit-identical to F.silu(gate).mul_(up) (CPU, AVX-512)",
+        pybind11::arg("x"), pybind11::arg("table"));
   m.def("has_silu_mul_bf16", &has_silu_mul_bf16, "whether silu_mul_bf16 was built (AVX-512)");
   m.def("has_prefill_attention", &has_prefill_attention, "whether prefill_attention was built (AVX2 + FMA)");
   m.def("prefill_attention_amx", &prefill_attention_amx,

@@ -10,10 +10,11 @@
 // applies the same to its tiles).
 //
 // bfloat16 (silu_mul_bf16, AVX-512): bit-identical to torch's F.silu(gate).mul_(up), which
-// transformers runs too. torch computes silu in float32 as g / (1 + exp(-g)) with SLEEF's exp
-// (the one libtorch exports, called here), rounds it to bfloat16, then multiplies by up in float32
-// and rounds again; this does the same, in one pass, with every operation pinned against
-// -ffast-math's rewrites (explicit rounding-mode intrinsics, software round-to-nearest-even).
+// transformers runs too. torch rounds silu(gate) to bfloat16, then multiplies by up in float32 and
+// rounds again. A bfloat16 gate has only 65,536 values, so silu's rounded result is a table that
+// torch itself computed (the caller passes F.silu of every bfloat16 value, ``table``): one gather
+// a value replaces an exp and a division, and the product is rounded as torch rounds it (explicit
+// rounding-mode intrinsics, software round-to-nearest-even, so -ffast-math cannot rewrite it).
 #include "aten_lite.h"
 #include <algorithm>
 #include <cmath>
@@ -69,15 +70,9 @@ bool has_silu_mul() { return false; }
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
-extern "C" __m512 Sleef_expf16_u10(__m512);  // libtorch_cpu's, what torch's Vectorized<float>::exp calls
-
 namespace {
 
-constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-
-inline __m512 widen16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+inline __m512 bf16_bits_to_float(__m512i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)); }
 
 // float32 -> bfloat16 bits as torch's vectorised conversion does: round to nearest even, NaN to 0xFFFF
 // (its scalar conversion, narrow1, gives 0x7FC0).
@@ -105,24 +100,19 @@ inline float widen1(uint16_t b) {
 
 }  // namespace
 
-// torch's scalar tail: float(g) / (1 + std::exp(-float(g))); volatile keeps -ffast-math from
-// rewriting the division into a reciprocal.
-__attribute__((optimize("no-fast-math"))) static float silu_scalar(float g) {
-  volatile float denominator = 1.f + std::exp(-g);
-  return g / denominator;
-}
-
-at::Tensor silu_mul_bf16(at::Tensor x) {
+at::Tensor silu_mul_bf16(at::Tensor x, at::Tensor table) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
               "silu_mul_bf16 needs a bfloat16 [rows, 2 * n] tensor, its last dimension contiguous");
   TORCH_CHECK(x.size(1) % 2 == 0, "silu_mul_bf16 needs an even last dimension, got ", x.size(1));
+  TORCH_CHECK(table.dim() == 1 && table.numel() >= 65537 && table.element_size() == 2 && table.is_contiguous(),
+              "silu_mul_bf16: table must hold silu of all 65,536 bfloat16 values, and one more entry");
   const int64_t rows = x.size(0), n = x.size(1) / 2, stride = x.stride(0);
   auto out = at::empty({rows, n}, x.options());
   const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* silu = reinterpret_cast<const uint16_t*>(table.data_ptr());
   auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
-  const __m512 one = _mm512_set1_ps(1.f);
-  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const uint16_t* gate = src + r * stride;
@@ -130,14 +120,13 @@ at::Tensor silu_mul_bf16(at::Tensor x) {
       uint16_t* o = dst + r * n;
       int64_t i = 0;
       for (; i + 16 <= n; i += 16) {
-        const __m512 g = widen16(gate + i);
-        const __m512 e = Sleef_expf16_u10(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign)));
-        const __m512 silu = _mm512_div_round_ps(g, _mm512_add_round_ps(one, e, kRound), kRound);
-        const __m256i rounded = narrow16(silu);
-        const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), narrow16(_mm512_mul_round_ps(s, widen16(up + i), kRound)));
+        const __m512i index = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gate + i)));
+        // 32 bits at entry i: silu[i] in the low half (the high half, silu[i + 1], shifts out)
+        const __m512 s = bf16_bits_to_float(_mm512_i32gather_epi32(index, silu, 2));
+        const __m512 u = bf16_bits_to_float(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(up + i))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), narrow16(_mm512_mul_round_ps(s, u, kRound)));
       }
-      for (; i < n; ++i) o[i] = narrow1(widen1(narrow1(silu_scalar(widen1(gate[i])))) * widen1(up[i]));
+      for (; i < n; ++i) o[i] = narrow1(widen1(silu[gate[i]]) * widen1(up[i]));
     }
   });
   return out;
@@ -147,7 +136,7 @@ bool has_silu_mul_bf16() { return true; }
 
 #else
 
-at::Tensor silu_mul_bf16(at::Tensor x) {
+at::Tensor silu_mul_bf16(at::Tensor x, at::Tensor table) {
   TORCH_CHECK(false, "silu_mul_bf16 was not built: this CPU has no AVX-512");
   return x;
 }

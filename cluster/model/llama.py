@@ -16,6 +16,7 @@ in place.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -91,15 +92,15 @@ class LlamaMLP(nn.Module):
         weight = self.down_proj.weight
         usable = kernels is not None and kernels.has_silu_mul()
         self._silu_mul = kernels if usable and weight.device.type == "cpu" and weight.dtype == torch.float32 else None
-        # bfloat16: one pass, bit-identical to F.silu(gate).mul_(up) (torch's own exp, its two roundings)
+        # bfloat16: one pass, bit-identical to F.silu(gate).mul_(up) (torch's silu as a table, its roundings)
         usable = kernels is not None and kernels.has_silu_mul_bf16()
-        self._silu_mul_bf16 = kernels if usable and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 \
-            else None
+        usable = usable and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+        self._silu_mul_bf16 = functools.partial(kernels.silu_mul_bf16, table=silu_bf16_table()) if usable else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._silu_mul_bf16 is not None and not torch.is_grad_enabled():
             gate_up = self.gate_up_proj(x)
-            act = self._silu_mul_bf16.silu_mul_bf16(gate_up.reshape(-1, gate_up.shape[-1]))
+            act = self._silu_mul_bf16(gate_up.reshape(-1, gate_up.shape[-1]))
             return self.down_proj(act.view(*gate_up.shape[:-1], gate_up.shape[-1] // 2))
         if self._silu_mul is not None and not torch.is_grad_enabled():
             fused = self.gate_up_proj.silu_mul(x)  # the projection's panels apply the activation themselves
@@ -112,6 +113,15 @@ class LlamaMLP(nn.Module):
         if torch.is_grad_enabled():  # training (SwiftKV distillation): autograd keeps both operands
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(gate).mul_(up))  # one buffer fewer per layer; the same values
+
+
+@functools.cache
+def silu_bf16_table() -> torch.Tensor:
+    """torch's ``F.silu`` of every bfloat16 value, indexed by its bits (and one entry more, so that
+    the kernel's 32-bit gathers stay inside): what ``silu_mul_bf16`` looks up. Computed by torch's
+    own vectorised kernel, so the lookup is bit-identical to it."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return torch.cat((F.silu(every).view(torch.int16), torch.zeros(1, dtype=torch.int16)))
 
 
 def _cpu_kernels(weight: torch.Tensor, kernels):
@@ -171,7 +181,7 @@ class LlamaDecoderLayer(nn.Module):
             silu_mul = mlp._silu_mul.silu_mul  # float32 over the native panels
         elif mlp._silu_mul_bf16 is not None and parts is not None and all(
                 p is not None and p.packed is not None for p in parts):
-            silu_mul = mlp._silu_mul_bf16.silu_mul_bf16  # bfloat16 over oneDNN's packed weights
+            silu_mul = mlp._silu_mul_bf16  # bfloat16 over oneDNN's packed weights
         usable = (kernels is not None and silu_mul is not None
                   and attn._kernels is not None and n1._kernels is not None
                   and n2._kernels is not None and isinstance(attn.attn, PagedAttention)

@@ -878,6 +878,8 @@ def test_float32_mlp_takes_the_one_pass_activation_and_matches_the_torch_path(ke
 def test_bfloat16_silu_mul_is_bit_identical_to_torchs_two_steps(kernel, rows, n, scale):
     """torch rounds silu(gate) to bfloat16, then the product: the kernel must land on the very same
     bits (transformers runs torch's ops), over a row's 16-wide body and its scalar tail alike."""
+    from cluster.model.llama import silu_bf16_table
+
     if not kernel.has_silu_mul_bf16():
         assert "avx512f" not in open("/proc/cpuinfo").read(), "built without AVX-512 on a CPU that has it"
         pytest.skip("silu_mul_bf16 needs AVX-512")
@@ -887,16 +889,17 @@ def test_bfloat16_silu_mul_is_bit_identical_to_torchs_two_steps(kernel, rows, n,
     x[0, : min(n, len(edges))] = torch.tensor(edges[:n]).bfloat16()  # exp's and the rounding's edges
     gate, up = x.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate).mul_(up)
-    got = kernel.silu_mul_bf16(x)
+    table = silu_bf16_table()
+    got = kernel.silu_mul_bf16(x, table)
     assert got.shape == (rows, n) and got.dtype == torch.bfloat16
     same = (got.view(torch.int16) == expected.view(torch.int16)) | (got.isnan() & expected.isnan())
     assert bool(same.all()), f"{int((~same).sum())} values differ"
     strided = torch.cat([x, x[:, :8]], dim=1)[:, : 2 * n]  # rows further apart than 2n
-    assert torch.equal(kernel.silu_mul_bf16(strided).view(torch.int16)[1:], got.view(torch.int16)[1:])
-    assert kernel.silu_mul_bf16(x[:0]).shape == (0, n)
-    for bad in (x.float(), x[:, :-1], x.t(), x[None]):
+    assert torch.equal(kernel.silu_mul_bf16(strided, table).view(torch.int16), got.view(torch.int16))
+    assert kernel.silu_mul_bf16(x[:0], table).shape == (0, n)
+    for bad, bad_table in ((x.float(), table), (x[:, :-1], table), (x.t(), table), (x[None], table), (x, table[:-2])):
         with pytest.raises(RuntimeError, match="silu_mul_bf16"):
-            kernel.silu_mul_bf16(bad)
+            kernel.silu_mul_bf16(bad, bad_table)
 
 
 def test_bfloat16_mlp_takes_the_one_pass_activation_bit_identically(kernel):
@@ -917,7 +920,7 @@ def test_bfloat16_mlp_takes_the_one_pass_activation_bit_identically(kernel):
     with torch.no_grad():
         expected = mlp(x)
         mlp.finalize_weights(kernel)
-        assert mlp._silu_mul_bf16 is kernel and mlp._silu_mul is None
+        assert mlp._silu_mul_bf16 is not None and mlp._silu_mul is None
         got = mlp(x)
     assert torch.equal(got, expected)
 
