@@ -117,21 +117,12 @@ static void decode_pair(const scalar_t* q, const scalar_t* k_head, const scalar_
 #include <immintrin.h>
 #define LLM_CLUSTER_AVX512_BF16 1
 
-// exp(x) for x <= 0 (scores minus their running max): 2^n * 2^f with f in [-0.5, 0.5],
-// 2^f by a degree-6 polynomial (relative error ~1e-7, below bfloat16's resolution).
+#include "avx512_math.h"
+
+// exp(x) for x <= 0 (scores minus their running max), arguments below -87 clamped there.
 static inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return exp2_nonpositive(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)));
 }
 
 static inline __m512 bf16_row_to_float(const uint16_t* src) {

@@ -31,6 +31,7 @@
 #include <immintrin.h>
 
 #include "amx.h"
+#include "avx512_math.h"
 
 namespace {
 
