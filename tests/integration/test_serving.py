@@ -299,61 +299,6 @@ def test_structured_outputs_over_grpc_and_http(smollm2_app, stub):
     assert wait_for_free_blocks()["num_running"] == 0
 
 
-def test_more_work_than_the_queue_bound_is_resource_exhausted_at_once(smollm2_app, stub, offline):
-    """100 gRPC streams, then 20 HTTP requests while they run, against bounds of 40 ongoing + 32
-    queued (Serve) and 32 running + 40 waiting (the engine): the excess is refused at once
-    (RESOURCE_EXHAUSTED / 429), not queued without bound."""
-    flood = 100
-
-    async def run():
-        async with grpc.aio.insecure_channel(smollm2_app[0]) as channel:
-            aio_stub = pb_grpc.GenerationServiceStub(channel)
-            calls = [aio_stub.GenerateStream(greedy(f"{i} " + PROMPTS[0], max_tokens=2000, ignore_eos=True),
-                                             metadata=METADATA) for i in range(flood)]
-            codes = []
-
-            async def first(call):
-                try:
-                    await call.read()
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.aio.AioRpcError as err:
-                    codes.append(err.code())
-
-            tasks = [asyncio.create_task(first(c)) for c in calls]
-            started = time.monotonic()
-            while grpc.StatusCode.RESOURCE_EXHAUSTED not in codes and time.monotonic() - started < 60:
-                await asyncio.sleep(0.05)
-            refused_within = time.monotonic() - started
-            await asyncio.sleep(2)  # let the rest of the flood be admitted, queued or refused
-            # Still saturated (the admitted streams run 2,000 tokens): a burst of 20 HTTP requests
-            # cannot all fit. Those that queue are served once the streams are cancelled. A thread
-            # each, so that all 20 arrive at once (asyncio's default pool has 6 threads on 2 cores).
-            loop = asyncio.get_running_loop()
-            with ThreadPoolExecutor(20) as pool:
-                http = [loop.run_in_executor(pool, post_json, smollm2_app[1] + "/v1/completions",
-                                             {"prompt": f"{i} hi", "max_tokens": 8}) for i in range(20)]
-                await asyncio.sleep(3)
-                for call in calls:
-                    call.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                statuses = [status for status, _ in await asyncio.gather(*http)]
-            return codes, statuses, refused_within
-
-    codes, http_statuses, refused_within = asyncio.run(run())
-    # Serve counts its queue approximately (requests awaiting a replica, per caller), and which
-    # bound refuses first varies; what must hold is that no more than the bounds run, and the
-    # excess is refused quickly.
-    assert codes.count(grpc.StatusCode.OK) <= 40, codes
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
-    assert refused_within < 30, f"refusals took {refused_within:.1f} s: they must not wait in a queue"
-    assert 429 in http_statuses and set(http_statuses) <= {200, 429}, http_statuses
-    # Every cancelled stream was aborted: none runs on to its 2,000 tokens with nobody listening
-    # (alone, one would take 30 s and more here).
-    after = wait_for_free_blocks(timeout_s=20)
-    assert after["num_free_blocks"] == after["num_blocks"] and not after["num_running"], after
-    assert stub.Generate(greedy(PROMPTS[0]), metadata=METADATA).text == offline[PROMPTS[0]]
-
-
 def test_cli_generate_streams_from_the_server(smollm2_app, offline):
     import subprocess
     import sys
@@ -370,10 +315,7 @@ def test_http_client_disconnect_aborts_the_request_and_frees_its_blocks(smollm2_
     import http.client
     from urllib.parse import urlparse
 
-    # Idle first. Seen once in CI: a stream of the flood test above (2,000 tokens, cancelled while
-    # Serve still queued it) reached the engine seconds after that test had seen it idle, the race
-    # of ray-project/ray#52533; it runs to its end (about a minute), so wait out such a straggler.
-    baseline = wait_for_free_blocks(timeout_s=120)
+    baseline = wait_for_free_blocks()
     assert baseline["num_free_blocks"] == baseline["num_blocks"], baseline
     url = urlparse(smollm2_app[1])
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
@@ -491,3 +433,62 @@ def test_a_real_prometheus_scrapes_the_replicas_ttft_histogram(stub, prometheus)
     with urllib.request.urlopen(f"{prometheus}/api/v1/targets", timeout=10) as reply:
         targets = json.loads(reply.read())
     assert [t["health"] for t in targets["data"]["activeTargets"]] == ["up"]
+
+
+# Last in the module: of the flood's streams that the client cancels while Serve still queues them, one
+# now and then reaches the engine later anyway and runs its 2,000 tokens with nobody listening (the race
+# of ray-project/ray#52533, seen in 2 of 3 CI runs once the engine got faster): a later test that needs
+# an idle engine found it running 10-120 s after this test had seen the engine idle.
+def test_more_work_than_the_queue_bound_is_resource_exhausted_at_once(smollm2_app, stub, offline):
+    """100 gRPC streams, then 20 HTTP requests while they run, against bounds of 40 ongoing + 32
+    queued (Serve) and 32 running + 40 waiting (the engine): the excess is refused at once
+    (RESOURCE_EXHAUSTED / 429), not queued without bound."""
+    flood = 100
+
+    async def run():
+        async with grpc.aio.insecure_channel(smollm2_app[0]) as channel:
+            aio_stub = pb_grpc.GenerationServiceStub(channel)
+            calls = [aio_stub.GenerateStream(greedy(f"{i} " + PROMPTS[0], max_tokens=2000, ignore_eos=True),
+                                             metadata=METADATA) for i in range(flood)]
+            codes = []
+
+            async def first(call):
+                try:
+                    await call.read()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as err:
+                    codes.append(err.code())
+
+            tasks = [asyncio.create_task(first(c)) for c in calls]
+            started = time.monotonic()
+            while grpc.StatusCode.RESOURCE_EXHAUSTED not in codes and time.monotonic() - started < 60:
+                await asyncio.sleep(0.05)
+            refused_within = time.monotonic() - started
+            await asyncio.sleep(2)  # let the rest of the flood be admitted, queued or refused
+            # Still saturated (the admitted streams run 2,000 tokens): a burst of 20 HTTP requests
+            # cannot all fit. Those that queue are served once the streams are cancelled. A thread
+            # each, so that all 20 arrive at once (asyncio's default pool has 6 threads on 2 cores).
+            loop = asyncio.get_running_loop()
+            with ThreadPoolExecutor(20) as pool:
+                http = [loop.run_in_executor(pool, post_json, smollm2_app[1] + "/v1/completions",
+                                             {"prompt": f"{i} hi", "max_tokens": 8}) for i in range(20)]
+                await asyncio.sleep(3)
+                for call in calls:
+                    call.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                statuses = [status for status, _ in await asyncio.gather(*http)]
+            return codes, statuses, refused_within
+
+    codes, http_statuses, refused_within = asyncio.run(run())
+    # Serve counts its queue approximately (requests awaiting a replica, per caller), and which
+    # bound refuses first varies; what must hold is that no more than the bounds run, and the
+    # excess is refused quickly.
+    assert codes.count(grpc.StatusCode.OK) <= 40, codes
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
+    assert refused_within < 30, f"refusals took {refused_within:.1f} s: they must not wait in a queue"
+    assert 429 in http_statuses and set(http_statuses) <= {200, 429}, http_statuses
+    # Every cancelled stream was aborted: none runs on to its 2,000 tokens with nobody listening
+    # (alone, one would take 30 s and more here).
+    after = wait_for_free_blocks(timeout_s=20)
+    assert after["num_free_blocks"] == after["num_blocks"] and not after["num_running"], after
+    assert stub.Generate(greedy(PROMPTS[0]), metadata=METADATA).text == offline[PROMPTS[0]]
