@@ -848,20 +848,27 @@ def test_silu_mul_rejects_what_it_cannot_read(kernel):
             kernel.silu_mul(bad)
 
 
-def test_float32_mlp_takes_the_one_pass_activation_and_matches_the_torch_path(kernel):
+def _tiny_mlp(dtype: torch.dtype, intermediate: int, gen: torch.Generator):
+    """A LlamaMLP of hidden size 64 with small random weights (drawn from ``gen``)."""
     from cluster.distributed.tp_group import TPGroup
     from cluster.model.arch import ModelArch
     from cluster.model.llama import LlamaMLP
 
-    if not kernel.has_silu_mul():
-        pytest.skip("silu_mul needs AVX2 + FMA")
     arch = ModelArch._from_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
-                                     "intermediate_size": 100, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                     "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 64}, "llama")
-    mlp = LlamaMLP(arch, TPGroup(), torch.float32)
-    gen = torch.Generator().manual_seed(3)
+                                     "intermediate_size": intermediate, "num_hidden_layers": 1,
+                                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+                                     "max_position_embeddings": 64}, "llama")
+    mlp = LlamaMLP(arch, TPGroup(), dtype)
     for p in mlp.parameters():
         p.data.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return mlp
+
+
+def test_float32_mlp_takes_the_one_pass_activation_and_matches_the_torch_path(kernel):
+    if not kernel.has_silu_mul():
+        pytest.skip("silu_mul needs AVX2 + FMA")
+    gen = torch.Generator().manual_seed(3)
+    mlp = _tiny_mlp(torch.float32, 100, gen)
     x = torch.randn(19, 64, generator=gen)
     with torch.no_grad():
         expected = mlp(x)
@@ -903,19 +910,10 @@ def test_bfloat16_silu_mul_is_bit_identical_to_torchs_two_steps(kernel, rows, n,
 
 
 def test_bfloat16_mlp_takes_the_one_pass_activation_bit_identically(kernel):
-    from cluster.distributed.tp_group import TPGroup
-    from cluster.model.arch import ModelArch
-    from cluster.model.llama import LlamaMLP
-
     if not kernel.has_silu_mul_bf16():
         pytest.skip("silu_mul_bf16 needs AVX-512")
-    arch = ModelArch._from_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
-                                     "intermediate_size": 100, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                     "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 64}, "llama")
-    mlp = LlamaMLP(arch, TPGroup(), torch.bfloat16)
     gen = torch.Generator().manual_seed(4)
-    for p in mlp.parameters():
-        p.data.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    mlp = _tiny_mlp(torch.bfloat16, 100, gen)
     x = torch.randn(19, 64, generator=gen).bfloat16()
     with torch.no_grad():
         expected = mlp(x)
@@ -930,20 +928,10 @@ def test_float32_mlp_fuses_the_activation_into_the_gate_up_panels(kernel, interm
     """Where the panels take the rows and gate and up are whole panels, the projection applies
     silu(gate) * up itself (bit-identical to the projection then the activation); decode-sized
     inputs (the gemv) and halves that end inside a panel take the two steps."""
-    from cluster.distributed.tp_group import TPGroup
-    from cluster.model.arch import ModelArch
-    from cluster.model.llama import LlamaMLP
-
     if not kernel.has_gemm_f32():
         pytest.skip("gemm_f32 needs AVX2 + FMA")
-    arch = ModelArch._from_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
-                                     "intermediate_size": intermediate, "num_hidden_layers": 1,
-                                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
-                                     "max_position_embeddings": 64}, "llama")
-    mlp = LlamaMLP(arch, TPGroup(), torch.float32)
     gen = torch.Generator().manual_seed(4)
-    for p in mlp.parameters():
-        p.data.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    mlp = _tiny_mlp(torch.float32, intermediate, gen)
     mlp.gate_up_proj.finalize_weights(kernel)
     mlp.down_proj.finalize_weights(kernel)
     mlp.finalize_weights(kernel)
