@@ -15,6 +15,7 @@ stats) is stricter: it is False while the engine rebuilds itself after a fault.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -87,21 +88,24 @@ class ModelServer:
         params = request.params
         if request.max_tokens_is_default and params.max_tokens > engine.max_model_len:
             params = dataclasses.replace(params, max_tokens=engine.max_model_len)
-        async for out in self.engine.generate(prompt, params, request_id=request.request_id, coalesce=True,
-                                              kind=RequestOutputKind.DELTA):
-            completion = out.outputs[0]
-            chunk = GenerationChunk(
-                request_id=request.request_id, text=completion.text, token_ids=completion.token_ids,
-                logprobs=completion.logprobs or [],
-                finish_reason=completion.finish_reason if out.finished else None,
-                prompt_tokens=len(out.prompt_token_ids), completion_tokens=completion.num_generated_tokens,
-                cached_prompt_tokens=out.num_cached_tokens)
-            if chunk.logprobs:
-                ids = {i for lp in chunk.logprobs for i in (lp.token_id, *lp.top)}
-                chunk.token_texts = {i: engine.tokenizer.decode([i]) for i in ids}
-            if out.finished:
-                self.metrics.on_finished(out)
-            yield chunk
+        # closed with us (cancelled or dropped), not whenever the garbage collector reaches it: its
+        # close is what aborts the request in the engine
+        async with contextlib.aclosing(self.engine.generate(prompt, params, request_id=request.request_id,
+                                                            coalesce=True, kind=RequestOutputKind.DELTA)) as outs:
+            async for out in outs:
+                completion = out.outputs[0]
+                chunk = GenerationChunk(
+                    request_id=request.request_id, text=completion.text, token_ids=completion.token_ids,
+                    logprobs=completion.logprobs or [],
+                    finish_reason=completion.finish_reason if out.finished else None,
+                    prompt_tokens=len(out.prompt_token_ids), completion_tokens=completion.num_generated_tokens,
+                    cached_prompt_tokens=out.num_cached_tokens)
+                if chunk.logprobs:
+                    ids = {i for lp in chunk.logprobs for i in (lp.token_id, *lp.top)}
+                    chunk.token_texts = {i: engine.tokenizer.decode([i]) for i in ids}
+                if out.finished:
+                    self.metrics.on_finished(out)
+                yield chunk
 
     def tokenize(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         return self.engine.engine.input_processor.prompt_token_ids(prompt, messages)
