@@ -47,7 +47,7 @@ constexpr float kNoScore = -1e30f;
 // for the AMX kernel the score tiles read out and the queries packed as tile pairs.
 struct Scratch {
   std::vector<float> q, acc, kf, vf, scores, max, sum, tile;
-  std::vector<uint16_t> qpack;
+  std::vector<uint16_t> qpack, vpairs, ptile;
 };
 
 // kHeadDim > 0: the head size as a compile-time constant; 0: read it from head_dim.
@@ -161,37 +161,66 @@ static inline void prefetch_rows(const uint16_t* p, int64_t bytes) {
 #define LLM_CLUSTER_AMX 1
 #include "amx.h"
 
-// Tiles for S^T = K Q^T over 16 tokens: 0 the scores [16 tokens, group] (float32), 1-2 a K slice [16
-// tokens, 32 dims], 4-7 Q^T's 32-dim slices as bf16 pairs [16, group x 2]. The queries stay loaded for
-// the whole pair.
-template <int kHeadDim>
-static void load_query_tiles(const uint16_t* q, int64_t group, Scratch& w) {
-  constexpr int kChunks = kHeadDim / 32;
+// Every tile [16 rows, 64 bytes], one configuration for both phases of a window:
+// - scoring, S^T = K Q^T over 16 tokens: 0 and 3 the scores [16 tokens, 16 columns] (float32, the
+//   group's heads in the first columns), 1-2 (and 6-7 at head size 64) a K slice [16 tokens, 32 dims],
+//   4-5 (4-7 at head size 128) Q^T's 32-dim slices as bf16 pairs [16 pairs, 16 columns];
+// - p.V, O = P V over 32 tokens: 0-3 O [16 rows (the heads), 16 dims] for 64 dims, 4 P [16 rows,
+//   32 tokens] in bfloat16, 5-6 V's token pairs [16 pairs, 16 dims x 2].
+static inline void configure_decode_tiles() {
   TileConfig config{};
   config.palette_id = 1;
-  config.rows[0] = 16;
-  config.colsb[0] = static_cast<uint16_t>(group * 4);
-  config.rows[3] = 16;
-  config.colsb[3] = static_cast<uint16_t>(group * 4);
-  for (int i = 1; i <= 2; ++i) config.rows[i] = 16, config.colsb[i] = 64;
-  for (int i = 4; i < 4 + kChunks; ++i) config.rows[i] = 16, config.colsb[i] = static_cast<uint16_t>(group * 4);
-  if constexpr (kChunks == 2)
-    for (int i = 6; i <= 7; ++i) config.rows[i] = 16, config.colsb[i] = 64;
+  for (int i = 0; i < 8; ++i) config.rows[i] = 16, config.colsb[i] = 64;
   _tile_loadconfig(&config);
-  w.qpack.resize(kChunks * 16 * group * 2);
-  w.tile.resize(2 * 16 * group);
+}
+
+// The queries as Q^T tiles (w.qpack, columns past the group zero), for load_query_tiles.
+template <int kHeadDim>
+static void pack_queries(const uint16_t* q, int64_t group, Scratch& w) {
+  constexpr int kChunks = kHeadDim / 32;
+  w.qpack.assign(kChunks * 16 * 16 * 2, 0);
   for (int c = 0; c < kChunks; ++c)
     for (int r = 0; r < 16; ++r)
       for (int64_t g = 0; g < group; ++g)
         for (int j = 0; j < 2; ++j)
-          w.qpack[((c * 16 + r) * group + g) * 2 + j] = q[g * kHeadDim + c * 32 + 2 * r + j];
-  const int stride = static_cast<int>(group * 4);
-  _tile_loadd(4, w.qpack.data(), stride);
-  _tile_loadd(5, w.qpack.data() + 16 * group * 2, stride);
-  if constexpr (kChunks == 4) {
-    _tile_loadd(6, w.qpack.data() + 2 * 16 * group * 2, stride);
-    _tile_loadd(7, w.qpack.data() + 3 * 16 * group * 2, stride);
+          w.qpack[((c * 16 + r) * 16 + g) * 2 + j] = q[g * kHeadDim + c * 32 + 2 * r + j];
+}
+
+template <int kHeadDim>
+static inline void load_query_tiles(const Scratch& w) {
+  _tile_loadd(4, w.qpack.data(), 64);
+  _tile_loadd(5, w.qpack.data() + 512, 64);
+  if constexpr (kHeadDim == 128) {
+    _tile_loadd(6, w.qpack.data() + 1024, 64);
+    _tile_loadd(7, w.qpack.data() + 1536, 64);
   }
+}
+
+// 32 V rows' 64 dims from ``dim`` as token pairs: rows [0, 16) at a, [16, 32) at b (16 rows each,
+// consecutive; rows past n zero); pair p's row [64 dims][2] at out + p * 128, so that dims
+// [16 c, 16 c + 16) of all pairs are a B tile at out + 32 c, stride 256 bytes.
+template <int kHeadDim>
+static inline void pair_rows(const uint16_t* a, const uint16_t* b, int64_t n, int64_t dim, uint16_t* out) {
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  const auto pair = [&](const uint16_t* r0, const uint16_t* r1, uint16_t* o) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i x = r0 != nullptr ? _mm512_loadu_si512(r0 + dim + 32 * h) : _mm512_setzero_si512();
+      const __m512i y = r1 != nullptr ? _mm512_loadu_si512(r1 + dim + 32 * h) : _mm512_setzero_si512();
+      const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
+      _mm512_storeu_si512(o + 64 * h, _mm512_permutex2var_epi64(lo, first, hi));
+      _mm512_storeu_si512(o + 64 * h + 32, _mm512_permutex2var_epi64(lo, second, hi));
+    }
+  };
+  if (n == 32) {
+    for (int64_t p = 0; p < 8; ++p) pair(a + 2 * p * kHeadDim, a + (2 * p + 1) * kHeadDim, out + p * 128);
+    for (int64_t p = 0; p < 8; ++p) pair(b + 2 * p * kHeadDim, b + (2 * p + 1) * kHeadDim, out + (8 + p) * 128);
+    return;
+  }
+  const auto row = [&](int64_t r) -> const uint16_t* {
+    return r >= n ? nullptr : r < 16 ? a + r * kHeadDim : b + (r - 16) * kHeadDim;
+  };
+  for (int64_t p = 0; p < 16; ++p) pair(row(2 * p), row(2 * p + 1), out + p * 128);
 }
 #endif
 
@@ -348,7 +377,9 @@ static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const 
 //    float32), two score tiles in turn so one is computed while the other is read out; each head's
 //    16 scores are gathered from its column and scaled;
 // 2. an online-softmax update over the window (running max and sum; the accumulator rescaled when
-//    the max grows), then p.V in float32, each V row widened once for up to four heads.
+//    the max grows), then p.V by AMX tiles too, 32 tokens a step: P rounded to bfloat16 (as torch's
+//    flash attention rounds it), V's rows interleaved in token pairs (the B tiles' layout) a step
+//    ahead of the tiles that load them, the window's sum added to the rescaled accumulator.
 // While a window's K is scored, its V rows are prefetched two slices at a time and K two slices
 // ahead, so both streams are in flight at once, evenly (each 16-token slice lies in its own block,
 // where the hardware prefetcher starts cold).
@@ -358,21 +389,28 @@ static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const 
 // without the V prefetch 158. Another day, against that (V prefetched all at once at the window's
 // start): K a window ahead as well 157.6 against 155.4 (dropped); V and K spread over the scoring as
 // now, K two slices ahead 140.8-145.0 against 151.6-157.4, four ahead 147.7 against 154.9.
-// Compute alone (the cache in L2) is about a third of the time.
+// Compute alone (the cache in L2) is about a third of the time. p.V on the tiles instead of in
+// float32 FMAs (each V row widened once for the group's heads, as decode_pair_avx512 still does):
+// 138.9 -> 133.2 ms, the cache in L2 47.3 -> 44.0 (next-window prefetches into L2 during p.V, of this
+// pair or the next: 153 against 136, the prefetch instructions cost more than they hid).
 // Blocks must hold a multiple of 16 tokens (a tile's rows never leave the block).
 template <int kHeadDim>
 static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uint16_t* v_head, const int64_t* table,
                             int64_t context, int64_t block_size, int64_t group, float scale, uint16_t* out,
                             Scratch& w) {
   constexpr int kChunks = kHeadDim / 32;
-  constexpr int kVecs = kHeadDim / 16;
   constexpr int kRowBytes = kHeadDim * 2;
   constexpr int64_t kWindowSubs = 32;  // 512 tokens a window
   constexpr int64_t window = kWindowSubs * 16;
-  load_query_tiles<kHeadDim>(q, group, w);
+  configure_decode_tiles();
+  pack_queries<kHeadDim>(q, group, w);
+  load_query_tiles<kHeadDim>(w);
   const int64_t subs = (context + 15) / 16;
   w.scores.resize(group * window);
   w.acc.assign(group * kHeadDim, 0.f);
+  w.tile.resize(2 * 256 + 4 * 256);
+  w.vpairs.resize(2 * 16 * 128);
+  w.ptile.assign(2 * 16 * 32, 0);  // two buffers; rows past the group stay zero
   const int64_t block_elems = block_size * kHeadDim;
   const auto rows_at = [&](const uint16_t* head, int64_t sub) {
     const int64_t t = sub * 16;
@@ -380,8 +418,9 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
   };
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(static_cast<int>(group)));
-  float* tile_out[2] = {w.tile.data(), w.tile.data() + 16 * group};
+                                            _mm512_set1_epi32(16));
+  float* tile_out[2] = {w.tile.data(), w.tile.data() + 256};
+  float* o_out = w.tile.data() + 512;  // O's four tiles read out, [4][16 heads][16 dims]
   float running_max[kMaxGroup], running_sum[kMaxGroup], correction[kMaxGroup];
   for (int64_t g = 0; g < group; ++g) running_max[g] = kNoScore, running_sum[g] = 0.f;
   for (int64_t first = 0; first < subs; first += kWindowSubs) {
@@ -396,6 +435,7 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
                          _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNoScore), v));
       }
     };
+    if (first > 0) load_query_tiles<kHeadDim>(w);  // p.V used their tiles
     LLM_QK_TILES(0, 1, 2, rows_at(k_head, first));
     for (int64_t i = first; i < last; i += 2) {
       // both streams a step ahead, spread over the scoring: V of these two slices, K of the next two
@@ -405,11 +445,11 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
         if constexpr (kChunks == 2) LLM_QK_TILES(3, 6, 7, rows_at(k_head, i + 1));
         else LLM_QK_TILES(3, 1, 2, rows_at(k_head, i + 1));
       }
-      _tile_stored(0, tile_out[0], static_cast<int>(group * 4));
+      _tile_stored(0, tile_out[0], 64);
       read_scores(tile_out[0], i);
       if (i + 1 < last) {
         if (i + 2 < last) LLM_QK_TILES(0, 1, 2, rows_at(k_head, i + 2));
-        _tile_stored(3, tile_out[1], static_cast<int>(group * 4));
+        _tile_stored(3, tile_out[1], 64);
         read_scores(tile_out[1], i + 1);
       }
     }
@@ -420,14 +460,54 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
       for (int64_t t = 0; t < padded; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t));
       softmax_block(s, tokens, _mm512_reduce_max_ps(mx), running_max[g], running_sum[g], correction[g]);
     }
-    for (int64_t g0 = 0; g0 < group; g0 += 4) {  // p.V, up to four heads a pass
-      const int gp = static_cast<int>(std::min<int64_t>(4, group - g0));
-      __m512 acc[4][kVecs];
-      load_acc<kHeadDim>(w.acc.data() + g0 * kHeadDim, correction + g0, gp, acc);
-      for (int64_t sub = first; sub < last; ++sub)
-        pv_rows<kHeadDim>(rows_at(v_head, sub), std::min<int64_t>(16, context - sub * 16),
-                          w.scores.data() + g0 * window + (sub - first) * 16, window, gp, acc);
-      store_acc<kHeadDim>(w.acc.data() + g0 * kHeadDim, gp, acc);
+    // p.V on the tiles, 32 tokens a step: P rounded to bfloat16 (as torch's flash attention rounds
+    // it), V's rows paired; then each head's accumulator scaled by its correction plus the window's sum.
+    for (int64_t dim = 0; dim < kHeadDim; dim += 64) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      // software-pipelined: chunk c's P and V pairs are written a step before the tiles load them
+      const int64_t chunks = (tokens + 31) / 32;
+      const auto prepare = [&](int64_t c) {
+        const int64_t t0 = c * 32, n = std::min<int64_t>(32, tokens - t0);
+        uint16_t* pt = w.ptile.data() + (c & 1) * 512;
+        const __mmask16 lo = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+        const __mmask16 hi = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* p = w.scores.data() + g * window + t0;
+          const __m512bh pb = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, p + 16), _mm512_maskz_loadu_ps(lo, p));
+          _mm512_storeu_si512(pt + g * 32, (__m512i)pb);
+        }
+        const int64_t sub = first + 2 * c;
+        pair_rows<kHeadDim>(rows_at(v_head, sub), n > 16 ? rows_at(v_head, sub + 1) : nullptr, n, dim,
+                            w.vpairs.data() + (c & 1) * 2048);
+      };
+      prepare(0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (c + 1 < chunks) prepare(c + 1);
+        const uint16_t* vp = w.vpairs.data() + (c & 1) * 2048;
+        _tile_loadd(4, w.ptile.data() + (c & 1) * 512, 64);
+        _tile_loadd(5, vp, 256);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, vp + 32, 256);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, vp + 64, 256);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(6, vp + 96, 256);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+      _tile_stored(0, o_out, 64);
+      _tile_stored(1, o_out + 256, 64);
+      _tile_stored(2, o_out + 512, 64);
+      _tile_stored(3, o_out + 768, 64);
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 corr = _mm512_set1_ps(correction[g]);
+        float* a = w.acc.data() + g * kHeadDim + dim;
+        for (int c = 0; c < 4; ++c)
+          _mm512_storeu_ps(a + c * 16, _mm512_fmadd_ps(_mm512_loadu_ps(a + c * 16), corr,
+                                                        _mm512_loadu_ps(o_out + c * 256 + g * 16)));
+      }
     }
   }
   _tile_release();
