@@ -31,6 +31,10 @@ at::Tensor silu_mul_bf16(at::Tensor x, at::Tensor table);
 bool has_silu_mul_bf16();
 void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
 at::Tensor argmax_rows(at::Tensor logits);
+void decode_layers_(at::Tensor hidden, at::Tensor cos, at::Tensor sin, std::vector<at::Tensor> caches,
+                    at::Tensor slot_mapping, at::Tensor block_table, at::Tensor context_lens,
+                    std::vector<at::Tensor> weights, at::Tensor silu_table, int64_t heads, int64_t kv_heads,
+                    double scale, double eps);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache (CPU)");
@@ -40,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_gemv_bf16", &has_gemv_bf16, "whether gemv_bf16 was built (AVX512-BF16)");
   m.def("pack_amx_bf16", &pack_amx_bf16, "a bfloat16 weight [N, K] as AMX B tiles [N / 16, K / 32, 16, 32] for gemm_amx_bf16");
   m.def("gemm_amx_bf16", &gemm_amx_bf16, "y = x W^T (+ b) in bfloat16 for up to 64 rows over a weight packed by pack_amx_bf16 (CPU, AMX-BF16)");
+  m.def("decode_layers_", &decode_layers_, "a bfloat16 decode step's decoder layers in one call, hidden updated in place (CPU, AMX-BF16; see decode_layers.cpp)");
   m.def("has_gemm_amx_bf16", &has_gemm_amx_bf16, "whether gemm_amx_bf16 was built (AMX-BF16) and Linux grants the tile state");
   m.def("gemv_f32", &gemv_f32, "y = x W^T (+ b) for a few float32 rows, each weight read once (CPU, AVX2 + FMA)");
   m.def("has_gemv_f32", &has_gemv_f32, "whether gemv_f32 was built (AVX2 + FMA)");

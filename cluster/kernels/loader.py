@@ -59,7 +59,8 @@ def _build():
                                                           "gemv_bf16.cpp", "gemm_amx_bf16.cpp", "gemv_f32.cpp",
                                                           "gemm_f32.cpp",
                                                           "prefill_attention.cpp", "prefill_attention_amx.cpp",
-                                                          "rotary.cpp", "silu_mul.cpp", "write_kv.cpp", "argmax.cpp")]
+                                                          "rotary.cpp", "silu_mul.cpp", "write_kv.cpp", "argmax.cpp",
+                                                          "decode_layers.cpp")]
         build_dir = build_directory()
         with open(os.path.join(build_dir, "llm_cluster.flock"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # one build at a time across processes; freed if we die

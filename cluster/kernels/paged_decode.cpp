@@ -748,8 +748,9 @@ bool has_widening_decode() {
 #endif
 }
 
-at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_table,
-                           at::Tensor context_lens, double scale) {
+// Into out ([S, Hq, D], contiguous, q's dtype): what paged_decode returns.
+void paged_decode_out(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tensor block_table,
+                      at::Tensor context_lens, double scale) {
   // q's rows may lie apart (a view of the QKV projection's output); each row's heads are contiguous
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && (q.size(1) <= 1 || q.stride(1) == q.size(2)) &&
                   kv_cache.is_contiguous() && block_table.is_contiguous(),
@@ -760,7 +761,9 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_table.size(1);
   const int64_t head_stride = num_blocks * block_size * head_dim;
-  auto out = at::empty({num_seqs, num_heads, head_dim}, q.options());
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(0) == num_seqs && out.size(1) == num_heads &&
+                  out.size(2) == head_dim && out.scalar_type() == q.scalar_type(),
+              "paged_decode: out must be a contiguous [S, Hq, D] tensor of q's dtype");
   const int64_t* tables = block_table.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
 #ifdef LLM_CLUSTER_AVX2_F32
@@ -778,7 +781,7 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
       f32_fn(qp + s * q_row + h * group * head_dim, kp + h * head_bytes, vp + h * head_bytes, tables + s * max_blocks, lens[s], block_size,
              group, static_cast<float>(scale), op + offset, scratch);
     });
-    return out;
+    return;
   }
 #endif
   TORCH_CHECK(kv_cache.scalar_type() == q.scalar_type(), "paged_decode: a ", kv_cache.scalar_type(),
@@ -817,5 +820,12 @@ at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_tabl
               block_size, head_dim, group, static_cast<float>(scale), op + offset, scratch);
     });
   });
+}
+
+at::Tensor paged_decode(at::Tensor q, at::Tensor kv_cache, at::Tensor block_table, at::Tensor context_lens,
+                        double scale) {
+  TORCH_CHECK(q.dim() == 3, "paged_decode needs q [S, H, D]");
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  paged_decode_out(out, q, kv_cache, block_table, context_lens, scale);
   return out;
 }

@@ -35,6 +35,7 @@ from cluster.model.layers.linear import (
     kv_heads_on_rank,
 )
 from cluster.model.layers.norm import RMSNorm
+from cluster.model.layers.packed_weight import AMX_GEMM_MAX_ROWS
 from cluster.model.layers.rotary import RotaryEmbedding
 from cluster.distributed.tp_group import TPGroup
 
@@ -157,6 +158,41 @@ class _NativeDecode:
     scale: float
 
 
+@dataclass(frozen=True)
+class _DecodeStack:
+    """A bfloat16 decode step's layers below the SwiftKV split (all of them without SwiftKV) as one
+    native call (``decode_layers_``, cluster/kernels/decode_layers.cpp): the same kernels in the same
+    order as each layer's ``_decode_native``, bit-identical, without the interpreter between them.
+    Built where every one of those layers runs natively over AMX-packed linears."""
+
+    run: object  # kernels.decode_layers_
+    weights: list  # seven a layer, in decode_layers.cpp's order
+    silu_table: torch.Tensor
+    heads: int
+    kv_heads: int
+    scale: float
+    eps: float
+
+    @classmethod
+    def build(cls, kernels, natives: list) -> _DecodeStack | None:
+        if kernels is None or not hasattr(kernels, "decode_layers_") or not natives or None in natives:
+            return None
+        first = natives[0]
+        table = getattr(first.silu_mul, "keywords", {}).get("table")
+        same = all((n.heads, n.kv_heads, n.head_dim, n.scale) == (first.heads, first.kv_heads, first.head_dim,
+                                                                  first.scale) for n in natives)
+        if table is None or not same or len({n.eps1 for n in natives} | {n.eps2 for n in natives}) != 1 or \
+                first.norm1.dtype != torch.bfloat16 or \
+                any(p.amx is None for n in natives for p in (n.qkv, n.o, n.gate_up, n.down)):
+            return None
+        none = first.norm1.new_empty(0)
+        weights = []
+        for n in natives:
+            weights += [n.norm1, n.qkv.amx, none if n.qkv_bias is None else n.qkv_bias, n.o.amx, n.norm2,
+                        n.gate_up.amx, n.down.amx]
+        return cls(kernels.decode_layers_, weights, table, first.heads, first.kv_heads, first.scale, first.eps1)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, tp: TPGroup, dtype: torch.dtype, swiftkv: bool = False,
                  attention: type[nn.Module] = PagedAttention):
@@ -255,8 +291,24 @@ class LlamaModel(nn.Module):
             hidden = self.swiftkv_layers(cos_sin, hidden, kv_caches, meta, tail)
         return self.norm(hidden)
 
+    def finalize_weights(self, kernels) -> None:
+        """After the layers prepared theirs: bfloat16 decode steps of up to ``AMX_GEMM_MAX_ROWS`` rows
+        run the layers below the SwiftKV split in one native call where each of them could run
+        natively over AMX-packed linears (``_DecodeStack``)."""
+        self._stack = _DecodeStack.build(kernels, [layer._native for layer in
+                                                   self.layers[:self.arch.swiftkv_layer]])
+
     def run_layers(self, start: int, end: int, cos_sin, hidden, kv_caches: list, meta) -> torch.Tensor:
         """Layers [start, end) over every token (below the SwiftKV split, or all of them without it)."""
+        stack = getattr(self, "_stack", None)
+        if stack is not None and start == 0 and end == self.arch.swiftkv_layer and \
+                hidden.shape[0] <= AMX_GEMM_MAX_ROWS and not torch.is_grad_enabled():
+            group = meta.native_decode_group(hidden.shape[0], padded=True)
+            if group is not None:
+                caches = [kv_caches[self.arch.cache_index(i)] for i in range(end)]
+                stack.run(hidden, *cos_sin, caches, meta.slot_mapping, group.block_table, group.context_lens,
+                          stack.weights, stack.silu_table, stack.heads, stack.kv_heads, stack.scale, stack.eps)
+                return hidden
         for i in range(start, end):
             hidden = self.layers[i](cos_sin, hidden, kv_caches[self.arch.cache_index(i)], meta)
         return hidden

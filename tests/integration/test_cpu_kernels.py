@@ -669,7 +669,10 @@ def test_decode_steps_call_the_kernels_directly_with_the_modules_outputs(kernel,
                                                                         monkeypatch):
     """Decode steps on CPU run each layer as a straight sequence of kernel calls; tokens and logprobs
     are bit-identical to the modules' forwards (through mixed steps, lone decodes, decode batches
-    small enough for the gemv and larger ones; in bfloat16 larger ones padded to a row bucket)."""
+    small enough for the gemv and larger ones; in bfloat16 larger ones padded to a row bucket). With
+    AMX, bfloat16 steps run all the layers in one native call: bit-identical to both."""
+    import dataclasses
+
     from cluster.llm import LLM
     from cluster.model.layers.packed_weight import can_pack
     from cluster.model.llama import LlamaDecoderLayer
@@ -679,14 +682,20 @@ def test_decode_steps_call_the_kernels_directly_with_the_modules_outputs(kernel,
         pytest.skip("bfloat16 runs widened to float32 here (no oneDNN bfloat16, or no AVX-512)")
     llm = LLM(model=tiny_llama_dir(variant), dtype=dtype, block_size=8, max_num_batched_tokens=64,
               enable_prefix_caching=False)  # the second run computes its prompts again, as the first did
-    layers = llm.engine.executor.worker.runner.model.model.layers
+    model = llm.engine.executor.worker.runner.model.model
+    layers = model.layers
     plans = [layer._native for layer in layers]
     assert all(plan is not None for plan in plans)
-    rows = []
+    stack = model._stack
+    assert (stack is not None) == (dtype == "bfloat16" and kernel.has_gemm_amx_bf16())
+    rows, stacked = [], []
     native = LlamaDecoderLayer._decode_native
     monkeypatch.setattr(LlamaDecoderLayer, "_decode_native",
                         lambda self, cos_sin, hidden, *rest: rows.append(hidden.shape[0]) or
                         native(self, cos_sin, hidden, *rest))
+    if stack is not None:
+        model._stack = dataclasses.replace(stack, run=lambda hidden, *rest: stacked.append(hidden.shape[0]) or
+                                           stack.run(hidden, *rest))
     prompts = [{"prompt_token_ids": [100 + i + j % 7 for j in range(3 + 9 * i)]} for i in range(7)]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
 
@@ -694,13 +703,20 @@ def test_decode_steps_call_the_kernels_directly_with_the_modules_outputs(kernel,
         return [(o.outputs[0].token_ids, repr(o.outputs[0].logprobs)) for o in llm.generate(prompts, params)]
 
     direct = run()
+    if stack is not None:  # every decode step ran the layers in one call, lone rows and padded buckets
+        assert stacked and min(stacked) <= 4 < max(stacked) and not rows
+        model._stack = None
+        assert run() == direct
+        model._stack = stack
     assert rows and min(rows) <= 4 < max(rows)  # gemv-sized and panel-sized decode batches both ran
+    model._stack = None
     for layer in layers:
         layer._native = None
     rows.clear()
     assert run() == direct and not rows
     for layer, plan in zip(layers, plans):
         layer._native = plan
+    model._stack = stack
 
 
 def test_batches_padded_to_row_buckets_give_the_unpadded_tokens(tiny_llama_dir):
