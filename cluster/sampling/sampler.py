@@ -188,7 +188,7 @@ def _logprobs(
     if not rows:
         return result
     row_index = torch.tensor(rows, device=raw_logits.device)
-    logprobs = torch.log_softmax(raw_logits[row_index], dim=-1)
+    logprobs = torch.log_softmax(raw_logits[row_index].float(), dim=-1)
     sampled_ids = token_ids[row_index]
     sampled = logprobs.gather(1, sampled_ids.unsqueeze(1)).squeeze(1).tolist()
     # One topk for the largest N asked; each row keeps its own first n.
@@ -229,15 +229,19 @@ class Sampler:
     """Picks the next token for every row of a batch of logits.
 
     ``kernels``: the native CPU kernels where the runner loaded them; a plain greedy batch's argmax
-    over float32 CPU logits then runs there (the same indices as torch's, spread over the threads).
+    over float32 or bfloat16 CPU logits then runs there (the same indices as torch's, spread over the
+    threads; bfloat16 without a float32 copy of the logits first).
     """
 
     def __init__(self, kernels=None):
         self._kernels = kernels if kernels is not None and hasattr(kernels, "argmax_rows") else None
 
+    def _native_argmax(self, logits: torch.Tensor) -> bool:
+        return self._kernels is not None and logits.device.type == "cpu" and logits.dim() == 2 and \
+            logits.dtype in (torch.float32, torch.bfloat16) and logits.shape[1] > 0 and logits.stride(1) == 1
+
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        if self._kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32 \
-                and logits.dim() == 2 and logits.shape[1] > 0 and logits.stride(1) == 1:
+        if self._native_argmax(logits):
             return self._kernels.argmax_rows(logits)
         return logits.argmax(dim=-1)
 
@@ -292,8 +296,11 @@ class Sampler:
         """
         if logits.shape[0] != len(requests):
             raise ValueError(f"logits has {logits.shape[0]} rows but {len(requests)} requests were given")
-        raw_logits = logits.float()
-        if self._is_plain_greedy(requests):
+        plain = self._is_plain_greedy(requests)
+        # a plain greedy batch's bfloat16 logits are scanned as they are (widened span by span, the same
+        # indices); logprobs widen only their own rows
+        raw_logits = logits if plain and self._native_argmax(logits) else logits.float()
+        if plain:
             token_ids = self._argmax(raw_logits)
         else:
             token_ids = _sample_rows(compute_probs(raw_logits, requests), requests)

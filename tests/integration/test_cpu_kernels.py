@@ -131,23 +131,25 @@ def test_native_kv_write_refuses_a_slot_past_the_cache_and_writes_nothing(kernel
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16: widened span by span
 @pytest.mark.parametrize("rows,vocab", [(1, 1), (3, 7), (1, 49152), (33, 49152), (5, 8192 * 2 + 33), (2, 100)])
-def test_native_argmax_equals_torchs(kernel, rows, vocab):
+def test_native_argmax_equals_torchs(kernel, rows, vocab, dtype):
     gen = torch.Generator().manual_seed(rows * 7 + vocab)
-    logits = torch.randn(rows, vocab, generator=gen)
-    assert torch.equal(kernel.argmax_rows(logits), logits.argmax(dim=-1))
+    logits = torch.randn(rows, vocab, generator=gen).to(dtype)
+    assert torch.equal(kernel.argmax_rows(logits), logits.float().argmax(dim=-1))
     # ties: rounded logits repeat their maximum; the first index wins, as in torch
     coarse = (logits * 2).round()
-    assert torch.equal(kernel.argmax_rows(coarse), coarse.argmax(dim=-1))
+    assert torch.equal(kernel.argmax_rows(coarse), coarse.float().argmax(dim=-1))
     # every span after the first holds the same maximum (the spans merge in order)
-    flat = torch.zeros(rows, vocab)
+    flat = torch.zeros(rows, vocab, dtype=dtype)
     assert torch.equal(kernel.argmax_rows(flat), torch.zeros(rows, dtype=torch.long))
     flat[:, -1] = float("inf")
-    assert torch.equal(kernel.argmax_rows(flat), flat.argmax(dim=-1))
+    assert torch.equal(kernel.argmax_rows(flat), flat.float().argmax(dim=-1))
 
 
-def test_native_argmax_treats_inf_and_nan_as_torch_does(kernel):
-    logits = torch.full((6, 20000), float("-inf"))  # all masked: index 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_argmax_treats_inf_and_nan_as_torch_does(kernel, dtype):
+    logits = torch.full((6, 20000), float("-inf"), dtype=dtype)  # all masked: index 0
     logits[1, 12345] = float("inf")
     logits[2, 5] = logits[2, 17000] = float("nan")  # the first NaN wins, across spans too
     logits[3, 19999] = float("nan")  # in the scalar tail
@@ -155,7 +157,7 @@ def test_native_argmax_treats_inf_and_nan_as_torch_does(kernel):
     logits[4, 9000] = float("nan")  # a NaN in a later span than the maximum
     logits[5, 40] = float("nan")  # in the vector part, after a finite maximum
     logits[5, 7] = 2.0
-    assert torch.equal(kernel.argmax_rows(logits), logits.argmax(dim=-1))
+    assert torch.equal(kernel.argmax_rows(logits), logits.float().argmax(dim=-1))
     assert kernel.argmax_rows(logits).tolist() == [0, 12345, 5, 19999, 9000, 40]
 
 
@@ -164,7 +166,9 @@ def test_native_argmax_reads_strided_rows_and_refuses_what_it_cannot(kernel):
     view = wide[:, :250]  # rows 300 apart
     assert torch.equal(kernel.argmax_rows(view), view.argmax(dim=-1))
     assert kernel.argmax_rows(torch.empty(0, 10)).shape == (0,)
-    for bad in (wide.t(), wide.double(), wide[0], torch.empty(2, 0)):
+    half = torch.randn(4, 300).to(torch.bfloat16)[:, :250]
+    assert torch.equal(kernel.argmax_rows(half), half.float().argmax(dim=-1))
+    for bad in (wide.t(), wide.double(), wide.half(), wide[0], torch.empty(2, 0)):
         with pytest.raises(RuntimeError, match="argmax_rows"):
             kernel.argmax_rows(bad)
 
@@ -177,19 +181,26 @@ def test_greedy_sampler_takes_the_native_argmax_on_cpu_float32(kernel, monkeypat
 
     class Spy:
         def argmax_rows(self, logits):
-            calls.append(logits.shape)
+            calls.append((*logits.shape, logits.dtype))
             return kernel.argmax_rows(logits)
 
     greedy = SamplingRequest(SamplingParams(temperature=0.0, max_tokens=4), make_generator(0), [1], [], frozenset())
     logits = torch.randn(3, 500)
     sampler = Sampler(Spy())
     assert [t for t, _ in sampler(logits, [greedy] * 3)] == logits.argmax(dim=-1).tolist()
-    assert calls == [(3, 500)]
+    assert calls == [(3, 500, torch.float32)]
     assert [t for t, _ in sampler(logits.bfloat16(), [greedy] * 3)] == logits.bfloat16().float().argmax(-1).tolist()
-    assert calls == [(3, 500), (3, 500)]  # bfloat16 logits are widened first (the sampler's float32 copy)
+    assert calls[-1] == (3, 500, torch.bfloat16)  # bfloat16 logits as they are: no float32 copy first
+    # logprobs widen their own rows: the same values as from a float32 copy of the whole batch
+    with_logprobs = SamplingRequest(SamplingParams(temperature=0.0, max_tokens=4, logprobs=2), make_generator(0),
+                                    [1], [], frozenset())
+    half = logits.bfloat16()
+    got = sampler(half, [greedy, with_logprobs, greedy])
+    assert [t for t, _ in got] == half.float().argmax(-1).tolist() and got[0][1] is None
+    assert repr(got[1][1]) == repr(Sampler()(half.float(), [greedy, with_logprobs, greedy])[1][1])
     groups = sampler.sample_groups(logits, [greedy, greedy], [[int(logits[0].argmax())], []])
     assert [tokens for tokens, _ in groups] == [logits[:2].argmax(-1).tolist(), [int(logits[2].argmax())]]
-    assert calls[-1] == (3, 500)
+    assert calls[-1] == (3, 500, torch.float32)
 
 def _gather(cache, table):
     from cluster.model.layers.attention import gather_blocks
