@@ -166,18 +166,19 @@ def test_across_kv_cuts_kv_bytes_per_token_and_fits_more_tokens(smollm2_path, tm
     across = replace(arch, num_key_value_layers=15, key_value_group_size=2, swiftkv=True)
     assert (arch.num_cache_layers, single.num_cache_layers, across.num_cache_layers) == (30, 30, 23)
     assert across.kv_bytes_per_token(2) / arch.kv_bytes_per_token(2) == pytest.approx(23 / 30)
-    budget = CacheConfig(kv_cache_memory_bytes=64 << 20)
+    budget = CacheConfig(kv_cache_memory_bytes=64 << 20, block_size=32)  # blocks fine enough for the ratio
     plain_blocks = num_blocks_for(budget, arch, torch.bfloat16, 1)
     across_blocks = num_blocks_for(budget, across, torch.bfloat16, 1)
-    assert block_bytes(across, 32, torch.bfloat16, 1) * 30 == block_bytes(arch, 32, torch.bfloat16, 1) * 23
-    assert across_blocks == (64 << 20) // block_bytes(across, 32, torch.bfloat16, 1) > plain_blocks * 1.29
+    size = budget.block_size
+    assert block_bytes(across, size, torch.bfloat16, 1) * 30 == block_bytes(arch, size, torch.bfloat16, 1) * 23
+    assert across_blocks == (64 << 20) // block_bytes(across, size, torch.bfloat16, 1) > plain_blocks * 1.29
     # The engine sizes its cache the same way, and AcrossKV outputs still match the reference.
     model_dir = smollm2_path
     dense = from_checkpoint(model_dir, 15, 2)
     path = str(tmp_path / "p.safetensors")
     save_params(path, SwiftKVParams(15, 2, dense.published_tensors(), {}), dtype=torch.float32)
     llm = LLM(model=model_dir, swiftkv_params=path, dtype="float32", kv_cache_memory_bytes=64 << 20,
-              cache_dir=str(tmp_path / "cache"))
+              block_size=32, cache_dir=str(tmp_path / "cache"))
     assert llm.engine.num_blocks == num_blocks_for(budget, across, torch.float32, 1)
     assert llm.engine.num_blocks > num_blocks_for(budget, arch, torch.float32, 1) * 1.29
     prompt = [1, 504, 3575, 282, 4649, 314]
