@@ -163,8 +163,11 @@ class _DecodeStack:
     """A bfloat16 decode step's layers below the SwiftKV split (all of them without SwiftKV) as one
     native call (``decode_layers_``, cluster/kernels/decode_layers.cpp): the same kernels in the same
     order as each layer's ``_decode_native``, bit-identical, without the interpreter between them.
-    Built where every one of those layers runs natively over AMX-packed linears."""
+    Built where every one of those layers runs natively over AMX-packed linears; it runs only when
+    the step's kernels (``meta.decode_kernel``) are the ones it was built from (a step given others,
+    e.g. the fault-isolation tests' failing wrapper, runs the layers one by one through them)."""
 
+    kernels: object
     run: object  # kernels.decode_layers_
     weights: list  # seven a layer, in decode_layers.cpp's order
     silu_table: torch.Tensor
@@ -190,7 +193,8 @@ class _DecodeStack:
         for n in natives:
             weights += [n.norm1, n.qkv.amx, none if n.qkv_bias is None else n.qkv_bias, n.o.amx, n.norm2,
                         n.gate_up.amx, n.down.amx]
-        return cls(kernels.decode_layers_, weights, table, first.heads, first.kv_heads, first.scale, first.eps1)
+        return cls(kernels, kernels.decode_layers_, weights, table, first.heads, first.kv_heads, first.scale,
+                   first.eps1)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -302,7 +306,8 @@ class LlamaModel(nn.Module):
         """Layers [start, end) over every token (below the SwiftKV split, or all of them without it)."""
         stack = getattr(self, "_stack", None)
         if stack is not None and start == 0 and end == self.arch.swiftkv_layer and \
-                hidden.shape[0] <= AMX_GEMM_MAX_ROWS and not torch.is_grad_enabled():
+                meta.decode_kernel is stack.kernels and hidden.shape[0] <= AMX_GEMM_MAX_ROWS and \
+                not torch.is_grad_enabled():
             group = meta.native_decode_group(hidden.shape[0], padded=True)
             if group is not None:
                 caches = [kv_caches[self.arch.cache_index(i)] for i in range(end)]
