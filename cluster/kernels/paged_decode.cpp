@@ -13,14 +13,14 @@
 // Where the build machine has AVX512-BF16 (the extension compiles with -march=native), bf16
 // caches with those head sizes take an intrinsics path (decode_pair_avx512, below); where it has
 // AMX too (and the blocks hold a multiple of 16 tokens), decode_pair_amx scores 16 tokens a tile
-// and reads K and V a 512-token window apart (docs/benchmarks.md has both against their
-// predecessor). Where it
-// has AVX2 + FMA, float32 caches (what CPUs without native bfloat16 run) take decode_pair_avx2_f32:
+// and multiplies V's rows in as they lie, 512-token windows at a time (docs/benchmarks.md has both
+// against their predecessors). Where it has AVX2 + FMA, float32 caches (what CPUs without native bfloat16 run) take decode_pair_avx2_f32:
 // 30 layers of 33 x 600 tokens 52.9 -> 36.1 ms, 17 -> 25 GB/s (2-core AMD EPYC, AVX2 only).
 #include "aten_lite.h"
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -47,7 +47,7 @@ constexpr float kNoScore = -1e30f;
 // for the AMX kernel the score tiles read out and the queries packed as tile pairs.
 struct Scratch {
   std::vector<float> q, acc, kf, vf, scores, max, sum, tile;
-  std::vector<uint16_t> qpack, vpairs, ptile;
+  std::vector<uint16_t> qpack, vtail, ptile;
 };
 
 // kHeadDim > 0: the head size as a compile-time constant; 0: read it from head_dim.
@@ -165,8 +165,9 @@ static inline void prefetch_rows(const uint16_t* p, int64_t bytes) {
 // - scoring, S^T = K Q^T over 16 tokens: 0 and 3 the scores [16 tokens, 16 columns] (float32, the
 //   group's heads in the first columns), 1-2 (and 6-7 at head size 64) a K slice [16 tokens, 32 dims],
 //   4-5 (4-7 at head size 128) Q^T's 32-dim slices as bf16 pairs [16 pairs, 16 columns];
-// - p.V, O = P V over 32 tokens: 0-3 O [16 rows (the heads), 16 dims] for 64 dims, 4 P [16 rows,
-//   32 tokens] in bfloat16, 5-6 V's token pairs [16 pairs, 16 dims x 2].
+// - p.V, O = P V over 16 tokens: 0-3 O's even and odd dims [16 rows (the heads), 16 dims] of two
+//   32-dim chunks, 4-5 P [16 rows, 16 tokens x 2] with the probabilities in the even / odd slots,
+//   6-7 V's rows as they lie [16 tokens, 32 dims].
 static inline void configure_decode_tiles() {
   TileConfig config{};
   config.palette_id = 1;
@@ -196,32 +197,6 @@ static inline void load_query_tiles(const Scratch& w) {
   }
 }
 
-// 32 V rows' 64 dims from ``dim`` as token pairs: rows [0, 16) at a, [16, 32) at b (16 rows each,
-// consecutive; rows past n zero); pair p's row [64 dims][2] at out + p * 128, so that dims
-// [16 c, 16 c + 16) of all pairs are a B tile at out + 32 c, stride 256 bytes.
-template <int kHeadDim>
-static inline void pair_rows(const uint16_t* a, const uint16_t* b, int64_t n, int64_t dim, uint16_t* out) {
-  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-  const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-  const auto pair = [&](const uint16_t* r0, const uint16_t* r1, uint16_t* o) {
-    for (int h = 0; h < 2; ++h) {
-      const __m512i x = r0 != nullptr ? _mm512_loadu_si512(r0 + dim + 32 * h) : _mm512_setzero_si512();
-      const __m512i y = r1 != nullptr ? _mm512_loadu_si512(r1 + dim + 32 * h) : _mm512_setzero_si512();
-      const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
-      _mm512_storeu_si512(o + 64 * h, _mm512_permutex2var_epi64(lo, first, hi));
-      _mm512_storeu_si512(o + 64 * h + 32, _mm512_permutex2var_epi64(lo, second, hi));
-    }
-  };
-  if (n == 32) {
-    for (int64_t p = 0; p < 8; ++p) pair(a + 2 * p * kHeadDim, a + (2 * p + 1) * kHeadDim, out + p * 128);
-    for (int64_t p = 0; p < 8; ++p) pair(b + 2 * p * kHeadDim, b + (2 * p + 1) * kHeadDim, out + (8 + p) * 128);
-    return;
-  }
-  const auto row = [&](int64_t r) -> const uint16_t* {
-    return r >= n ? nullptr : r < 16 ? a + r * kHeadDim : b + (r - 16) * kHeadDim;
-  };
-  for (int64_t p = 0; p < 16; ++p) pair(row(2 * p), row(2 * p + 1), out + p * 128);
-}
 #endif
 
 // One block's online-softmax update for one head: its n scores (s) become exp(score - max) (0 past
@@ -377,22 +352,25 @@ static void decode_pair_avx512(const uint16_t* q, const uint16_t* k_head, const 
 //    float32), two score tiles in turn so one is computed while the other is read out; each head's
 //    16 scores are gathered from its column and scaled;
 // 2. an online-softmax update over the window (running max and sum; the accumulator rescaled when
-//    the max grows), then p.V by AMX tiles too, 32 tokens a step: P rounded to bfloat16 (as torch's
-//    flash attention rounds it), V's rows interleaved in token pairs (the B tiles' layout) a step
-//    ahead of the tiles that load them, the window's sum added to the rescaled accumulator.
-// While a window's K is scored, its V rows are prefetched two slices at a time and K two slices
-// ahead, so both streams are in flight at once, evenly (each 16-token slice lies in its own block,
+//    the max grows), then p.V by AMX tiles too, 16 tokens a step, with V's rows loaded as they lie
+//    in the cache: [16 tokens, 32 dims] is a B tile whose pairs are dims, not tokens, so each token's
+//    probability (rounded to bfloat16, as torch's flash attention rounds it) goes into two A tiles,
+//    in the even slot of its pair for the even dims and in the odd slot for the odd ones (the other
+//    slot zero); O's even and odd dims build up in their own accumulators, interleaved once a window.
+//    Twice the tile products of pairing the tokens, but no pass that interleaves V's rows first.
+// Prefetching keeps one stream in flight through both phases: K two slices ahead while scoring, the
+// window's first V slices during its last scoring step, V two slices ahead during p.V, the next
+// window's first K slices during its last p.V steps (each 16-token slice lies in its own block,
 // where the hardware prefetcher starts cold).
 // Four decode steps' block tables from the bench workload (33 sequences, contexts to ~1,100, 30
 // layers), 2-core Xeon with AMX: 175-179 ms on decode_pair_avx512's predecessor, 157 on
-// decode_pair_avx512, 138-148 here; windows of 64 / 128 / 256 / 1,024 tokens: 153 / 142 / 146 / 141;
-// without the V prefetch 158. Another day, against that (V prefetched all at once at the window's
-// start): K a window ahead as well 157.6 against 155.4 (dropped); V and K spread over the scoring as
-// now, K two slices ahead 140.8-145.0 against 151.6-157.4, four ahead 147.7 against 154.9.
-// Compute alone (the cache in L2) is about a third of the time. p.V on the tiles instead of in
-// float32 FMAs (each V row widened once for the group's heads, as decode_pair_avx512 still does):
-// 138.9 -> 133.2 ms, the cache in L2 47.3 -> 44.0 (next-window prefetches into L2 during p.V, of this
-// pair or the next: 153 against 136, the prefetch instructions cost more than they hid).
+// decode_pair_avx512, 138-148 with p.V in float32 FMAs; windows of 64 / 128 / 256 / 1,024 tokens:
+// 153 / 142 / 146 / 141. p.V on tiles of token pairs (V's rows interleaved into a scratch buffer a
+// step ahead, V prefetched during the scoring): 138.9 -> 133.2 ms. This version, on 128-token blocks
+// (the workload's tables at 64 sequences): 126.4 -> 111.4 ms, with the cache in L2 44.8 -> 34.0;
+// windows of 128 / 256 / 1,024 tokens the same within noise. Prefetches into L2 of the next window
+// during p.V cost more than they hid (153 against 136), as did seeding each 4 KB page with two
+// lines (118.6-119.6 against 116.3).
 // Blocks must hold a multiple of 16 tokens (a tile's rows never leave the block).
 template <int kHeadDim>
 static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uint16_t* v_head, const int64_t* table,
@@ -409,8 +387,8 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
   w.scores.resize(group * window);
   w.acc.assign(group * kHeadDim, 0.f);
   w.tile.resize(2 * 256 + 4 * 256);
-  w.vpairs.resize(2 * 16 * 128);
-  w.ptile.assign(2 * 16 * 32, 0);  // two buffers; rows past the group stay zero
+  w.vtail.resize(16 * kHeadDim);
+  w.ptile.assign(2 * 2 * 512, 0);  // two buffers of two P tiles; rows past the group stay zero
   const int64_t block_elems = block_size * kHeadDim;
   const auto rows_at = [&](const uint16_t* head, int64_t sub) {
     const int64_t t = sub * 16;
@@ -438,9 +416,10 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
     if (first > 0) load_query_tiles<kHeadDim>(w);  // p.V used their tiles
     LLM_QK_TILES(0, 1, 2, rows_at(k_head, first));
     for (int64_t i = first; i < last; i += 2) {
-      // both streams a step ahead, spread over the scoring: V of these two slices, K of the next two
-      for (int64_t j = i; j < std::min(i + 2, last); ++j) prefetch_rows(rows_at(v_head, j), 16 * kRowBytes);
-      for (int64_t j = i + 2; j < std::min(i + 4, subs); ++j) prefetch_rows(rows_at(k_head, j), 16 * kRowBytes);
+      // K two slices ahead; in the last step, the first two slices of V that p.V reads
+      for (int64_t j = i + 2; j < std::min(i + 4, last); ++j) prefetch_rows(rows_at(k_head, j), 16 * kRowBytes);
+      if (i + 2 >= last)
+        for (int64_t j = first; j < std::min(first + 2, last); ++j) prefetch_rows(rows_at(v_head, j), 16 * kRowBytes);
       if (i + 1 < last) {
         if constexpr (kChunks == 2) LLM_QK_TILES(3, 6, 7, rows_at(k_head, i + 1));
         else LLM_QK_TILES(3, 1, 2, rows_at(k_head, i + 1));
@@ -460,42 +439,52 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
       for (int64_t t = 0; t < padded; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t));
       softmax_block(s, tokens, _mm512_reduce_max_ps(mx), running_max[g], running_sum[g], correction[g]);
     }
-    // p.V on the tiles, 32 tokens a step: P rounded to bfloat16 (as torch's flash attention rounds
-    // it), V's rows paired; then each head's accumulator scaled by its correction plus the window's sum.
+    // p.V, 16 tokens a step (tiles 0-3: O's even and odd dims of two 32-dim chunks; 4-5: P in the
+    // even and odd slots; 6-7: V's rows, one 32-dim chunk each); then each head's accumulator scaled
+    // by its correction plus the window's sum.
+    const int64_t steps = last - first;
+    const auto prepare = [&](int64_t c) {  // step c's P tiles, into the buffer the step before doesn't read
+      const int64_t n = std::min<int64_t>(16, tokens - c * 16);
+      const __mmask16 valid = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      uint16_t* pt = w.ptile.data() + (c & 1) * 1024;
+      for (int64_t g = 0; g < group; ++g) {
+        const __m256bh pb = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(valid, w.scores.data() + g * window + c * 16));
+        const __m512i even = _mm512_cvtepu16_epi32((__m256i)pb);
+        _mm512_storeu_si512(pt + g * 32, even);
+        _mm512_storeu_si512(pt + 512 + g * 32, _mm512_slli_epi32(even, 16));
+      }
+    };
+    const __m512i low_dims = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high_dims = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     for (int64_t dim = 0; dim < kHeadDim; dim += 64) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      // software-pipelined: chunk c's P and V pairs are written a step before the tiles load them
-      const int64_t chunks = (tokens + 31) / 32;
-      const auto prepare = [&](int64_t c) {
-        const int64_t t0 = c * 32, n = std::min<int64_t>(32, tokens - t0);
-        uint16_t* pt = w.ptile.data() + (c & 1) * 512;
-        const __mmask16 lo = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-        const __mmask16 hi = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* p = w.scores.data() + g * window + t0;
-          const __m512bh pb = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, p + 16), _mm512_maskz_loadu_ps(lo, p));
-          _mm512_storeu_si512(pt + g * 32, (__m512i)pb);
-        }
-        const int64_t sub = first + 2 * c;
-        pair_rows<kHeadDim>(rows_at(v_head, sub), n > 16 ? rows_at(v_head, sub + 1) : nullptr, n, dim,
-                            w.vpairs.data() + (c & 1) * 2048);
-      };
       prepare(0);
-      for (int64_t c = 0; c < chunks; ++c) {
-        if (c + 1 < chunks) prepare(c + 1);
-        const uint16_t* vp = w.vpairs.data() + (c & 1) * 2048;
-        _tile_loadd(4, w.ptile.data() + (c & 1) * 512, 64);
-        _tile_loadd(5, vp, 256);
-        _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, vp + 32, 256);
-        _tile_dpbf16ps(1, 4, 6);
-        _tile_loadd(5, vp + 64, 256);
-        _tile_dpbf16ps(2, 4, 5);
-        _tile_loadd(6, vp + 96, 256);
-        _tile_dpbf16ps(3, 4, 6);
+      for (int64_t c = 0; c < steps; ++c) {
+        if (c + 1 < steps) prepare(c + 1);
+        if (dim == 0) {  // V two slices ahead; in the last steps, the next window's first K slices
+          const int64_t ahead = first + c + 2;
+          if (ahead < last) prefetch_rows(rows_at(v_head, ahead), 16 * kRowBytes);
+          else if (ahead < std::min(last + 2, subs)) prefetch_rows(rows_at(k_head, ahead), 16 * kRowBytes);
+        }
+        const int64_t n = std::min<int64_t>(16, tokens - c * 16);
+        const uint16_t* v = rows_at(v_head, first + c);
+        if (n < 16) {  // the rows past the context may hold anything (0 x NaN is NaN): a zeroed copy
+          std::memset(w.vtail.data(), 0, 16 * kRowBytes);
+          std::memcpy(w.vtail.data(), v, n * kRowBytes);
+          v = w.vtail.data();
+        }
+        const uint16_t* p = w.ptile.data() + (c & 1) * 1024;
+        _tile_loadd(4, p, 64);
+        _tile_loadd(5, p + 512, 64);
+        _tile_loadd(6, v + dim, kRowBytes);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        _tile_loadd(7, v + dim + 32, kRowBytes);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
       }
       _tile_stored(0, o_out, 64);
       _tile_stored(1, o_out + 256, 64);
@@ -504,9 +493,14 @@ static void decode_pair_amx(const uint16_t* q, const uint16_t* k_head, const uin
       for (int64_t g = 0; g < group; ++g) {
         const __m512 corr = _mm512_set1_ps(correction[g]);
         float* a = w.acc.data() + g * kHeadDim + dim;
-        for (int c = 0; c < 4; ++c)
-          _mm512_storeu_ps(a + c * 16, _mm512_fmadd_ps(_mm512_loadu_ps(a + c * 16), corr,
-                                                        _mm512_loadu_ps(o_out + c * 256 + g * 16)));
+        for (int h = 0; h < 2; ++h) {  // chunk h's even and odd dims back in order
+          const __m512 even = _mm512_loadu_ps(o_out + 2 * h * 256 + g * 16);
+          const __m512 odd = _mm512_loadu_ps(o_out + (2 * h + 1) * 256 + g * 16);
+          _mm512_storeu_ps(a + 32 * h, _mm512_fmadd_ps(_mm512_loadu_ps(a + 32 * h), corr,
+                                                       _mm512_permutex2var_ps(even, low_dims, odd)));
+          _mm512_storeu_ps(a + 32 * h + 16, _mm512_fmadd_ps(_mm512_loadu_ps(a + 32 * h + 16), corr,
+                                                            _mm512_permutex2var_ps(even, high_dims, odd)));
+        }
       }
     }
   }

@@ -40,12 +40,13 @@ def test_kernel_matches_torch_path(kernel, dtype, tol, num_heads, num_kv_heads, 
     torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("block_size", [32, 128])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_long_contexts_across_windows_match_torch(kernel, dtype, tol):
+def test_long_contexts_across_windows_match_torch(kernel, dtype, tol, block_size):
     """Contexts of 1 to 1,700 tokens (the AMX kernel scores 512-token windows, 16 tokens a tile,
     the last window and slice partial), blocks scattered over the cache."""
     gen = torch.Generator().manual_seed(11)
-    block_size, num_blocks = 32, 600
+    num_blocks = 600
     lens = torch.tensor([1, 15, 16, 17, 511, 512, 513, 1030, 1700])
     max_blocks = -(-int(lens.max()) // block_size)
     cache = torch.randn(2, 3, num_blocks, block_size, 64, generator=gen).to(dtype)
@@ -56,6 +57,30 @@ def test_long_contexts_across_windows_match_torch(kernel, dtype, tol):
     expected = attention._decode_matmul(q, *_gather(cache, table), mask)
     torch.testing.assert_close(kernel.paged_decode(q, cache, table, lens, attention.scale).float(), expected.float(),
                                atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_rows_past_the_context_never_reach_the_output(kernel, dtype, head_dim):
+    """A block's rows past its sequence's context hold whatever an earlier owner left, NaN included:
+    the output is the same as with those rows zero (the AMX kernel loads V's rows as they lie, 16 at a
+    time, so a partial last slice must not multiply them in)."""
+    gen = torch.Generator().manual_seed(5)
+    block_size, num_blocks = 32, 128
+    lens = torch.tensor([1, 7, 17, 33, 100, 527])
+    max_blocks = -(-int(lens.max()) // block_size)
+    cache = torch.randn(2, 3, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    table = torch.randperm(num_blocks, generator=gen)[: len(lens) * max_blocks].view(len(lens), max_blocks)
+    clean = cache.clone()
+    for s, n in enumerate(lens.tolist()):
+        for t in range(n, max_blocks * block_size):
+            cache[:, :, table[s, t // block_size], t % block_size] = float("nan")
+            clean[:, :, table[s, t // block_size], t % block_size] = 0.0
+    q = torch.randn(len(lens), 9, head_dim, generator=gen).to(dtype)
+    scale = head_dim ** -0.5
+    got = kernel.paged_decode(q, cache, table, lens, scale)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, kernel.paged_decode(q, clean, table, lens, scale), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
