@@ -8,8 +8,8 @@
 // 16 x 32 block of W one contiguous 1 KB B tile ([N / 16][K / 32][16 k pairs][16 n][2], pack_amx_bf16),
 // so a thread's share (whole 32-column panels, split over the threads) is one sequential stream.
 // Per panel of 32 columns and 32 rows of x at a time: four float32 accumulator tiles (2 x 2), the
-// k loop loading two x tiles and two weight tiles per step; more rows re-read the panel's weights
-// from L2, not memory. Products are exact and sums float32, rounded once to bfloat16 with the bias
+// k loop loading two x tiles and two weight tiles per step (the weight prefetched into L2 two
+// steps ahead); more rows re-read the panel's weights from L2, not memory. Products are exact and sums float32, rounded once to bfloat16 with the bias
 // added first, as oneDNN does; the order of the sums may differ from oneDNN's by a rounding step.
 //
 // Built where the compiler targets AVX512-BF16 and AMX-BF16 (-march=native) on Linux; used where
@@ -53,6 +53,17 @@ inline void panel_step(const uint16_t* x0, const uint16_t* x1, const uint16_t* w
     _tile_dpbf16ps(2, 5, 6);
     if (two_blocks) _tile_dpbf16ps(3, 5, 7);
   }
+}
+
+// How many k steps ahead the first pass over a panel prefetches its weight tiles into L2. The
+// hardware prefetcher alone left the memory stream idle while the tiles multiplied: over 30 layers
+// and the head (2-core Xeon, cold weights) 32 rows 11.1 -> 9.9 ms, 48 rows 12.9 -> 11.9, 64 rows
+// 14.2 -> 13.1, 16 rows and fewer unchanged (9.5-9.6); 3 or 4 steps ahead the same, into L1 worse.
+constexpr int64_t kAhead = 2;
+
+inline void prefetch_tile(const uint16_t* tile) {
+  const char* p = reinterpret_cast<const char*>(tile);
+  for (int line = 0; line < 16; ++line) _mm_prefetch(p + line * 64, _MM_HINT_T1);
 }
 
 // float32 accumulator rows [16][16] (+ bias) -> bfloat16 output rows, ``rows`` of them.
@@ -137,8 +148,21 @@ at::Tensor gemm_amx_bf16(at::Tensor x, at::Tensor packed, c10::optional<at::Tens
         _tile_zero(3);
         const uint16_t* x0 = xp + m0 * k;
         const uint16_t* x1 = x0 + 16 * k;
-        for (int64_t kb = 0; kb < kb_count; ++kb)
+        for (int64_t kb = 0; kb < kb_count; ++kb) {
+          if (m0 == 0) {  // the weight two steps ahead, into the next panel near the end of this one
+            const int64_t ahead = kb + kAhead;
+            if (ahead < kb_count) {
+              prefetch_tile(w0 + ahead * 512);
+              if (two_blocks) prefetch_tile(w1 + ahead * 512);
+            } else if (panel + 1 < z && ahead - kb_count < kb_count) {  // the thread's next panel
+              const uint16_t* next0 = w0 + 2 * kb_count * 512;
+              const uint16_t* next1 = next0 + kb_count * 512;
+              prefetch_tile(next0 + (ahead - kb_count) * 512);
+              if (nb0 + 3 < nb_count) prefetch_tile(next1 + (ahead - kb_count) * 512);
+            }
+          }
           panel_step(x0 + kb * 32, x1 + kb * 32, w0 + kb * 512, w1 + kb * 512, x_stride, two_rows, two_blocks);
+        }
         _tile_stored(0, acc[0], 64);
         if (two_blocks) _tile_stored(1, acc[1], 64);
         if (two_rows) {
