@@ -72,7 +72,7 @@ class ModelConfig:
     gguf_blocks: bool = True  # CPU float32: weights that are exact GGUF Q4_1/Q8_0 values read as those blocks
     swiftkv: bool | None = None  # SwiftKV prefill skipping; None = the checkpoint's own `swiftkv` setting
     swiftkv_params: str | None = None  # SwiftKV parameter file to apply (default for built-ins: the shipped one)
-    onednn_cache_capacity: int | None = 64  # CPU: entries in oneDNN's shape-keyed caches (bounds memory); None = 1024
+    onednn_cache_capacity: int | None = 256  # CPU: entries in oneDNN's shape-keyed caches (bounds memory); None = 1024
     attention_backend: str = "auto"  # auto | torch | triton; auto: triton on CUDA (when installed), torch on CPU
     cuda_graphs: bool = True  # CUDA: replay captured decode steps (triton backend, tp 1, no SwiftKV); False: eager
 

@@ -45,6 +45,9 @@ class EnginePlan:
             device=config.model.resolved_device(), num_threads=config.parallel.num_threads,
             use_native_kernels=config.model.use_native_kernels, gguf_blocks=config.model.gguf_blocks,
             onednn_cache_capacity=config.model.onednn_cache_capacity,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_logits_rows=config.scheduler.max_num_seqs * (1 + (config.speculative.num_tokens
+                                                                   if config.speculative is not None else 0)),
             attention_backend=backend,
             decode_graph_batch=config.scheduler.max_num_seqs if graphs else 0,
         )

@@ -21,7 +21,9 @@ class WorkerSpec:
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     use_native_kernels: bool = True  # compile and use cluster/kernels on CPU (falls back to torch)
     gguf_blocks: bool = True  # decode-sized float32 matmuls read exact GGUF blocks (layers/gguf_blocks.py)
-    onednn_cache_capacity: int | None = 64  # oneDNN's primitive caches, in entries (CPU); None = its default
+    onednn_cache_capacity: int | None = 256  # oneDNN's primitive caches, in entries (CPU); None = its default
+    max_num_batched_tokens: int = 2048  # a step's token rows at most (the matmuls built at start-up)
+    max_logits_rows: int = 64  # a step's logits rows at most: sequences x (1 + speculative tokens)
     attention_backend: str = "torch"  # torch | triton (resolved: see ModelConfig.attention_backend)
     kv_cache_dtype: str | None = None  # what K/V are stored as; None = the model's dtype
     decode_graph_batch: int = 0  # capture CUDA graphs of decode steps up to this batch (0: eager; see plan)
