@@ -16,28 +16,41 @@ import time
 
 import torch
 
-from cluster.model.layers.packed_weight import GEMV_MAX_ROWS, PackedWeight
+from cluster.model.layers.packed_weight import AMX_GEMM_MAX_ROWS, GEMV_MAX_ROWS, PackedWeight
 from cluster.runner.model_input import padded_rows
 
 logger = logging.getLogger(__name__)
 
 ONEDNN_DEFAULT_CAPACITY = 1024  # entries in oneDNN's primitive cache when nothing caps it
+# Past this many rows a step's matmuls run long enough that building them on first use costs it a few
+# percent (SmolLM2: ~20 ms of builds in a ~0.6 s step at 4,096 rows); start-up stops here, so a
+# large token budget neither slows it down nor allocates budget-sized inputs.
+WARM_MAX_ROWS = 4096
 
 
-def row_buckets(limit: int) -> list[int]:
-    """Every row count a padded batch of 1..``limit`` rows runs its matmuls at, past the GEMV's rows
-    (which build nothing), ascending."""
-    return sorted({padded_rows(n) for n in range(GEMV_MAX_ROWS + 1, limit + 1)})
+def row_buckets(limit: int, floor: int = GEMV_MAX_ROWS) -> list[int]:
+    """Every row count a padded batch of ``floor`` + 1 .. ``limit`` rows runs its matmuls at, ascending."""
+    return sorted({padded_rows(n) for n in range(floor + 1, limit + 1)})
+
+
+def onednn_floor(matmul: PackedWeight) -> int | None:
+    """Up to how many rows ``matmul.linear`` takes a native kernel (which builds nothing per row
+    count); None where oneDNN never runs it (float32 and AVX2's widened bfloat16: our own panels)."""
+    if matmul.packed is None:
+        return None
+    if matmul.amx is not None:
+        return AMX_GEMM_MAX_ROWS
+    return GEMV_MAX_ROWS if matmul.gemv is not None else 0
 
 
 def weight_rows(model: torch.nn.Module, max_tokens: int, max_logits_rows: int) -> dict[tuple, tuple[PackedWeight, int]]:
-    """One packed weight per distinct (shape, dtype), with the most rows a step passes it: the step's
+    """One oneDNN weight per distinct (shape, dtype), with the most rows a step passes it: the step's
     token budget for the layers' linears, its logits rows for the LM head."""
     head = getattr(model, "lm_head", None)
     found: dict[tuple, tuple[PackedWeight, int]] = {}
     for module in model.modules():
         matmul = getattr(module, "_matmul", None)
-        if not isinstance(matmul, PackedWeight) or matmul.dense.dim() != 2:
+        if not isinstance(matmul, PackedWeight) or matmul.dense.dim() != 2 or onednn_floor(matmul) is None:
             continue
         limit = max_logits_rows if module is head else max_tokens
         key = (tuple(matmul.dense.shape), matmul.dense.dtype)
@@ -48,14 +61,15 @@ def weight_rows(model: torch.nn.Module, max_tokens: int, max_logits_rows: int) -
 
 @torch.inference_mode()
 def warm_matmuls(model: torch.nn.Module, max_tokens: int, max_logits_rows: int, capacity: int | None) -> int:
-    """Run each distinct weight once at every bucket row count it can see, on zeros; return how many
-    (rows, weight) pairs ran. With more pairs than the cache holds (``capacity``; None: oneDNN's
-    default) only the largest buckets are built: full-budget steps are the common ones under load,
-    and building past the capacity would evict what was just built."""
+    """Run each distinct oneDNN weight once, on zeros, at every bucket row count past its native
+    kernels' rows that a step can pass it (up to ``WARM_MAX_ROWS``); return how many (rows, weight)
+    pairs ran. With more pairs than the cache holds (``capacity``; None: oneDNN's default) only the
+    largest buckets are built: full-budget steps are the common ones under load, and building past
+    the capacity would evict what was just built."""
     capacity = ONEDNN_DEFAULT_CAPACITY if capacity is None else capacity
-    weights = weight_rows(model, max_tokens, max_logits_rows)
-    pairs = sorted(((rows, key) for key, (_, limit) in weights.items() for rows in row_buckets(limit)),
-                   key=lambda p: p[0])
+    weights = weight_rows(model, min(max_tokens, WARM_MAX_ROWS), min(max_logits_rows, WARM_MAX_ROWS))
+    pairs = sorted(((rows, key) for key, (matmul, limit) in weights.items()
+                    for rows in row_buckets(limit, onednn_floor(matmul))), key=lambda p: p[0])
     if len(pairs) > capacity:
         logger.warning("oneDNN's cache holds %d matmuls, the padded row counts need %d: building the largest %d "
                        "(raise onednn_cache_capacity to build them all)", capacity, len(pairs), capacity)
@@ -71,5 +85,5 @@ def warm_matmuls(model: torch.nn.Module, max_tokens: int, max_logits_rows: int, 
         matmul.linear(x[:rows])
     if pairs:
         logger.info("built the matmuls of %d padded row counts x %d weight shapes in %.2f s",
-                    len({rows for rows, _ in pairs}), len(weights), time.perf_counter() - start)
+                    len({rows for rows, _ in pairs}), len({key for _, key in pairs}), time.perf_counter() - start)
     return len(pairs)

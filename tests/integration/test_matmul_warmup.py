@@ -1,24 +1,26 @@
 """The start-up build of the CPU matmuls (cluster/runner/matmul_warmup.py): every (row count,
-weight) a step runs was built before the first request, and no more than the cache holds."""
+weight) a step runs through oneDNN was built before the first request, and no more than the cache
+holds."""
 
 from __future__ import annotations
 
 import pytest
 
 from cluster.model.layers.packed_weight import GEMV_MAX_ROWS, PackedWeight
-from cluster.runner.matmul_warmup import row_buckets, warm_matmuls
+from cluster.runner.matmul_warmup import WARM_MAX_ROWS, onednn_floor, row_buckets, warm_matmuls
 from cluster.runner.model_input import padded_rows
 from cluster.sampling_params import SamplingParams
 
 
 @pytest.fixture
 def matmul_calls(monkeypatch):
-    """Every (rows, weight shape) PackedWeight.linear ran, in order."""
+    """Every (rows, weight shape) that PackedWeight.linear ran through oneDNN, in order."""
     calls: list[tuple[int, tuple[int, ...]]] = []
     linear = PackedWeight.linear
 
     def recorded(self, x, bias=None):
-        if x.dim() == 2:
+        floor = onednn_floor(self)
+        if x.dim() == 2 and floor is not None and x.shape[0] > floor:
             calls.append((x.shape[0], tuple(self.dense.shape)))
         return linear(self, x, bias)
 
@@ -26,35 +28,47 @@ def matmul_calls(monkeypatch):
     return calls
 
 
+def _oneDNN_weights(llm) -> dict[tuple[int, ...], PackedWeight]:
+    model = llm.engine.executor.worker.runner.model
+    return {tuple(m._matmul.dense.shape): m._matmul for m in model.modules()
+            if isinstance(getattr(m, "_matmul", None), PackedWeight) and onednn_floor(m._matmul) is not None}
+
+
 def test_row_buckets_are_the_padded_row_counts():
     assert row_buckets(4) == []
     assert row_buckets(17) == [16, 32]
     assert row_buckets(300) == list(range(16, 257, 16)) + [320]
+    assert row_buckets(300, floor=64) == list(range(80, 257, 16)) + [320]
+    assert row_buckets(3, floor=0) == [1, 2, 3]
     for n in range(GEMV_MAX_ROWS + 1, 2049):
         assert padded_rows(n) in row_buckets(2048)
 
 
 def test_every_matmul_a_step_runs_was_built_at_start_up(tiny_llama_dir, matmul_calls):
     """bfloat16 pads its batches; whatever mix of prefill chunks and decodes the steps run, the
-    (rows, weight) pairs past the GEMV's rows are ones start-up built, the LM head's included."""
+    (rows, weight) pairs oneDNN runs are ones start-up built, the LM head's included."""
     from cluster.llm import LLM
 
     llm = LLM(model=tiny_llama_dir("llama_untied"), dtype="bfloat16", block_size=4, max_num_batched_tokens=300,
               max_num_seqs=24)
     assert llm.engine.executor.worker.runner.pad_rows
     built = set(matmul_calls)
-    shapes = {shape for _, shape in built}
-    assert len(shapes) == 5  # qkv, o, gate_up, down, and the (untied) LM head
-    head = max(shapes)  # vocab rows
-    assert {rows for rows, shape in built if shape == head} == set(row_buckets(24))
-    assert {rows for rows, shape in built if shape != head} == set(row_buckets(300))
+    weights = _oneDNN_weights(llm)
+    if not weights:  # no oneDNN bfloat16 here (AVX2: our own float32 panels, nothing to build)
+        assert not built
+        return
+    assert len(weights) == 5  # qkv, o, gate_up, down, and the (untied) LM head
+    head = max(weights)  # vocab rows
+    for shape, matmul in weights.items():
+        expected = row_buckets(24 if shape == head else 300, onednn_floor(matmul))
+        assert sorted(rows for rows, s in built if s == shape) == expected
     matmul_calls.clear()
     prompts = [{"prompt_token_ids": [100 + i + j % 7 for j in range(3 + 23 * i)]} for i in range(20)]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     llm.generate(prompts, params)  # full-budget mixed steps, then decode batches
     for n in (9, 40, 77, 150, 230, 290):  # one at a time (not cached): a bucket per prompt length
         llm.generate([{"prompt_token_ids": [200 + n + j % 5 for j in range(n)]}], params)
-    ran = {(rows, shape) for rows, shape in matmul_calls if rows > GEMV_MAX_ROWS}
+    ran = set(matmul_calls)
     assert len({rows for rows, _ in ran}) > 3  # the steps met several buckets
     assert ran <= built
 
@@ -63,9 +77,17 @@ def test_only_as_many_as_the_cache_holds_are_built_the_largest_first(tiny_llama_
     from cluster.llm import LLM
 
     llm = LLM(model=tiny_llama_dir("llama_untied"), dtype="bfloat16", block_size=4, max_num_batched_tokens=300)
+    weights = _oneDNN_weights(llm)
+    if not weights:
+        pytest.skip("oneDNN runs no bfloat16 matmul on this CPU")
     model = llm.engine.executor.worker.runner.model
     matmul_calls.clear()
     assert warm_matmuls(model, 300, 4, capacity=6) == 6  # 4 logits rows: the LM head needs nothing
     assert sorted(rows for rows, _ in matmul_calls) == [256] * 2 + [320] * 4
     matmul_calls.clear()
     assert warm_matmuls(model, 4, 4, capacity=None) == 0 and not matmul_calls
+    # a large budget: start-up stops at WARM_MAX_ROWS (no budget-sized inputs, no minutes of matmuls)
+    layers = [m for shape, m in weights.items() if shape != max(weights)]
+    assert warm_matmuls(model, 1 << 20, 4, capacity=None) == \
+        sum(len(row_buckets(WARM_MAX_ROWS, onednn_floor(m))) for m in layers)
+    assert max(rows for rows, _ in matmul_calls) == WARM_MAX_ROWS
