@@ -12,6 +12,7 @@ before the first request (vLLM warms its compiled sizes the same way), within th
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -26,6 +27,13 @@ ONEDNN_DEFAULT_CAPACITY = 1024  # entries in oneDNN's primitive cache when nothi
 # percent (SmolLM2: ~20 ms of builds in a ~0.6 s step at 4,096 rows); start-up stops here, so a
 # large token budget neither slows it down nor allocates budget-sized inputs.
 WARM_MAX_ROWS = 4096
+
+
+def cache_capacity(configured: int | None) -> int | None:
+    """The entries oneDNN's cache holds in this process: what the process environment says (an
+    operator's setting, kept over the configured one by ``bound_onednn_caches``), else ``configured``."""
+    value = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")
+    return int(value) if value.isdigit() else configured
 
 
 def row_buckets(limit: int, floor: int = GEMV_MAX_ROWS) -> list[int]:
@@ -66,7 +74,7 @@ def warm_matmuls(model: torch.nn.Module, max_tokens: int, max_logits_rows: int, 
     pairs ran. With more pairs than the cache holds (``capacity``; None: oneDNN's default) only the
     largest buckets are built: full-budget steps are the common ones under load, and building past
     the capacity would evict what was just built."""
-    capacity = ONEDNN_DEFAULT_CAPACITY if capacity is None else capacity
+    capacity = capacity or ONEDNN_DEFAULT_CAPACITY
     weights = weight_rows(model, min(max_tokens, WARM_MAX_ROWS), min(max_logits_rows, WARM_MAX_ROWS))
     pairs = sorted(((rows, key) for key, (matmul, limit) in weights.items()
                     for rows in row_buckets(limit, onednn_floor(matmul))), key=lambda p: p[0])

@@ -12,7 +12,7 @@ from cluster.runner.worker_spec import WorkerSpec
 from cluster.runner.kv_cache import allocate_kv_cache
 from cluster.runner.decode_graphs import DecodeGraphs
 from cluster.runner.model_input import build_model_input
-from cluster.runner.matmul_warmup import warm_matmuls
+from cluster.runner.matmul_warmup import cache_capacity, warm_matmuls
 from cluster.sampling.grammar import GrammarCompiler, allocate_bitmask, apply_bitmask
 from cluster.sampling.sampler import Sampler, SamplingRequest, make_generator
 
@@ -44,7 +44,8 @@ class ModelRunner:
         self.pad_rows = on_cpu and not self.varlen and self.model.lm_head.weight.dtype in (torch.bfloat16,
                                                                                               torch.float16)
         if self.pad_rows:  # every bucket's matmuls built now, not in the steps that first meet them
-            warm_matmuls(self.model, spec.max_num_batched_tokens, spec.max_logits_rows, spec.onednn_cache_capacity)
+            warm_matmuls(self.model, spec.max_num_batched_tokens, spec.max_logits_rows,
+                         cache_capacity(spec.onednn_cache_capacity))
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None  # captured decode steps (CUDA; see decode_graphs)
         self.sampler = Sampler(self.kernels)

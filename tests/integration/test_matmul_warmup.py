@@ -34,6 +34,15 @@ def _oneDNN_weights(llm) -> dict[tuple[int, ...], PackedWeight]:
             if isinstance(getattr(m, "_matmul", None), PackedWeight) and onednn_floor(m._matmul) is not None}
 
 
+def test_the_capacity_is_the_one_onednn_reads(monkeypatch):
+    from cluster.runner.matmul_warmup import cache_capacity
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert cache_capacity(256) == 256 and cache_capacity(None) is None
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "40")  # an operator's setting wins
+    assert cache_capacity(256) == 40
+
+
 def test_row_buckets_are_the_padded_row_counts():
     assert row_buckets(4) == []
     assert row_buckets(17) == [16, 32]
