@@ -13,8 +13,10 @@
 // tiles of 16, dealt round-robin to the threads. A tile keeps Q^T in tile registers and walks its
 // visible keys in windows of 128: scores by tdpbf16ps (products exact, sums in float32), one
 // online-softmax update per window in float32 (2^x, scores scaled into log2 units), P rounded to
-// bfloat16 as torch's flash attention rounds it, P x V into a tile, then the float32 accumulator
-// (in memory) rescaled and added. Against torch's CPU flash attention: docs/benchmarks.md.
+// bfloat16 as torch's flash attention rounds it, then P x V into the float32 accumulator: at D = 64
+// it stays in tiles and is rescaled (through memory) only for a window where a lane's maximum grew;
+// at D = 128 a tile at a time, rescaled and added in memory. Against torch's CPU flash attention:
+// docs/benchmarks.md.
 //
 // Built where the compiler targets AVX512-BF16 and AMX-BF16 (-march=native) on Linux; used where
 // the kernel grants the tile state (arch_prctl). Elsewhere has_prefill_attention_amx() is false and
@@ -39,9 +41,11 @@ constexpr int kTile = 16;     // queries a tile; keys a score tile
 constexpr int kWindow = 128;  // keys an online-softmax update
 constexpr float kNoScore = -1e30f;  // finite: the extension builds with -ffast-math
 
-// Tile registers (the intrinsics take literal numbers, hence macros). D = 64: scores alternate
-// between 0 and 6, Q^T's two 32-dim slices sit in 4-5, P^T in 7. D = 128: Q^T takes 4-7, so scores
-// use 0 only and P^T reuses 1 (K's, free during P x V: K is reloaded for every use).
+// Tile registers (the intrinsics take literal numbers, hence macros). Scores in 0, keys in 1 (K is
+// reloaded for every use). D = 64: Q^T's two 32-dim slices sit in 4-5 and O^T stays in 2, 3, 6, 7
+// (16 dimensions each) through all windows; P x V loads P^T into 1 and values into 0, 4, 5, so Q^T
+// is reloaded a window. D = 128: Q^T takes 4-7; P x V a tile at a time (values 3, P^T 1, O^T 2),
+// added to O^T in memory.
 #define LLM_TILE_SCORES 0
 #define LLM_TILE_KEYS 1
 #define LLM_TILE_ACC 2
@@ -88,11 +92,7 @@ inline void score_keys(const Context& ctx, int64_t first, int groups, Scratch& w
       _tile_dpbf16ps(S, LLM_TILE_KEYS, 7);                                   \
     }                                                                        \
     _tile_stored(S, w.scores + j * kTile * kTile, 64);
-    if (D == 128 || j % 2 == 0) {
-      LLM_CLUSTER_SCORE(LLM_TILE_SCORES)
-    } else {
-      LLM_CLUSTER_SCORE(6)
-    }
+    LLM_CLUSTER_SCORE(LLM_TILE_SCORES)
 #undef LLM_CLUSTER_SCORE
   }
 }
@@ -106,8 +106,13 @@ void query_tile(const Context& ctx, const int32_t* limit, float scale_log2, Scra
   if constexpr (D == 128) {
     _tile_loadd(6, w.query + 2 * kTile * kTile * 2, 64);
     _tile_loadd(7, w.query + 3 * kTile * kTile * 2, 64);
+    std::fill(w.acc, w.acc + D * kTile, 0.f);
+  } else {  // O^T stays in tiles 2, 3, 6, 7 (16 dimensions each) through every window
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_zero(6);
+    _tile_zero(7);
   }
-  std::fill(w.acc, w.acc + D * kTile, 0.f);
   const __m512i lim = _mm512_loadu_si512(limit);
   int32_t lo = limit[0], hi = limit[0];
   for (int n = 1; n < kTile; ++n) lo = std::min(lo, limit[n]), hi = std::max(hi, limit[n]);
@@ -120,11 +125,14 @@ void query_tile(const Context& ctx, const int32_t* limit, float scale_log2, Scra
   for (int64_t w0 = 0; w0 < hi; w0 += kWindow) {
     const int keys = static_cast<int>(std::min<int64_t>(kWindow, hi - w0));
     const int groups = (keys + kTile - 1) / kTile, keys32 = (keys + 31) / 32 * 32;
+    if (D == 64 && w0 > 0) {  // the last window's P x V loaded values into Q^T's tiles
+      _tile_loadd(4, w.query, 64);
+      _tile_loadd(5, w.query + kTile * kTile * 2, 64);
+    }
     score_keys<D>(ctx, w0, groups, w);
     // The window's maximum, masking keys at or past each lane's limit (only near the diagonal).
-    const bool masked = w0 + keys32 > lo;
     __m512 window_max = none;
-    if (masked) {
+    if (w0 + keys32 > lo) {
       for (int j = 0; j < keys32; ++j) {
         float* row = w.scores + j * kTile;
         __m512 s = j < groups * kTile ? _mm512_load_ps(row) : none;
@@ -143,6 +151,7 @@ void query_tile(const Context& ctx, const int32_t* limit, float scale_log2, Scra
     const __m512 new_max = _mm512_max_ps(running_max, window_max);
     const __m512 correction = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(running_max, new_max), c));
     const __m512 shift = _mm512_mul_ps(new_max, c);
+    const __mmask16 grew = _mm512_cmp_ps_mask(new_max, running_max, _CMP_GT_OQ);
     running_max = new_max;
     __m512 total = _mm512_setzero_ps();
     for (int r = 0; r < keys32 / 2; ++r) {
@@ -154,18 +163,46 @@ void query_tile(const Context& ctx, const int32_t* limit, float scale_log2, Scra
       _mm512_store_si512(w.probs + r * 2 * kTile, _mm512_permutexvar_epi16(interleave, pair));
     }
     running_sum = _mm512_fmadd_ps(running_sum, correction, total);
-    // P x V, 16 output dimensions a tile, then acc = acc * correction + tile.
+    if constexpr (D == 64) {
+      // A lane whose maximum grew rescales what its accumulator holds (once the first window is in:
+      // zeros before); past the first windows the maximum seldom moves, and the sums stay in tiles.
+      if (w0 > 0 && grew) {
+        _tile_stored(2, w.acc, 64);
+        _tile_stored(3, w.acc + 16 * kTile, 64);
+        _tile_stored(6, w.acc + 32 * kTile, 64);
+        _tile_stored(7, w.acc + 48 * kTile, 64);
+#pragma GCC unroll 8
+        for (int i = 0; i < D; ++i)
+          _mm512_store_ps(w.acc + i * kTile, _mm512_mul_ps(_mm512_load_ps(w.acc + i * kTile), correction));
+        _tile_loadd(2, w.acc, 64);
+        _tile_loadd(3, w.acc + 16 * kTile, 64);
+        _tile_loadd(6, w.acc + 32 * kTile, 64);
+        _tile_loadd(7, w.acc + 48 * kTile, 64);
+      }
+      // P x V: each 32 keys' P^T loaded once for the four output tiles; values through tiles 0, 4, 5
+      // (scores and Q^T are not needed again until the next window)
+      const uint16_t* values = ctx.values_t + w0;
+      const int stride = static_cast<int>(ctx.s32 * 2);
+      for (int k = 0; k < keys32; k += 32) {
+        _tile_loadd(LLM_TILE_KEYS, w.probs + k * kTile, 64);
+        _tile_loadd(0, values + k, stride);
+        _tile_dpbf16ps(2, 0, LLM_TILE_KEYS);
+        _tile_loadd(4, values + 16 * ctx.s32 + k, stride);
+        _tile_dpbf16ps(3, 4, LLM_TILE_KEYS);
+        _tile_loadd(5, values + 32 * ctx.s32 + k, stride);
+        _tile_dpbf16ps(6, 5, LLM_TILE_KEYS);
+        _tile_loadd(0, values + 48 * ctx.s32 + k, stride);
+        _tile_dpbf16ps(7, 0, LLM_TILE_KEYS);
+      }
+      continue;
+    }
+    // D = 128: P x V, 16 output dimensions a tile, then acc = acc * correction + tile.
     for (int d = 0; d < D; d += kTile) {
       _tile_zero(LLM_TILE_ACC);
       for (int k = 0; k < keys32; k += 32) {
         _tile_loadd(LLM_TILE_VALUES, ctx.values_t + d * ctx.s32 + w0 + k, static_cast<int>(ctx.s32 * 2));
-        if constexpr (D == 64) {
-          _tile_loadd(7, w.probs + k * kTile, 64);
-          _tile_dpbf16ps(LLM_TILE_ACC, LLM_TILE_VALUES, 7);
-        } else {
-          _tile_loadd(LLM_TILE_KEYS, w.probs + k * kTile, 64);
-          _tile_dpbf16ps(LLM_TILE_ACC, LLM_TILE_VALUES, LLM_TILE_KEYS);
-        }
+        _tile_loadd(LLM_TILE_KEYS, w.probs + k * kTile, 64);
+        _tile_dpbf16ps(LLM_TILE_ACC, LLM_TILE_VALUES, LLM_TILE_KEYS);
       }
       _tile_stored(LLM_TILE_ACC, w.block, 64);
 #pragma GCC unroll 16
@@ -174,6 +211,12 @@ void query_tile(const Context& ctx, const int32_t* limit, float scale_log2, Scra
         _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_load_ps(a), correction, _mm512_load_ps(w.block + i * kTile)));
       }
     }
+  }
+  if constexpr (D == 64) {
+    _tile_stored(2, w.acc, 64);
+    _tile_stored(3, w.acc + 16 * kTile, 64);
+    _tile_stored(6, w.acc + 32 * kTile, 64);
+    _tile_stored(7, w.acc + 48 * kTile, 64);
   }
   // out[n] = O^T's column n / its sum: 16 dimensions at a time, transposed in registers.
   const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), running_sum);

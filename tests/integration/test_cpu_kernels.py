@@ -534,6 +534,24 @@ def test_amx_prefill_attention_is_causal_attention_to_bfloat16_accuracy(kernel, 
                                                             scale), got[:1], atol=0, rtol=0)
 
 
+def test_amx_prefill_attention_rescales_when_a_late_window_holds_the_largest_scores(kernel):
+    """The accumulator is rescaled only in windows where a lane's maximum grows: keys far past the
+    first windows that score well above every earlier one (the queries' maxima jump at window 5)
+    must still weigh in exactly; the test fails with the rescale left out."""
+    _skip_without_amx(kernel)
+    gen = torch.Generator().manual_seed(5)
+    tokens, heads, kv_heads = 200, 9, 3
+    context = 900
+    q = torch.randn(tokens, heads, 64, generator=gen).bfloat16()
+    k = torch.randn(context, kv_heads, 64, generator=gen)
+    k[650:660] = q[:10, ::3].float().mean(0) * 4  # keys aligned with the queries: large scores late
+    k, v = k.bfloat16(), torch.randn(context, kv_heads, 64, generator=gen).bfloat16()
+    scale = 64 ** -0.5
+    got = kernel.prefill_attention_amx(q, k, v, context - tokens, scale)
+    expected = _causal_reference(q, k, v, context - tokens, scale)
+    torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=1.6e-2)
+
+
 def test_amx_prefill_attention_rejects_mismatched_inputs(kernel):
     _skip_without_amx(kernel)
     q, k = torch.randn(4, 9, 64).bfloat16(), torch.randn(10, 3, 64).bfloat16()
