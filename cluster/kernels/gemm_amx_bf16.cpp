@@ -9,8 +9,9 @@
 // so a thread's share (whole 32-column panels, split over the threads) is one sequential stream.
 // Per panel of 32 columns and 32 rows of x at a time: four float32 accumulator tiles (2 x 2), the
 // k loop loading two x tiles and two weight tiles per step (the weight prefetched into L2 two
-// steps ahead); more rows re-read the panel's weights from L2, not memory. Products are exact and sums float32, rounded once to bfloat16 with the bias
-// added first, as oneDNN does; the order of the sums may differ from oneDNN's by a rounding step.
+// steps ahead); more rows re-read the panel's weights from L2, not memory. Products are exact and
+// sums float32, rounded once to bfloat16 with the bias added first, as oneDNN does; the order of
+// the sums may differ from oneDNN's by a rounding step.
 //
 // Built where the compiler targets AVX512-BF16 and AMX-BF16 (-march=native) on Linux; used where
 // the kernel grants the tile state. Elsewhere has_gemm_amx_bf16() is false and oneDNN runs.

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from cluster.model.layers.packed_weight import AMX_GEMM_MAX_ROWS, GEMV_MAX_ROWS, PackedWeight
+from cluster.model.layers.packed_weight import GEMV_MAX_ROWS, PackedWeight
 from cluster.runner.model_input import padded_rows
 
 logger = logging.getLogger(__name__)
@@ -41,16 +41,6 @@ def row_buckets(limit: int, floor: int = GEMV_MAX_ROWS) -> list[int]:
     return sorted({padded_rows(n) for n in range(floor + 1, limit + 1)})
 
 
-def onednn_floor(matmul: PackedWeight) -> int | None:
-    """Up to how many rows ``matmul.linear`` takes a native kernel (which builds nothing per row
-    count); None where oneDNN never runs it (float32 and AVX2's widened bfloat16: our own panels)."""
-    if matmul.packed is None:
-        return None
-    if matmul.amx is not None:
-        return AMX_GEMM_MAX_ROWS
-    return GEMV_MAX_ROWS if matmul.gemv is not None else 0
-
-
 def weight_rows(model: torch.nn.Module, max_tokens: int, max_logits_rows: int) -> dict[tuple, tuple[PackedWeight, int]]:
     """One oneDNN weight per distinct (shape, dtype), with the most rows a step passes it: the step's
     token budget for the layers' linears, its logits rows for the LM head."""
@@ -58,7 +48,7 @@ def weight_rows(model: torch.nn.Module, max_tokens: int, max_logits_rows: int) -
     found: dict[tuple, tuple[PackedWeight, int]] = {}
     for module in model.modules():
         matmul = getattr(module, "_matmul", None)
-        if not isinstance(matmul, PackedWeight) or matmul.dense.dim() != 2 or onednn_floor(matmul) is None:
+        if not isinstance(matmul, PackedWeight) or matmul.dense.dim() != 2 or matmul.onednn_floor() is None:
             continue
         limit = max_logits_rows if module is head else max_tokens
         key = (tuple(matmul.dense.shape), matmul.dense.dtype)
@@ -77,7 +67,7 @@ def warm_matmuls(model: torch.nn.Module, max_tokens: int, max_logits_rows: int, 
     capacity = capacity or ONEDNN_DEFAULT_CAPACITY
     weights = weight_rows(model, min(max_tokens, WARM_MAX_ROWS), min(max_logits_rows, WARM_MAX_ROWS))
     pairs = sorted(((rows, key) for key, (matmul, limit) in weights.items()
-                    for rows in row_buckets(limit, onednn_floor(matmul))), key=lambda p: p[0])
+                    for rows in row_buckets(limit, matmul.onednn_floor())), key=lambda p: p[0])
     if len(pairs) > capacity:
         logger.warning("oneDNN's cache holds %d matmuls, the padded row counts need %d: building the largest %d "
                        "(raise onednn_cache_capacity to build them all)", capacity, len(pairs), capacity)

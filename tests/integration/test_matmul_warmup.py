@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.model.layers.packed_weight import GEMV_MAX_ROWS, PackedWeight
-from cluster.runner.matmul_warmup import WARM_MAX_ROWS, onednn_floor, row_buckets, warm_matmuls
+from cluster.runner.matmul_warmup import WARM_MAX_ROWS, row_buckets, warm_matmuls
 from cluster.runner.model_input import padded_rows
 from cluster.sampling_params import SamplingParams
 
@@ -19,7 +19,7 @@ def matmul_calls(monkeypatch):
     linear = PackedWeight.linear
 
     def recorded(self, x, bias=None):
-        floor = onednn_floor(self)
+        floor = self.onednn_floor()
         if x.dim() == 2 and floor is not None and x.shape[0] > floor:
             calls.append((x.shape[0], tuple(self.dense.shape)))
         return linear(self, x, bias)
@@ -31,7 +31,7 @@ def matmul_calls(monkeypatch):
 def _oneDNN_weights(llm) -> dict[tuple[int, ...], PackedWeight]:
     model = llm.engine.executor.worker.runner.model
     return {tuple(m._matmul.dense.shape): m._matmul for m in model.modules()
-            if isinstance(getattr(m, "_matmul", None), PackedWeight) and onednn_floor(m._matmul) is not None}
+            if isinstance(getattr(m, "_matmul", None), PackedWeight) and m._matmul.onednn_floor() is not None}
 
 
 def test_the_capacity_is_the_one_onednn_reads(monkeypatch):
@@ -69,7 +69,7 @@ def test_every_matmul_a_step_runs_was_built_at_start_up(tiny_llama_dir, matmul_c
     assert len(weights) == 5  # qkv, o, gate_up, down, and the (untied) LM head
     head = max(weights)  # vocab rows
     for shape, matmul in weights.items():
-        expected = row_buckets(24 if shape == head else 300, onednn_floor(matmul))
+        expected = row_buckets(24 if shape == head else 300, matmul.onednn_floor())
         assert sorted(rows for rows, s in built if s == shape) == expected
     matmul_calls.clear()
     prompts = [{"prompt_token_ids": [100 + i + j % 7 for j in range(3 + 23 * i)]} for i in range(20)]
@@ -98,5 +98,5 @@ def test_only_as_many_as_the_cache_holds_are_built_the_largest_first(tiny_llama_
     # a large budget: start-up stops at WARM_MAX_ROWS (no budget-sized inputs, no minutes of matmuls)
     layers = [m for shape, m in weights.items() if shape != max(weights)]
     assert warm_matmuls(model, 1 << 20, 4, capacity=None) == \
-        sum(len(row_buckets(WARM_MAX_ROWS, onednn_floor(m))) for m in layers)
+        sum(len(row_buckets(WARM_MAX_ROWS, m.onednn_floor())) for m in layers)
     assert max(rows for rows, _ in matmul_calls) == WARM_MAX_ROWS

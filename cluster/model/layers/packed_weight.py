@@ -96,6 +96,16 @@ class PackedWeight:
         if self.blocks is not None:
             self.gemv_blocks = kernels.gemv_q4_1 if self.blocks.kind == "q4_1" else kernels.gemv_q8_0
 
+    def onednn_floor(self) -> int | None:
+        """Up to how many rows ``linear`` takes a native kernel, past which oneDNN runs it (and builds a
+        matmul for each new row count); None where oneDNN never runs it (float32 and AVX2's widened
+        bfloat16 take our own panels). Follows ``linear``'s order of choice."""
+        if self.packed is None:
+            return None
+        if self.amx is not None:
+            return AMX_GEMM_MAX_ROWS
+        return GEMV_MAX_ROWS if self.gemv is not None else 0
+
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """SwiGLU's silu(gate) * up of ``x`` times this merged [gate | up] weight (no bias), in one
         pass (``gemm_f32_silu_mul``) where ``linear`` would take the float32 panels; None elsewhere."""
